@@ -1,0 +1,7 @@
+"""``python -m capkeeper``."""
+
+import sys
+
+from capkeeper.cli import main
+
+sys.exit(main())

@@ -1,0 +1,91 @@
+"""Shared fixtures. Tests touch real files, real xattrs and real inotify.
+
+In CI (``CI=true``) a skipped test is a failure: every tool and privilege the
+suite needs is installed by ``make test``, so a skip there hides a gap.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+def require_root() -> None:
+    """Skip (outside CI) when not root: file capabilities need CAP_SETFCAP."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (CAP_SETFCAP) to write security.capability")
+
+
+def require_tool(name: str) -> str:
+    """Return the path of an external tool, or skip when it is missing."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"needs the '{name}' tool (make test installs it)")
+    return path
+
+
+@pytest.fixture
+def root() -> None:
+    require_root()
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Iterator[Path]:
+    """A root-owned, non-world-writable directory for managed binaries.
+
+    pytest's tmp_path lives under /tmp (sticky, world-writable) whose parents
+    are root-owned, so the trust policy accepts files below it when every
+    component is root-owned and mode 0755.
+    """
+    require_root()
+    base = tmp_path / "tree"
+    base.mkdir(mode=0o755)
+    os.chmod(tmp_path, 0o755)
+    yield base
+
+
+def elf_source() -> Path:
+    """A small real ELF binary to copy as a managed binary."""
+    return Path(shutil.which("true") or "/bin/true")
+
+
+def make_binary(path: Path, *, mode: int = 0o755, content: bytes | None = None) -> Path:
+    """Create a real ELF executable at ``path`` (a copy of ``true``)."""
+    data = content if content is not None else elf_source().read_bytes()
+    path.write_bytes(data)
+    os.chmod(path, mode)
+    return path
+
+
+def getcap(path: Path) -> str:
+    """What the reference tool ``getcap`` prints for ``path`` (text after the path)."""
+    tool = require_tool("getcap")
+    out = subprocess.run([tool, str(path)], capture_output=True, text=True, check=True).stdout
+    return out.strip().removeprefix(str(path)).strip()
+
+
+def setcap(text: str, path: Path) -> None:
+    tool = require_tool("setcap")
+    subprocess.run([tool, text, str(path)], capture_output=True, text=True, check=True)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """In CI, turn any skip into a failing exit status."""
+    if not IN_CI:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter is not None else []
+    if skipped and session.exitstatus == 0:
+        session.exitstatus = 1
+        if reporter is not None:
+            reporter.write_line(
+                f"CI=true: {len(skipped)} test(s) skipped; a skip in CI is a failure",
+                red=True,
+            )
