@@ -1,0 +1,285 @@
+"""The ``capkeeper`` command line: the only place that turns errors into exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from enum import IntEnum
+from typing import Any, NoReturn, TextIO
+
+from pydantic import ValidationError
+
+from capkeeper import __version__
+from capkeeper.capabilities import decode_revision, format_text
+from capkeeper.errors import CapkeeperError, StateError, UsageError
+from capkeeper.files import observe, read_path_caps
+from capkeeper.log import LEVELS, configure, get_logger
+from capkeeper.reconcile import Outcome, Status, log_outcome, reconcile
+from capkeeper.settings import Settings
+from capkeeper.state import State, load_state
+from capkeeper.trust import assess
+
+
+class ExitStatus(IntEnum):
+    """Exit codes of every capkeeper command."""
+
+    OK = 0  # everything in sync / done
+    DRIFT = 1  # check: some binary differs from the state
+    FAILED = 2  # some binary was refused, is missing, or could not be written
+    USAGE = 64  # bad command line (EX_USAGE)
+    CONFIG = 78  # invalid state or settings (EX_CONFIG)
+    INTERRUPTED = 130  # Ctrl-C
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _common(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    default = argparse.SUPPRESS if suppress else None
+    parser.add_argument("--state", metavar="FILE", default=default, help="main state file")
+    parser.add_argument(
+        "--log-format", choices=("auto", "console", "json", "journal"), default=default
+    )
+    parser.add_argument("--log-level", choices=LEVELS, default=default)
+    parser.add_argument(
+        "--debug", action="store_true", default=default, help="show tracebacks and debug logs"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="capkeeper",
+        description="Keep declared file capabilities on binaries across deploys.",
+    )
+    parser.add_argument("--version", action="version", version=f"capkeeper {__version__}")
+    _common(parser, suppress=False)
+    common = _Parser(add_help=False)
+    _common(common, suppress=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    apply = sub.add_parser(
+        "apply", parents=[common], help="make declared binaries carry exactly their capabilities"
+    )
+    apply.add_argument("paths", nargs="*", metavar="PATH", help="only these declared binaries")
+    apply.add_argument("--json", action="store_true", help="JSON lines on stdout")
+
+    check = sub.add_parser("check", parents=[common], help="report drift without changing files")
+    check.add_argument("paths", nargs="*", metavar="PATH")
+    check.add_argument("--json", action="store_true", help="JSON lines on stdout")
+
+    show = sub.add_parser("show", parents=[common], help="print capabilities like getcap")
+    show.add_argument("paths", nargs="+", metavar="PATH")
+    show.add_argument("-v", "--verbose", action="store_true", help="add xattr revision and rootid")
+    show.add_argument("--json", action="store_true", help="JSON lines on stdout")
+
+    validate = sub.add_parser(
+        "validate", parents=[common], help="check the state and the trust of declared files"
+    )
+    validate.add_argument("--json", action="store_true", help="JSON lines on stdout")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    if getattr(args, "state", None):
+        overrides["state"] = args.state
+    if getattr(args, "log_format", None):
+        overrides["log_format"] = args.log_format
+    if getattr(args, "log_level", None):
+        overrides["log_level"] = args.log_level
+    return Settings(**overrides)
+
+
+def _emit(out: TextIO, as_json: bool, record: dict[str, Any], human: str) -> None:
+    out.write((json.dumps(record) if as_json else human) + "\n")
+
+
+def _outcome_line(outcome: Outcome) -> str:
+    entry = outcome.entry
+    label = f"{outcome.status:<9} {entry.path}"
+    if outcome.status is Status.IN_SYNC:
+        return f"{label}  {outcome.expected}"
+    if outcome.status in (Status.RESTORED, Status.DRIFT):
+        extra = " (possible tampering: extra capabilities)" if outcome.extra else ""
+        return f"{label}  found {outcome.found}, expected {outcome.expected}{extra}"
+    return f"{label}  {outcome.reason}"
+
+
+def _summary(outcomes: Sequence[Outcome]) -> str:
+    counts: dict[Status, int] = {}
+    for outcome in outcomes:
+        counts[outcome.status] = counts.get(outcome.status, 0) + 1
+    parts = [f"{n} {status}" for status, n in counts.items()]
+    return f"{len(outcomes)} declared: " + (", ".join(parts) if parts else "nothing to do")
+
+
+def _run_entries(
+    args: argparse.Namespace, state: State, out: TextIO, *, write: bool, log_events: bool
+) -> ExitStatus:
+    entries = state.select(args.paths) if args.paths else state.entries
+    logger = get_logger()
+    outcomes = []
+    for entry in entries:
+        outcome = reconcile(entry, write=write)
+        outcomes.append(outcome)
+        if log_events:
+            log_outcome(logger, outcome, cause="apply" if write else "check")
+        _emit(out, args.json, outcome.fields(), _outcome_line(outcome))
+    if not args.json:
+        out.write(_summary(outcomes) + "\n")
+    if any(o.status in (Status.REFUSED, Status.FAILED, Status.MISSING) for o in outcomes):
+        return ExitStatus.FAILED
+    if any(o.status is Status.DRIFT for o in outcomes):
+        return ExitStatus.DRIFT
+    return ExitStatus.OK
+
+
+def cmd_apply(args: argparse.Namespace, settings: Settings, out: TextIO) -> ExitStatus:
+    state = load_state(settings.state)
+    return _run_entries(args, state, out, write=True, log_events=args.log_events)
+
+
+def cmd_check(args: argparse.Namespace, settings: Settings, out: TextIO) -> ExitStatus:
+    state = load_state(settings.state)
+    return _run_entries(args, state, out, write=False, log_events=args.log_events)
+
+
+def cmd_show(args: argparse.Namespace, settings: Settings, out: TextIO) -> ExitStatus:
+    status = ExitStatus.OK
+    for path in args.paths:
+        try:
+            caps, raw = read_path_caps(path)
+        except CapkeeperError as exc:
+            sys.stderr.write(f"capkeeper: {exc}\n")
+            status = ExitStatus.FAILED
+            continue
+        if caps is None or raw is None:
+            if args.json:
+                _emit(out, True, {"path": path, "caps": None}, "")
+            elif args.verbose:
+                out.write(f"{path} (no capabilities)\n")
+            continue
+        text = format_text(caps)
+        revision = int(decode_revision(raw))
+        record = {
+            "path": path,
+            "caps": text,
+            "revision": revision,
+            "rootid": caps.rootid,
+            "effective": caps.effective,
+            "permitted": caps.permitted,
+            "inheritable": caps.inheritable,
+        }
+        human = f"{path} {text}"
+        if args.verbose:
+            human += f" [v{revision}" + (f" rootid={caps.rootid}]" if revision == 3 else "]")
+        _emit(out, args.json, record, human)
+    return status
+
+
+def cmd_validate(args: argparse.Namespace, settings: Settings, out: TextIO) -> ExitStatus:
+    state = load_state(settings.state)
+    from capkeeper.capabilities import kernel_last_cap  # noqa: PLC0415
+
+    problems = 0
+    for entry in state.entries:
+        where = f"{entry.source} ({entry.path})"
+        try:
+            observation = observe(entry.path, hash=entry.sha256 is not None)
+        except CapkeeperError as exc:
+            missing = "does not exist" in str(exc)
+            kind = "note" if missing else "problem"
+            problems += 0 if missing else 1
+            text = "not present yet (enforced when it appears)" if missing else str(exc)
+            _emit(out, args.json, {"entry": where, "kind": kind, "message": text},
+                  f"{where}: {kind}: {text}")  # fmt: skip
+            continue
+        for refusal in assess(entry, observation, last_cap=kernel_last_cap()):
+            problems += 1
+            _emit(
+                out,
+                args.json,
+                {"entry": where, "kind": "problem", "rule": refusal.rule, "message": str(refusal)},
+                f"{where}: {refusal}",
+            )
+    if not args.json:
+        files = ", ".join(str(f) for f in state.files)
+        verdict = "no problems" if not problems else f"{problems} problem(s)"
+        out.write(f"{len(state.entries)} declared binaries in {files}: {verdict}\n")
+    return ExitStatus.FAILED if problems else ExitStatus.OK
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, Settings, TextIO], ExitStatus]] = {
+    "apply": cmd_apply,
+    "check": cmd_check,
+    "show": cmd_show,
+    "validate": cmd_validate,
+}
+
+
+def _report(exc: CapkeeperError, err: TextIO) -> None:
+    if isinstance(exc, StateError):
+        err.write(f"capkeeper: {exc.message}\n")
+        return
+    err.write(f"capkeeper: error: {exc}\n")
+
+
+def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int:
+    """Run capkeeper; return the exit status (never raises for user mistakes)."""
+    stdout = out if out is not None else sys.stdout
+    stderr = sys.stderr
+    debug = False
+    try:
+        args = build_parser().parse_args(argv)
+        debug = bool(getattr(args, "debug", False))
+        settings = _settings(args)
+        level = "debug" if debug else (settings.log_level or "info")
+        concrete = configure(settings.log_format, level)
+        # One-shot commands report on stdout; their events also go to the log when
+        # it is the journal (ExecStartPre= mode) or when a log level was asked for.
+        args.log_events = concrete == "journal" or settings.log_level is not None or debug
+        return int(COMMANDS[args.command](args, settings, stdout))
+    except UsageError as exc:
+        _report(exc, stderr)
+        return int(ExitStatus.USAGE)
+    except StateError as exc:
+        _report(exc, stderr)
+        return int(ExitStatus.CONFIG)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"CAPKEEPER_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors()
+        )
+        stderr.write(f"capkeeper: error: invalid setting: {problems}\n")
+        return int(ExitStatus.CONFIG)
+    except CapkeeperError as exc:
+        if debug:
+            raise
+        _report(exc, stderr)
+        return int(ExitStatus.FAILED)
+    except KeyboardInterrupt:
+        stderr.write("capkeeper: interrupted\n")
+        return int(ExitStatus.INTERRUPTED)
+    except OSError as exc:
+        if isinstance(exc, BrokenPipeError):
+            # Our reader went away (e.g. "| head"); silence the interpreter's flush error.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            return int(ExitStatus.FAILED)
+        if debug:
+            raise
+        stderr.write(f"capkeeper: error: {exc}\n")
+        return int(ExitStatus.FAILED)
+    except Exception as exc:
+        if debug:
+            raise
+        stderr.write(
+            f"capkeeper: internal error: {exc.__class__.__name__}: {exc} "
+            "(run with --debug for a traceback, and please report it)\n"
+        )
+        return int(ExitStatus.FAILED)

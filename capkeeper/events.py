@@ -1,0 +1,187 @@
+"""The structured events capkeeper emits, each with a stable journald identity.
+
+Every outcome is logged as one event name with fields. The registry below is
+the single place that fixes each event's ``MESSAGE_ID`` (journald catalog
+key), its syslog priority and the human sentence journald shows. The catalog
+file in ``systemd/`` is generated from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+
+class Priority(IntEnum):
+    """syslog priorities as journald's ``PRIORITY=`` field uses them."""
+
+    EMERG = 0
+    ALERT = 1
+    CRIT = 2
+    ERR = 3
+    WARNING = 4
+    NOTICE = 5
+    INFO = 6
+    DEBUG = 7
+
+
+@dataclass(frozen=True)
+class EventSpec:
+    """Identity of one event type."""
+
+    name: str
+    message_id: str
+    priority: Priority
+    template: str  # str.format template over the event's fields; missing fields read "?"
+    subject: str
+    explanation: str
+
+
+EVENTS: dict[str, EventSpec] = {
+    spec.name: spec
+    for spec in (
+        EventSpec(
+            "capability_restored",
+            "5aaaaf94bc4b4066b6c2dd65cc94600a",
+            Priority.WARNING,
+            "restored capabilities of {path}: found {found}, expected {expected} (cause: {cause})",
+            "capkeeper restored the file capabilities of @CAPKEEPER_PATH@",
+            "The file capabilities (security.capability) of @CAPKEEPER_PATH@ did not match\n"
+            "the declared state and capkeeper re-applied them. Found:\n"
+            "@CAPKEEPER_FOUND@; expected: @CAPKEEPER_EXPECTED@; cause: @CAPKEEPER_CAUSE@.\n\n"
+            "A deploy that replaces or rewrites a binary (package upgrade, rsync, cp,\n"
+            "install, chown) drops its capabilities; this is the expected repair. If no\n"
+            "deploy happened, find out who changed the file.",
+        ),
+        EventSpec(
+            "capability_drift",
+            "0987a420fc1e401ca8a645f2f7fcbadd",
+            Priority.WARNING,
+            "capabilities of {path} drifted: found {found}, expected {expected}",
+            "File capabilities of @CAPKEEPER_PATH@ drifted",
+            "A check found that @CAPKEEPER_PATH@ carries @CAPKEEPER_FOUND@ instead of the\n"
+            "declared @CAPKEEPER_EXPECTED@. Nothing was changed (check mode).\n\n"
+            "Run 'capkeeper apply @CAPKEEPER_PATH@' to restore the declared set.",
+        ),
+        EventSpec(
+            "capability_tampering",
+            "ce98f0d383534bc98ad7b07700af1b80",
+            Priority.CRIT,
+            "possible tampering: {path} carried extra capabilities {found}, expected {expected}",
+            "Extra capabilities found on managed file @CAPKEEPER_PATH@",
+            "@CAPKEEPER_PATH@ carried capabilities beyond the declared set\n"
+            "(found @CAPKEEPER_FOUND@, declared @CAPKEEPER_EXPECTED@). Deploys remove\n"
+            "capabilities, they do not add them: somebody with CAP_SETFCAP granted more.\n"
+            "capkeeper enforced the declared set (unless in check mode). Investigate who\n"
+            "changed the file and whether the host is compromised.",
+        ),
+        EventSpec(
+            "restore_refused",
+            "787d3a50af134653af161abfa2c77460",
+            Priority.CRIT,
+            "refused to grant capabilities to {path}: {reason}",
+            "capkeeper refused to grant capabilities to @CAPKEEPER_PATH@",
+            "capkeeper will not grant capabilities to @CAPKEEPER_PATH@ because the file\n"
+            "cannot be trusted: @CAPKEEPER_REASON@.\n\n"
+            "Capabilities are only granted to root-owned ELF binaries that nobody else\n"
+            "can modify or replace, reached through directories and symlinks that only\n"
+            "root controls, matching their sha256 pin if one is declared. Fix the file\n"
+            "or the state; capkeeper retries on the next change or rescan.",
+        ),
+        EventSpec(
+            "restore_failed",
+            "dc30aa3b8ed44f4a91bddc700f3498e0",
+            Priority.ERR,
+            "could not restore capabilities of {path}: {reason}",
+            "capkeeper failed to restore capabilities of @CAPKEEPER_PATH@",
+            "Writing security.capability on @CAPKEEPER_PATH@ failed: @CAPKEEPER_REASON@.\n\n"
+            "Common causes: capkeeper lacks CAP_SETFCAP (run as root or grant it), the\n"
+            "file system is read-only (ProtectSystem=strict without the directory in\n"
+            "ReadWritePaths=; run 'capkeeper systemd-dropin'), or it does not support\n"
+            "extended attributes.",
+        ),
+        EventSpec(
+            "binary_missing",
+            "539cf65ad14f4e46884e85069adb5337",
+            Priority.NOTICE,
+            "declared binary {path} does not exist",
+            "Declared binary @CAPKEEPER_PATH@ is missing",
+            "@CAPKEEPER_PATH@ is declared in the state but does not exist. capkeeper\n"
+            "applies its capabilities as soon as it appears.",
+        ),
+        EventSpec(
+            "state_loaded",
+            "e44259adf87d429a88b43bd1f28f3ff2",
+            Priority.INFO,
+            "state loaded: {entries} declared binaries from {files}",
+            "capkeeper loaded its state",
+            "capkeeper loaded the declared state and enforces it from now on.",
+        ),
+        EventSpec(
+            "state_rejected",
+            "a95e98663af942fdb709be53b8d471e6",
+            Priority.ERR,
+            "state rejected, keeping the previous one: {error}",
+            "capkeeper rejected an invalid state",
+            "The state files could not be loaded: @CAPKEEPER_ERROR@.\n\n"
+            "The previously loaded state stays in force. Fix the files and run\n"
+            "'capkeeper validate', then 'systemctl reload capkeeper'.",
+        ),
+        EventSpec(
+            "rescan",
+            "6a86ce47dbd84ddc85d39bee47910d00",
+            Priority.INFO,
+            "full rescan ({cause}): {entries} entries checked",
+            "capkeeper rescanned every declared binary",
+            "A full reconcile of every declared binary ran (start-up, periodic backstop,\n"
+            "inotify queue overflow or a changed watch plan).",
+        ),
+        EventSpec(
+            "queue_overflow",
+            "9a3185a30f5a4e8cb13ade626d63c371",
+            Priority.WARNING,
+            "inotify queue overflowed; rescanning everything",
+            "capkeeper's inotify event queue overflowed",
+            "More file system events arrived than the kernel queue holds\n"
+            "(/proc/sys/fs/inotify/max_queued_events). Events were lost, so capkeeper\n"
+            "reconciled every declared binary. If this repeats, raise the limit.",
+        ),
+        EventSpec(
+            "watch_failed",
+            "cc33f92bf87641919bc2d39c859d3782",
+            Priority.ERR,
+            "cannot watch {directory}: {reason}",
+            "capkeeper cannot watch @CAPKEEPER_DIRECTORY@",
+            "An inotify watch could not be added: @CAPKEEPER_REASON@. Changes there are\n"
+            "only caught by the periodic rescan. Raise fs.inotify.max_user_watches or\n"
+            "max_user_instances if the limit was reached.",
+        ),
+        EventSpec(
+            "daemon_started",
+            "8cf3f39b18b04e9c9a555cc6145cbba5",
+            Priority.INFO,
+            "capkeeper watching {entries} binaries in {directories} directories",
+            "capkeeper started watching",
+            "The capkeeper daemon finished its first full reconcile and is watching.",
+        ),
+    )
+}
+
+
+def spec_for(event: str) -> EventSpec | None:
+    """The registered spec of ``event``, or None for routine/debug events."""
+    return EVENTS.get(event)
+
+
+class _Fields(dict[str, object]):
+    def __missing__(self, key: str) -> str:
+        return "?"
+
+
+def render_message(event: str, fields: dict[str, object]) -> str:
+    """A human sentence for ``event``; unregistered events read ``event k=v …``."""
+    spec = EVENTS.get(event)
+    if spec is None:
+        extras = " ".join(f"{k}={v}" for k, v in fields.items() if not k.startswith("_"))
+        return f"{event} {extras}".rstrip()
+    return spec.template.format_map(_Fields(fields))

@@ -1,0 +1,266 @@
+"""Safe, fd-pinned observation and writing of ``security.capability``.
+
+The declared path is walked one component at a time from ``/`` with
+``O_NOFOLLOW`` and ``dir_fd``, recording who owns every directory and symlink
+on the way, so that :mod:`capkeeper.trust` can judge the exact route the
+kernel would take. The final file is opened with ``O_NOFOLLOW`` and the same
+descriptor is then inspected (ELF magic, hash) and written, so a concurrent
+rename cannot redirect the write to another inode.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+
+import xattr
+
+from capkeeper.capabilities import CapSet, decode, encode
+from capkeeper.errors import FileAccessError, InvalidCapabilityData
+
+XATTR_NAME = "security.capability"
+_MAX_SYMLINKS = 40  # the kernel's MAXSYMLINKS
+_DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
+class Kind(StrEnum):
+    """What the first bytes of a regular file say it is."""
+
+    ELF = "elf"
+    SCRIPT = "script"
+    OTHER = "other"
+    NOT_REGULAR = "not a regular file"
+
+
+@dataclass(frozen=True)
+class Hop:
+    """One directory or symlink crossed on the way to the file."""
+
+    path: str
+    uid: int
+    mode: int
+    is_symlink: bool = False
+    target: str = ""  # symlink text
+
+
+@dataclass(frozen=True)
+class Observation:
+    """Facts about a declared file, all taken from one open descriptor."""
+
+    path: str  # as declared
+    resolved: str  # the path actually opened, symlinks resolved
+    hops: tuple[Hop, ...]  # "/" first, the final file's directory last, symlinks in between
+    uid: int
+    gid: int
+    mode: int
+    dev: int
+    ino: int
+    kind: Kind
+    interpreter: str  # for scripts: the #! line
+    caps: CapSet | None  # None: no security.capability
+    caps_problem: str | None  # present but unreadable (legacy v1, foreign v3, malformed)
+    sha256: str | None  # computed only when asked
+
+
+def _oserror(exc: OSError, path: str, action: str) -> FileAccessError:
+    """Turn an OS error into a sentence with a hint."""
+    code = exc.errno
+    hints = {
+        errno.EPERM: "run as root or grant CAP_SETFCAP (the file may also be immutable)",
+        errno.EACCES: "capkeeper needs search permission on every directory and read access",
+        errno.EROFS: "the file system is read-only here; under ProtectSystem=strict list the "
+        "directory in ReadWritePaths= (capkeeper systemd-dropin writes it)",
+        errno.EOPNOTSUPP: "this file system does not support extended attributes",
+        errno.ENOENT: "the file does not exist",
+        errno.ELOOP: "too many symlinks, or a symlink where none may be",
+        errno.ENOTDIR: "a component of the path is not a directory",
+    }
+    reason = os.strerror(code) if code is not None else str(exc)
+    if code == errno.EOPNOTSUPP:
+        reason = "extended attributes not supported"
+    return FileAccessError(
+        f"cannot {action}: {reason}", context=path, hint=hints.get(code or 0), errno=code
+    )
+
+
+def _split(path: str) -> list[str]:
+    return [part for part in path.split("/") if part not in ("", ".")]
+
+
+@contextmanager
+def open_declared(path: str) -> Iterator[tuple[int, list[Hop], str]]:
+    """Walk ``path`` safely and yield ``(fd, hops, resolved)`` for its final file.
+
+    Raises :class:`FileAccessError` (``errno`` ENOENT when the file is missing).
+    """
+    hops: list[Hop] = []
+    stack: list[tuple[int, str]] = []  # (fd, path) of directories, "/" first
+    fd: int | None = None
+    try:
+        root = os.open("/", _DIR_FLAGS)
+        stack.append((root, "/"))
+        st = os.fstat(root)
+        hops.append(Hop("/", st.st_uid, st.st_mode))
+        todo = _split(path)
+        links = 0
+        while todo:
+            name = todo.pop(0)
+            dir_fd, dir_path = stack[-1]
+            if name == "..":
+                if len(stack) > 1:
+                    os.close(stack.pop()[0])
+                continue
+            here = posixjoin(dir_path, name)
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
+                links += 1
+                if links > _MAX_SYMLINKS:
+                    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
+                target = os.readlink(name, dir_fd=dir_fd)
+                hops.append(Hop(here, st.st_uid, st.st_mode, is_symlink=True, target=target))
+                if target.startswith("/"):
+                    while len(stack) > 1:
+                        os.close(stack.pop()[0])
+                todo[:0] = _split(target)
+                continue
+            if todo:  # an intermediate component must be a directory
+                sub = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+                stack.append((sub, here))
+                st = os.fstat(sub)
+                hops.append(Hop(here, st.st_uid, st.st_mode))
+                continue
+            # Only regular files are opened for reading: opening a device or FIFO
+            # can have side effects. O_PATH suffices to describe anything else.
+            flags = _FILE_FLAGS if stat.S_ISREG(st.st_mode) else _PATH_FLAGS
+            fd = os.open(name, flags, dir_fd=dir_fd)
+            if (os.fstat(fd).st_ino, os.fstat(fd).st_dev) != (st.st_ino, st.st_dev):
+                raise OSError(errno.EAGAIN, "the file was replaced while being opened")
+            yield fd, hops, here
+            return
+        raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
+    except OSError as exc:
+        raise _oserror(exc, path, "open") from exc
+    finally:
+        if fd is not None:
+            os.close(fd)
+        for dir_fd, _ in stack:
+            os.close(dir_fd)
+
+
+def posixjoin(directory: str, name: str) -> str:
+    return f"/{name}" if directory == "/" else f"{directory}/{name}"
+
+
+def read_caps(fd: int) -> tuple[CapSet | None, str | None]:
+    """The capabilities on ``fd``: ``(caps, None)``, ``(None, None)`` when absent,
+    or ``(None, problem)`` when a value is present but cannot be read."""
+    try:
+        value = xattr.xattr(fd).get(XATTR_NAME)
+    except OSError as exc:
+        if exc.errno == errno.ENODATA:
+            return None, None
+        if exc.errno == errno.EINVAL:
+            # The kernel refuses to return v1 and malformed values (still honoured at exec).
+            return None, "present but unreadable (legacy v1 or malformed value)"
+        if exc.errno == errno.EOVERFLOW:
+            return None, "present but owned by another user namespace (v3 rootid not mapped)"
+        if exc.errno == errno.EOPNOTSUPP:
+            return None, None
+        raise
+    try:
+        return decode(bytes(value)), None
+    except InvalidCapabilityData as exc:
+        return None, exc.message
+
+
+def _kind(fd: int, mode: int) -> tuple[Kind, str]:
+    if not stat.S_ISREG(mode):
+        return Kind.NOT_REGULAR, ""
+    head = os.pread(fd, 256, 0)
+    if head.startswith(b"\x7fELF"):
+        return Kind.ELF, ""
+    if head.startswith(b"#!"):
+        line = head[2:].split(b"\n", 1)[0].strip()
+        return Kind.SCRIPT, line.decode("utf-8", "replace")
+    return Kind.OTHER, ""
+
+
+def sha256_of(fd: int) -> str:
+    digest = hashlib.sha256()
+    offset = 0
+    while chunk := os.pread(fd, 1 << 20, offset):
+        digest.update(chunk)
+        offset += len(chunk)
+    return digest.hexdigest()
+
+
+def observe_fd(path: str, fd: int, hops: list[Hop], resolved: str, *, hash: bool) -> Observation:
+    """Gather the :class:`Observation` of an already opened file."""
+    try:
+        st = os.fstat(fd)
+        kind, interpreter = _kind(fd, st.st_mode)
+        regular = kind is not Kind.NOT_REGULAR
+        caps, problem = read_caps(fd) if regular else (None, None)
+        digest = sha256_of(fd) if hash and regular else None
+    except OSError as exc:
+        raise _oserror(exc, path, "read") from exc
+    return Observation(
+        path=path,
+        resolved=resolved,
+        hops=tuple(hops),
+        uid=st.st_uid,
+        gid=st.st_gid,
+        mode=st.st_mode,
+        dev=st.st_dev,
+        ino=st.st_ino,
+        kind=kind,
+        interpreter=interpreter,
+        caps=caps,
+        caps_problem=problem,
+        sha256=digest,
+    )
+
+
+def observe(path: str, *, hash: bool = False) -> Observation:
+    """Observe ``path`` without changing anything."""
+    with open_declared(path) as (fd, hops, resolved):
+        return observe_fd(path, fd, hops, resolved, hash=hash)
+
+
+def write_caps(fd: int, caps: CapSet, *, path: str) -> None:
+    """Write ``caps`` on ``fd`` and read them back.
+
+    A file system that accepts the write but does not keep the value is
+    reported as such.
+    """
+    try:
+        xattr.xattr(fd).set(XATTR_NAME, encode(caps))
+        found, problem = read_caps(fd)
+    except OSError as exc:
+        raise _oserror(exc, path, "write security.capability") from exc
+    if found != caps:
+        raise FileAccessError(
+            "the file system did not keep security.capability "
+            f"(read back {problem or ('nothing' if found is None else 'a different value')})",
+            context=path,
+            hint="use a file system with xattr support (ext4, xfs, btrfs, tmpfs)",
+        )
+
+
+def read_path_caps(path: str) -> tuple[CapSet | None, bytes | None]:
+    """Read the raw value like ``getcap`` does (following symlinks)."""
+    try:
+        value = os.getxattr(path, XATTR_NAME)
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.EOPNOTSUPP):
+            return None, None
+        raise _oserror(exc, path, "get capabilities") from exc
+    return decode(value), value

@@ -1,0 +1,159 @@
+"""Observe → decide → act, the one path shared by ``apply``, ``check`` and the daemon.
+
+:func:`decide` is pure: given a declared entry and what was observed on the
+file, it says whether the file is in sync, needs its capabilities restored,
+or must be refused. :func:`reconcile` wraps it with the fd-pinned observation
+and the write, so every mode reaches the same verdict for the same file.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from capkeeper.capabilities import CapSet, format_text, kernel_last_cap
+from capkeeper.errors import FileAccessError
+from capkeeper.files import Observation, observe_fd, open_declared, write_caps
+from capkeeper.state import Entry
+from capkeeper.trust import Refusal, assess
+
+
+class Status(StrEnum):
+    """The verdict on one declared binary."""
+
+    IN_SYNC = "in-sync"
+    RESTORED = "restored"
+    DRIFT = "drift"  # differs; a write would restore it (check mode, or before act)
+    REFUSED = "refused"
+    MISSING = "missing"
+    FAILED = "failed"
+
+    @property
+    def ok(self) -> bool:
+        return self in (Status.IN_SYNC, Status.RESTORED)
+
+
+def describe(caps: CapSet | None, problem: str | None = None) -> str:
+    """Capabilities as ``getcap`` prints them; ``none`` when absent."""
+    if problem:
+        return problem
+    if caps is None:
+        return "none"
+    text = format_text(caps)
+    return f"{text} [rootid={caps.rootid}]" if caps.rootid else text
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What :func:`decide` concluded, before any write."""
+
+    status: Status
+    found: str
+    extra: bool = False  # found carries capabilities beyond the declared set
+    refusals: tuple[Refusal, ...] = ()
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The result of reconciling one entry."""
+
+    entry: Entry
+    status: Status
+    found: str
+    resolved: str = ""
+    reason: str = ""
+    extra: bool = False
+    refusals: tuple[Refusal, ...] = field(default=(), compare=False)
+
+    @property
+    def expected(self) -> str:
+        return self.entry.caps_text
+
+    def fields(self) -> dict[str, Any]:
+        """The structured fields of this outcome for a log event."""
+        data: dict[str, Any] = {
+            "path": self.entry.path,
+            "expected": self.expected,
+            "found": self.found,
+            "status": str(self.status),
+        }
+        if self.resolved and self.resolved != self.entry.path:
+            data["target"] = self.resolved
+        if self.reason:
+            data["reason"] = self.reason
+        return data
+
+
+def decide(entry: Entry, observation: Observation, *, last_cap: int) -> Decision:
+    """Pure verdict: in sync, drift (restorable) or refused."""
+    found = describe(observation.caps, observation.caps_problem)
+    refusals = assess(entry, observation, last_cap=last_cap)
+    if refusals:
+        return Decision(Status.REFUSED, found, refusals=refusals)
+    if observation.caps_problem is None and observation.caps == entry.caps:
+        return Decision(Status.IN_SYNC, found)
+    current = observation.caps
+    extra = current is not None and (
+        bool(current.capabilities() - entry.caps.capabilities())
+        or bool(current.permitted & ~entry.caps.permitted)
+        or bool(current.inheritable & ~entry.caps.inheritable)
+        or (current.effective and not entry.caps.effective)
+    )
+    return Decision(Status.DRIFT, found, extra=extra)
+
+
+def reconcile(
+    entry: Entry,
+    *,
+    write: bool,
+    last_cap: int | None = None,
+) -> Outcome:
+    """Observe ``entry``'s file, decide, and (when ``write``) restore its capabilities."""
+    limit = kernel_last_cap() if last_cap is None else last_cap
+    try:
+        with open_declared(entry.path) as (fd, hops, resolved):
+            observation = observe_fd(entry.path, fd, hops, resolved, hash=entry.sha256 is not None)
+            decision = decide(entry, observation, last_cap=limit)
+            if decision.status is Status.REFUSED:
+                reason = "; ".join(str(r) for r in decision.refusals)
+                return Outcome(
+                    entry, Status.REFUSED, decision.found, resolved, reason,
+                    refusals=decision.refusals,
+                )  # fmt: skip
+            if decision.status is Status.IN_SYNC or not write:
+                return Outcome(
+                    entry, decision.status, decision.found, resolved, extra=decision.extra
+                )
+            write_caps(fd, entry.caps, path=entry.path)
+            return Outcome(entry, Status.RESTORED, decision.found, resolved, extra=decision.extra)
+    except FileAccessError as exc:
+        if exc.errno == errno.ENOENT:
+            return Outcome(entry, Status.MISSING, "none", reason="file does not exist")
+        return Outcome(entry, Status.FAILED, "unknown", reason=str(exc))
+
+
+def event_for(outcome: Outcome) -> tuple[str, str]:
+    """``(event name, log level)`` for an outcome."""
+    status = outcome.status
+    if status in (Status.RESTORED, Status.DRIFT) and outcome.extra:
+        return "capability_tampering", "critical"
+    return {
+        Status.RESTORED: ("capability_restored", "warning"),
+        Status.DRIFT: ("capability_drift", "warning"),
+        Status.REFUSED: ("restore_refused", "critical"),
+        Status.FAILED: ("restore_failed", "error"),
+        Status.MISSING: ("binary_missing", "info"),
+        Status.IN_SYNC: ("capability_in_sync", "debug"),
+    }[status]
+
+
+def log_outcome(logger: Any, outcome: Outcome, **extra: Any) -> None:
+    """Emit the one structured event describing ``outcome``."""
+    event, level = event_for(outcome)
+    fields = outcome.fields()
+    fields.update(extra)
+    if outcome.status in (Status.RESTORED, Status.DRIFT):
+        fields["action"] = "restored" if outcome.status is Status.RESTORED else "none"
+    getattr(logger, level)(event, **fields)

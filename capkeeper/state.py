@@ -1,0 +1,233 @@
+"""The declared state: which binary carries which file capabilities.
+
+The state is the main TOML file (default ``/etc/capkeeper/state.toml``) plus
+every ``state.d/*.toml`` beside it, read in name order. Each ``[[binary]]``
+table declares one file. Everything is validated at this edge into frozen
+:class:`Entry` values; every problem is collected and reported at once, each
+naming its file and entry.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import pwd
+import re
+import tomllib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from capkeeper.capabilities import CapSet, capability_name, format_text, kernel_last_cap, parse
+from capkeeper.errors import CapkeeperError, StateError, UsageError
+
+DEFAULT_STATE = Path("/etc/capkeeper/state.toml")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class _BinaryTable(BaseModel):
+    """One ``[[binary]]`` table exactly as written in the file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    path: str
+    caps: str
+    sha256: str | None = None
+    owner: str = "root"
+    allow_inheritable: bool = False
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError(f"must be an absolute path, got {value!r}")
+        if "\0" in value:
+            raise ValueError("must not contain a NUL byte")
+        normal = posixpath.normpath(value)
+        if normal == "/":
+            raise ValueError("must name a file, not /")
+        return normal
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digest(cls, value: str | None) -> str | None:
+        if value is not None and not _SHA256.fullmatch(value.lower()):
+            raise ValueError("must be 64 hexadecimal digits")
+        return value.lower() if value is not None else None
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One declared binary, validated."""
+
+    path: str
+    caps: CapSet
+    caps_text: str  # canonical, as getcap prints it
+    owner: str = "root"
+    owner_uid: int = 0
+    sha256: str | None = None
+    allow_inheritable: bool = False
+    source: str = field(default="", compare=False)  # "state.d/web.toml: entry 3"
+
+
+@dataclass(frozen=True)
+class State:
+    """The whole declared state, in declaration order."""
+
+    entries: tuple[Entry, ...]
+    files: tuple[Path, ...]
+
+    def by_path(self) -> dict[str, Entry]:
+        return {entry.path: entry for entry in self.entries}
+
+    def select(self, paths: Sequence[str]) -> tuple[Entry, ...]:
+        """The entries for ``paths`` (normalised); unknown paths are an error."""
+        index = self.by_path()
+        chosen: list[Entry] = []
+        unknown: list[str] = []
+        for raw in paths:
+            key = posixpath.normpath(os.path.abspath(raw))
+            if key in index:
+                chosen.append(index[key])
+            else:
+                unknown.append(raw)
+        if unknown:
+            names = ", ".join(unknown)
+            raise UsageError(
+                f"not declared in the state: {names}",
+                hint="add a [[binary]] table for it, or check the path",
+            )
+        return tuple(chosen)
+
+
+def _uid_of(owner: str) -> int:
+    if owner.isdigit():
+        return int(owner)
+    return pwd.getpwnam(owner).pw_uid
+
+
+def state_files(main: Path) -> list[Path]:
+    """The main file followed by ``state.d/*.toml`` beside it, in name order."""
+    dropin = main.parent / "state.d"
+    extra = sorted(p for p in dropin.glob("*.toml") if p.is_file()) if dropin.is_dir() else []
+    return [main, *extra]
+
+
+def _display(path: Path, main: Path) -> str:
+    try:
+        return str(path.relative_to(main.parent))
+    except ValueError:
+        return str(path)
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(part) for part in loc) or "entry"
+
+
+def load_state(
+    main: Path = DEFAULT_STATE,
+    *,
+    last_cap: int | None = None,
+    uid_of: Callable[[str], int] = _uid_of,
+) -> State:
+    """Load and validate the state; raise :class:`StateError` listing every problem."""
+    limit = kernel_last_cap() if last_cap is None else last_cap
+    if not main.is_file():
+        what = "not found" if not main.exists() else "not a regular file"
+        raise StateError(
+            [f"{main}: {what} (create it, or point --state / CAPKEEPER_STATE at another file)"]
+        )
+    problems: list[str] = []
+    entries: list[Entry] = []
+    seen: dict[str, str] = {}
+    files = state_files(main)
+    for path in files:
+        shown = _display(path, main)
+        try:
+            document = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            problems.append(f"{shown}: invalid TOML: {exc}")
+            continue
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.append(f"{shown}: cannot read: {getattr(exc, 'strerror', None) or exc}")
+            continue
+        unknown = sorted(set(document) - {"binary"})
+        if unknown:
+            problems.append(
+                f"{shown}: unknown top-level key{'s' if len(unknown) > 1 else ''} "
+                + ", ".join(repr(k) for k in unknown)
+                + " (only [[binary]] tables are allowed)"
+            )
+        tables = document.get("binary", [])
+        if not isinstance(tables, list):
+            problems.append(f"{shown}: 'binary' must be an array of tables ([[binary]])")
+            continue
+        for number, table in enumerate(tables, start=1):
+            entry, errors = _entry(table, f"{shown}: entry {number}", limit, uid_of)
+            problems.extend(errors)
+            if entry is None:
+                continue
+            if entry.path in seen:
+                problems.append(
+                    f"{entry.source} ({entry.path}): path: already declared in {seen[entry.path]}"
+                )
+                continue
+            seen[entry.path] = entry.source
+            entries.append(entry)
+    if problems:
+        raise StateError(problems)
+    return State(entries=tuple(entries), files=tuple(files))
+
+
+def _entry(
+    table: Any, where: str, last_cap: int, uid_of: Callable[[str], int]
+) -> tuple[Entry | None, list[str]]:
+    if not isinstance(table, dict):
+        return None, [f"{where}: must be a table"]
+    label = f"{where} ({table['path']})" if isinstance(table.get("path"), str) else where
+    try:
+        raw = _BinaryTable.model_validate(table)
+    except ValidationError as exc:
+        errors = []
+        for err in exc.errors():
+            message = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                message = "unknown key"
+            errors.append(f"{label}: {_loc(err['loc'])}: {message}")
+        return None, errors
+    errors = []
+    caps: CapSet | None = None
+    try:
+        caps = parse(raw.caps, last_cap=last_cap)
+    except CapkeeperError as exc:
+        errors.append(f"{label}: caps: {exc.message}")
+    if caps is not None:
+        beyond = sorted(n for n in caps.capabilities() if n > last_cap)
+        if beyond:
+            names = ", ".join(capability_name(n) for n in beyond)
+            errors.append(
+                f"{label}: caps: {names} not known to this kernel (last capability is {last_cap})"
+            )
+        if caps.inheritable and not raw.allow_inheritable:
+            errors.append(f"{label}: caps: inheritable capabilities need allow_inheritable = true")
+    uid = 0
+    try:
+        uid = uid_of(raw.owner)
+    except KeyError:
+        errors.append(f"{label}: owner: no such user {raw.owner!r}")
+    if errors or caps is None:
+        return None, errors
+    entry = Entry(
+        path=raw.path,
+        caps=caps,
+        caps_text=format_text(caps, last_cap=last_cap),
+        owner=raw.owner,
+        owner_uid=uid,
+        sha256=raw.sha256,
+        allow_inheritable=raw.allow_inheritable,
+        source=where,
+    )
+    return entry, []
