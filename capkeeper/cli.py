@@ -245,6 +245,8 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
         # it is the journal (ExecStartPre= mode) or when a log level was asked for.
         args.log_events = concrete == "journal" or settings.log_level is not None or debug
         return int(COMMANDS[args.command](args, settings, stdout))
+    except SystemExit as exc:  # --help and --version
+        return exc.code if isinstance(exc.code, int) else int(ExitStatus.USAGE)
     except UsageError as exc:
         _report(exc, stderr)
         return int(ExitStatus.USAGE)

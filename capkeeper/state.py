@@ -188,37 +188,28 @@ def _entry(
     if not isinstance(table, dict):
         return None, [f"{where}: must be a table"]
     label = f"{where} ({table['path']})" if isinstance(table.get("path"), str) else where
+    errors: list[str] = []
+    raw: _BinaryTable | None = None
     try:
         raw = _BinaryTable.model_validate(table)
     except ValidationError as exc:
-        errors = []
         for err in exc.errors():
             message = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 message = "unknown key"
             errors.append(f"{label}: {_loc(err['loc'])}: {message}")
-        return None, errors
-    errors = []
     caps: CapSet | None = None
-    try:
-        caps = parse(raw.caps, last_cap=last_cap)
-    except CapkeeperError as exc:
-        errors.append(f"{label}: caps: {exc.message}")
-    if caps is not None:
-        beyond = sorted(n for n in caps.capabilities() if n > last_cap)
-        if beyond:
-            names = ", ".join(capability_name(n) for n in beyond)
-            errors.append(
-                f"{label}: caps: {names} not known to this kernel (last capability is {last_cap})"
-            )
-        if caps.inheritable and not raw.allow_inheritable:
-            errors.append(f"{label}: caps: inheritable capabilities need allow_inheritable = true")
+    text = table.get("caps")
+    if isinstance(text, str):
+        caps, problems = _caps(text, table.get("allow_inheritable") is True, last_cap)
+        errors.extend(f"{label}: caps: {problem}" for problem in problems)
     uid = 0
-    try:
-        uid = uid_of(raw.owner)
-    except KeyError:
-        errors.append(f"{label}: owner: no such user {raw.owner!r}")
-    if errors or caps is None:
+    if raw is not None:
+        try:
+            uid = uid_of(raw.owner)
+        except KeyError:
+            errors.append(f"{label}: owner: no such user {raw.owner!r}")
+    if errors or caps is None or raw is None:
         return None, errors
     entry = Entry(
         path=raw.path,
@@ -231,3 +222,19 @@ def _entry(
         source=where,
     )
     return entry, []
+
+
+def _caps(text: str, allow_inheritable: bool, last_cap: int) -> tuple[CapSet | None, list[str]]:
+    """Parse a declared capability text and apply the state's own rules to it."""
+    try:
+        caps = parse(text, last_cap=last_cap)
+    except CapkeeperError as exc:
+        return None, [exc.message]
+    problems = []
+    beyond = sorted(n for n in caps.capabilities() if n > last_cap)
+    if beyond:
+        names = ", ".join(capability_name(n) for n in beyond)
+        problems.append(f"{names} not known to this kernel (last capability is {last_cap})")
+    if caps.inheritable and not allow_inheritable:
+        problems.append("inheritable capabilities need allow_inheritable = true")
+    return (None if problems else caps), problems

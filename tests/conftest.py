@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,7 +36,7 @@ def root() -> None:
 
 
 @pytest.fixture
-def tree(tmp_path: Path) -> Iterator[Path]:
+def tree(tmp_path: Path) -> Path:
     """A root-owned, non-world-writable directory for managed binaries.
 
     pytest's tmp_path lives under /tmp (sticky, world-writable) whose parents
@@ -48,7 +47,7 @@ def tree(tmp_path: Path) -> Iterator[Path]:
     base = tmp_path / "tree"
     base.mkdir(mode=0o755)
     os.chmod(tmp_path, 0o755)
-    yield base
+    return base
 
 
 def elf_source() -> Path:

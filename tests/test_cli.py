@@ -1,0 +1,272 @@
+"""The CLI end to end: run main(argv), assert stdout, stderr and the exit status."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from capkeeper.cli import ExitStatus, main
+from tests.conftest import getcap, make_binary, setcap
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    out = io.StringIO()
+    code = main(["--log-format", "console", *argv], out=out)
+    return code, out.getvalue(), capsys.readouterr().err
+
+
+@pytest.fixture
+def state(tree: Path) -> Path:
+    make_binary(tree / "web")
+    make_binary(tree / "ping")
+    setcap("cap_net_raw=ep", tree / "ping")
+    main_file = tree / "state.toml"
+    main_file.write_text(
+        f'[[binary]]\npath = "{tree}/web"\ncaps = "cap_net_bind_service=+ep"\n'
+        f'[[binary]]\npath = "{tree}/ping"\ncaps = "cap_net_raw=ep"\n'
+    )
+    return main_file
+
+
+def test_check_reports_drift_without_changing(
+    state: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """check prints one line per entry and exits DRIFT, leaving files alone."""
+    tree = state.parent
+    code, out, err = run(["check", "--state", str(state)], capsys)
+    assert code == ExitStatus.DRIFT
+    assert out.splitlines() == [
+        f"drift     {tree}/web  found none, expected cap_net_bind_service=ep",
+        f"in-sync   {tree}/ping  cap_net_raw=ep",
+        "2 declared: 1 drift, 1 in-sync",
+    ]
+    assert err == ""
+    assert getcap(tree / "web") == ""
+
+
+def test_apply_then_check_in_sync(state: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """apply restores and exits 0; a following check exits 0."""
+    tree = state.parent
+    code, out, _ = run(["apply", "--state", str(state)], capsys)
+    assert code == ExitStatus.OK
+    assert out.splitlines()[0] == (
+        f"restored  {tree}/web  found none, expected cap_net_bind_service=ep"
+    )
+    assert getcap(tree / "web") == "cap_net_bind_service=ep"
+    code, out, _ = run(["check", "--state", str(state)], capsys)
+    assert code == ExitStatus.OK
+    assert out.splitlines()[-1] == "2 declared: 2 in-sync"
+
+
+def test_check_json(state: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """check --json prints one JSON object per entry."""
+    tree = state.parent
+    code, out, _ = run(["check", "--json", "--state", str(state)], capsys)
+    assert code == ExitStatus.DRIFT
+    assert [json.loads(line) for line in out.splitlines()] == [
+        {"path": f"{tree}/web", "expected": "cap_net_bind_service=ep", "found": "none",
+         "status": "drift"},
+        {"path": f"{tree}/ping", "expected": "cap_net_raw=ep", "found": "cap_net_raw=ep",
+         "status": "in-sync"},
+    ]  # fmt: skip
+
+
+def test_apply_named_path_only(state: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """apply PATH touches only that declared binary."""
+    tree = state.parent
+    code, out, _ = run(["apply", "--state", str(state), str(tree / "ping")], capsys)
+    assert code == ExitStatus.OK
+    assert out.splitlines() == [f"in-sync   {tree}/ping  cap_net_raw=ep", "1 declared: 1 in-sync"]
+    assert getcap(tree / "web") == ""
+
+
+def test_apply_undeclared_path_is_usage_error(
+    state: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Naming a path the state does not declare is an error."""
+    code, out, err = run(["apply", "--state", str(state), "/usr/bin/other"], capsys)
+    assert code == ExitStatus.USAGE
+    assert out == ""
+    assert err == (
+        "capkeeper: error: not declared in the state: /usr/bin/other "
+        "(hint: add a [[binary]] table for it, or check the path)\n"
+    )
+
+
+def test_one_refusal_does_not_stop_the_others(
+    state: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A refused entry fails the run but the other entries are still applied."""
+    tree = state.parent
+    make_binary(tree / "bad", mode=0o777)
+    with state.open("a") as f:
+        f.write(f'[[binary]]\npath = "{tree}/bad"\ncaps = "cap_chown=p"\n')
+    code, out, _ = run(["apply", "--state", str(state)], capsys)
+    assert code == ExitStatus.FAILED
+    assert out.splitlines() == [
+        f"restored  {tree}/web  found none, expected cap_net_bind_service=ep",
+        f"in-sync   {tree}/ping  cap_net_raw=ep",
+        f"refused   {tree}/bad  {tree}/bad is writable by group and others (mode 0777) "
+        f"(hint: chmod go-w {tree}/bad)",
+        "3 declared: 1 restored, 1 in-sync, 1 refused",
+    ]
+    assert getcap(tree / "web") == "cap_net_bind_service=ep"
+    assert getcap(tree / "bad") == ""
+
+
+def test_bad_state_file_lists_every_problem(tree: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An invalid state exits CONFIG and prints every problem."""
+    bad = tree / "state.toml"
+    bad.write_text(
+        '[[binary]]\npath = "bin/x"\ncaps = "cap_net_raw+ep"\n'
+        '[[binary]]\npath = "/x"\ncaps = "cap_net_raw+EP"\nextra = 1\n'
+    )
+    for command in ("apply", "check", "validate"):
+        code, out, err = run([command, "--state", str(bad)], capsys)
+        assert code == ExitStatus.CONFIG
+        assert out == ""
+        assert err == (
+            "capkeeper: 3 problems in the state:\n"
+            "  state.toml: entry 1 (bin/x): path: must be an absolute path, got 'bin/x'\n"
+            "  state.toml: entry 2 (/x): extra: unknown key\n"
+            "  state.toml: entry 2 (/x): caps: unknown flag 'E' after '+' "
+            "(flags are lower-case e, i, p) (clause 1: 'cap_net_raw+EP')\n"
+        )
+
+
+def test_missing_state_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A missing state file is a clear error, not a traceback."""
+    code, _, err = run(["check", "--state", str(tmp_path / "none.toml")], capsys)
+    assert code == ExitStatus.CONFIG
+    assert err == (
+        "capkeeper: 1 problem in the state:\n"
+        f"  {tmp_path}/none.toml: not found "
+        "(create it, or point --state / CAPKEEPER_STATE at another file)\n"
+    )
+
+
+def test_state_from_environment(
+    state: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CAPKEEPER_STATE points at the state when --state is not given."""
+    monkeypatch.setenv("CAPKEEPER_STATE", str(state))
+    code, out, _ = run(["check"], capsys)
+    assert code == ExitStatus.DRIFT
+    assert out.splitlines()[-1] == "2 declared: 1 drift, 1 in-sync"
+
+
+def test_invalid_environment_setting(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A malformed CAPKEEPER_* setting is reported, not a traceback."""
+    monkeypatch.setenv("CAPKEEPER_RESCAN_INTERVAL", "soon")
+    code, _, err = run(["check"], capsys)
+    assert code == ExitStatus.CONFIG
+    assert err.startswith("capkeeper: error: invalid setting: CAPKEEPER_RESCAN_INTERVAL: ")
+
+
+def test_show_matches_getcap(state: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """show prints exactly what getcap prints, including nothing for a file without caps."""
+    tree = state.parent
+    setcap("cap_chown,cap_kill=eip cap_net_raw+ep", tree / "web")
+    paths = [str(tree / "web"), str(tree / "ping"), str(state)]
+    import subprocess
+
+    expected = subprocess.run(["getcap", *paths], capture_output=True, text=True, check=True).stdout
+    code, out, _ = run(["show", *paths], capsys)
+    assert code == ExitStatus.OK
+    assert out == expected
+    assert out == f"{tree}/web cap_chown,cap_kill=eip cap_net_raw+ep\n{tree}/ping cap_net_raw=ep\n"
+
+
+def test_show_verbose_and_json(tree: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """show -v adds revision and rootid; --json gives the decoded value."""
+    binary = make_binary(tree / "ns")
+    import subprocess
+
+    subprocess.run(["setcap", "-n", "1000", "cap_net_raw+ep", str(binary)], check=True)
+    plain = make_binary(tree / "plain")
+    code, out, _ = run(["show", "-v", str(binary), str(plain)], capsys)
+    assert code == ExitStatus.OK
+    assert out == f"{binary} cap_net_raw=ep [v3 rootid=1000]\n{plain} (no capabilities)\n"
+    code, out, _ = run(["show", "--json", str(binary)], capsys)
+    assert json.loads(out) == {
+        "path": str(binary), "caps": "cap_net_raw=ep", "revision": 3, "rootid": 1000,
+        "effective": True, "permitted": 1 << 13, "inheritable": 0,
+    }  # fmt: skip
+
+
+def test_show_missing_file(capsys: pytest.CaptureFixture[str]) -> None:
+    """show on a missing file reports it on stderr and exits FAILED."""
+    code, out, err = run(["show", "/nonexistent/file"], capsys)
+    assert code == ExitStatus.FAILED
+    assert out == ""
+    assert err == (
+        "capkeeper: /nonexistent/file: cannot get capabilities: No such file or directory "
+        "(hint: the file does not exist)\n"
+    )
+
+
+def test_validate_reports_trust_problems(state: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """validate lists trust problems of declared files and notes missing ones."""
+    tree = state.parent
+    make_binary(tree / "gw", mode=0o775)
+    with state.open("a") as f:
+        f.write(
+            f'[[binary]]\npath = "{tree}/gw"\ncaps = "cap_chown=p"\n'
+            f'[[binary]]\npath = "{tree}/later"\ncaps = "cap_chown=p"\n'
+        )
+    code, out, _ = run(["validate", "--state", str(state)], capsys)
+    assert code == ExitStatus.FAILED
+    assert out.splitlines() == [
+        f"state.toml: entry 3 ({tree}/gw): {tree}/gw is writable by group (mode 0775) "
+        f"(hint: chmod go-w {tree}/gw)",
+        f"state.toml: entry 4 ({tree}/later): note: not present yet (enforced when it appears)",
+        f"4 declared binaries in {state}: 1 problem(s)",
+    ]
+
+
+def test_validate_clean(state: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """validate on a good state exits 0."""
+    code, out, _ = run(["validate", "--state", str(state)], capsys)
+    assert code == ExitStatus.OK
+    assert out == f"2 declared binaries in {state}: no problems\n"
+
+
+def test_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    """Unknown commands and options exit USAGE with a message, no traceback."""
+    code, _, err = run(["frobnicate"], capsys)
+    assert code == ExitStatus.USAGE
+    assert err.startswith("capkeeper: error: argument COMMAND: invalid choice: 'frobnicate'")
+    code, _, err = run(["show"], capsys)
+    assert code == ExitStatus.USAGE
+    assert "the following arguments are required: PATH" in err
+
+
+def test_exit_status_values() -> None:
+    """Exit codes are stable: scripts depend on them."""
+    assert {s.name: int(s) for s in ExitStatus} == {
+        "OK": 0, "DRIFT": 1, "FAILED": 2, "USAGE": 64, "CONFIG": 78, "INTERRUPTED": 130,
+    }  # fmt: skip
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    """--version prints the version."""
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == "capkeeper 0.1.0\n"
+
+
+def test_python_dash_m(state: Path) -> None:
+    """python -m capkeeper runs the same CLI."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "capkeeper", "--log-format", "json", "check", "--state", str(state)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stdout.splitlines()[-1] == "2 declared: 1 drift, 1 in-sync"

@@ -1,0 +1,138 @@
+"""State file loading: valid files, state.d order, and every error message in full."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from capkeeper.capabilities import parse
+from capkeeper.errors import StateError, UsageError
+from capkeeper.state import load_state
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def _problems(main: Path) -> list[str]:
+    with pytest.raises(StateError) as info:
+        load_state(main, last_cap=40)
+    return info.value.problems
+
+
+def test_loads_main_and_dropins_in_name_order(tmp_path: Path) -> None:
+    """Entries come from state.toml then state.d/*.toml sorted by name."""
+    main = _write(tmp_path / "state.toml", '[[binary]]\npath = "/a"\ncaps = "cap_chown+ep"\n')
+    _write(tmp_path / "state.d/20-b.toml", '[[binary]]\npath = "/b"\ncaps = "cap_kill=p"\n')
+    _write(tmp_path / "state.d/10-c.toml", '[[binary]]\npath = "/c"\ncaps = "CAP_NET_RAW=ep"\n')
+    _write(tmp_path / "state.d/ignored.txt", "not toml")
+    state = load_state(main, last_cap=40)
+    assert [e.path for e in state.entries] == ["/a", "/c", "/b"]
+    assert [e.caps_text for e in state.entries] == ["cap_chown=ep", "cap_net_raw=ep", "cap_kill=p"]
+    assert state.entries[1].source == "state.d/10-c.toml: entry 1"
+    assert state.entries[0].caps == parse("cap_chown=ep", last_cap=40)
+
+
+def test_optional_keys(tmp_path: Path) -> None:
+    """sha256, owner and allow_inheritable are read and normalised."""
+    digest = "AB" * 32
+    main = _write(
+        tmp_path / "state.toml",
+        f'[[binary]]\npath = "/usr//bin/./x"\ncaps = "cap_net_raw=eip"\nsha256 = "{digest}"\n'
+        'owner = "nobody"\nallow_inheritable = true\n',
+    )
+    (entry,) = load_state(main, last_cap=40).entries
+    assert entry.path == "/usr/bin/x"
+    assert entry.sha256 == digest.lower()
+    assert entry.owner == "nobody"
+    assert entry.owner_uid == 65534
+    assert entry.allow_inheritable
+
+
+def test_all_errors_reported_at_once_with_file_and_entry(tmp_path: Path) -> None:
+    """Every problem in every file is listed, each naming its file and entry."""
+    main = _write(
+        tmp_path / "state.toml",
+        '[[binary]]\npath = "/usr/bin/a"\ncaps = "cap_net_raw+ep"\n'
+        '[[binary]]\npath = "relative/b"\ncaps = "cap_net_raw+ep"\ncolour = "red"\n',
+    )
+    _write(
+        tmp_path / "state.d/web.toml",
+        '[[binary]]\npath = "/usr/local/bin/ok"\ncaps = "cap_chown=p"\n'
+        '[[binary]]\npath = "/usr/bin/a"\ncaps = "cap_chown=p"\n'
+        '[[binary]]\npath = "/usr/local/bin/web"\ncaps = "cap_net_bind=+ep"\n'
+        '[[binary]]\npath = "/usr/local/bin/inh"\ncaps = "cap_chown=ip"\n'
+        '[[binary]]\npath = "/usr/local/bin/own"\ncaps = "cap_chown=p"\n'
+        'owner = "no-such-user-here"\nsha256 = "xyz"\n'
+        '[[binary]]\ncaps = "cap_chown=p"\n',
+    )
+    assert _problems(main) == [
+        "state.toml: entry 2 (relative/b): path: must be an absolute path, got 'relative/b'",
+        "state.toml: entry 2 (relative/b): colour: unknown key",
+        "state.d/web.toml: entry 2 (/usr/bin/a): path: already declared in state.toml: entry 1",
+        "state.d/web.toml: entry 3 (/usr/local/bin/web): caps: "
+        "unknown capability 'cap_net_bind' (clause 1: 'cap_net_bind=+ep')",
+        "state.d/web.toml: entry 4 (/usr/local/bin/inh): caps: "
+        "inheritable capabilities need allow_inheritable = true",
+        "state.d/web.toml: entry 5 (/usr/local/bin/own): sha256: must be 64 hexadecimal digits",
+        "state.d/web.toml: entry 6: path: Field required",
+    ]
+
+
+def test_unknown_owner(tmp_path: Path) -> None:
+    """An owner that is not a user on this host is an error."""
+    main = _write(
+        tmp_path / "state.toml",
+        '[[binary]]\npath = "/x"\ncaps = "cap_chown=p"\nowner = "no-such-user-here"\n',
+    )
+    assert _problems(main) == ["state.toml: entry 1 (/x): owner: no such user 'no-such-user-here'"]
+
+
+def test_wrong_types_and_top_level_keys(tmp_path: Path) -> None:
+    """Wrong value types and unknown top-level keys are reported, not crashed on."""
+    main = _write(
+        tmp_path / "state.toml",
+        'version = 2\n[[binary]]\npath = 7\ncaps = "cap_chown=p"\nallow_inheritable = "yes"\n',
+    )
+    assert _problems(main) == [
+        "state.toml: unknown top-level key 'version' (only [[binary]] tables are allowed)",
+        "state.toml: entry 1: path: Input should be a valid string",
+        "state.toml: entry 1: allow_inheritable: Input should be a valid boolean",
+    ]
+
+
+def test_capability_beyond_kernel(tmp_path: Path) -> None:
+    """A capability number above the running kernel's last cap is refused."""
+    main = _write(tmp_path / "state.toml", '[[binary]]\npath = "/x"\ncaps = "41=p"\n')
+    assert _problems(main) == [
+        "state.toml: entry 1 (/x): caps: 41 not known to this kernel (last capability is 40)"
+    ]
+
+
+def test_invalid_toml_and_missing_file(tmp_path: Path) -> None:
+    """TOML syntax errors and a missing main file are reported with the file name."""
+    main = _write(tmp_path / "state.toml", "[[binary]\n")
+    (problem,) = _problems(main)
+    assert problem.startswith("state.toml: invalid TOML: ")
+    missing = tmp_path / "nope.toml"
+    assert _problems(missing) == [
+        f"{missing}: not found (create it, or point --state / CAPKEEPER_STATE at another file)"
+    ]
+
+
+def test_binary_must_be_array_of_tables(tmp_path: Path) -> None:
+    """A [binary] table instead of [[binary]] is explained."""
+    main = _write(tmp_path / "state.toml", '[binary]\npath = "/x"\n')
+    assert _problems(main) == ["state.toml: 'binary' must be an array of tables ([[binary]])"]
+
+
+def test_select_unknown_path_is_an_error(tmp_path: Path) -> None:
+    """Selecting a path the state does not declare raises a usage error."""
+    main = _write(tmp_path / "state.toml", '[[binary]]\npath = "/x"\ncaps = "cap_chown=p"\n')
+    state = load_state(main, last_cap=40)
+    assert [e.path for e in state.select(["/x"])] == ["/x"]
+    with pytest.raises(UsageError, match="not declared in the state: /y"):
+        state.select(["/x", "/y"])

@@ -1,0 +1,176 @@
+"""One security test per trust rule: each proves that nothing was granted."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from capkeeper.capabilities import format_text, parse
+from capkeeper.files import XATTR_NAME
+from capkeeper.reconcile import Status, reconcile
+from capkeeper.state import Entry
+from tests.conftest import make_binary
+
+NOBODY = 65534
+
+
+def _entry(path: Path, **kw: object) -> Entry:
+    caps = parse("cap_net_bind_service=+ep", last_cap=40)
+    return Entry(path=str(path), caps=caps, caps_text=format_text(caps, last_cap=40), **kw)  # type: ignore[arg-type]
+
+
+def _refused(entry: Entry) -> str:
+    """Apply ``entry``; assert it was refused and nothing was written; return the reason."""
+    outcome = reconcile(entry, write=True)
+    assert outcome.status is Status.REFUSED
+    target = outcome.resolved or entry.path
+    assert XATTR_NAME not in os.listxattr(target)
+    return outcome.reason
+
+
+def test_group_writable_binary(tree: Path) -> None:
+    """A group-writable binary is refused."""
+    binary = make_binary(tree / "app", mode=0o775)
+    assert _refused(_entry(binary)) == (
+        f"{binary} is writable by group (mode 0775) (hint: chmod go-w {binary})"
+    )
+
+
+def test_world_writable_binary(tree: Path) -> None:
+    """A world-writable binary is refused."""
+    binary = make_binary(tree / "app", mode=0o757)
+    assert _refused(_entry(binary)) == (
+        f"{binary} is writable by others (mode 0757) (hint: chmod go-w {binary})"
+    )
+
+
+def test_directory_owned_by_non_root_user(tree: Path) -> None:
+    """A binary in a directory a non-root user owns (and so can replace it) is refused."""
+    directory = tree / "userdir"
+    directory.mkdir(mode=0o755)
+    os.chown(directory, NOBODY, NOBODY)
+    binary = make_binary(directory / "app")
+    assert _refused(_entry(binary)) == (
+        f"directory {directory} is owned by uid {NOBODY}, not by root "
+        "(hint: whoever owns a directory can replace the binary inside it)"
+    )
+
+
+def test_directory_writable_by_others(tree: Path) -> None:
+    """A binary in a world-writable, non-sticky directory is refused."""
+    directory = tree / "open"
+    directory.mkdir()
+    os.chmod(directory, 0o777)
+    binary = make_binary(directory / "app")
+    assert _refused(_entry(binary)) == (
+        f"directory {directory} is writable by group and others (mode 0777) "
+        f"(hint: chmod go-w {directory})"
+    )
+
+
+def test_sticky_directory_with_root_owned_child_is_trusted(tree: Path) -> None:
+    """A root-owned sticky world-writable directory is fine when the next component is root's."""
+    sticky = tree / "sticky"
+    sticky.mkdir()
+    os.chmod(sticky, 0o1777)
+    binary = make_binary(sticky / "app")
+    assert reconcile(_entry(binary), write=True).status is Status.RESTORED
+
+
+def test_sticky_directory_with_user_owned_child_is_refused(tree: Path) -> None:
+    """In a sticky directory, a component owned by another user could be swapped: refused."""
+    sticky = tree / "sticky"
+    sticky.mkdir()
+    os.chmod(sticky, 0o1777)
+    sub = sticky / "sub"
+    sub.mkdir(mode=0o755)
+    os.chown(sub, NOBODY, NOBODY)
+    binary = make_binary(sub / "app")
+    reason = _refused(_entry(binary))
+    assert f"directory {sticky} is writable by group and others (mode 1777)" in reason
+    assert f"directory {sub} is owned by uid {NOBODY}, not by root" in reason
+
+
+def test_symlink_planted_by_non_root_user(tree: Path) -> None:
+    """A symlink on the path owned by a non-root user is refused, even to a good binary."""
+    real = tree / "real"
+    real.mkdir(mode=0o755)
+    make_binary(real / "app")
+    link = tree / "current"
+    link.symlink_to("real")
+    os.lchown(link, NOBODY, NOBODY)
+    assert _refused(_entry(link / "app")) == (
+        f"symlink {link} -> real is owned by uid {NOBODY}, not by root "
+        "(hint: only root may own symlinks on the path to a privileged binary)"
+    )
+
+
+def test_final_symlink_owned_by_non_root(tree: Path) -> None:
+    """A declared path that is itself a user-owned symlink is refused."""
+    binary = make_binary(tree / "app")
+    link = tree / "app-link"
+    link.symlink_to(binary)
+    os.lchown(link, NOBODY, NOBODY)
+    assert _refused(_entry(link)).startswith(f"symlink {link} -> {binary} is owned by uid {NOBODY}")
+
+
+def test_script_is_refused_with_hint(tree: Path) -> None:
+    """A #! script is refused with a hint about AmbientCapabilities=."""
+    script = make_binary(tree / "run.sh", content=b"#!/bin/sh\necho hi\n")
+    assert _refused(_entry(script)) == (
+        f"{script} is a script (#!/bin/sh); the kernel ignores file capabilities on scripts "
+        "(hint: give the service AmbientCapabilities= in its unit instead)"
+    )
+
+
+def test_non_elf_file_is_refused(tree: Path) -> None:
+    """A regular file that is not ELF is refused."""
+    data = make_binary(tree / "data", content=b"hello")
+    assert _refused(_entry(data)) == f"{data} is not an ELF executable"
+
+
+def test_setuid_binary(tree: Path) -> None:
+    """A setuid binary is refused: setuid and file capabilities do not compose."""
+    binary = make_binary(tree / "app", mode=0o4755)
+    assert _refused(_entry(binary)) == (
+        f"{binary} is setuid/setgid (mode 4755); file capabilities and setuid do not compose "
+        f"(hint: chmod ug-s {binary})"
+    )
+
+
+def test_sha256_mismatch(tree: Path) -> None:
+    """Content that does not match the pin is refused."""
+    binary = make_binary(tree / "app")
+    digest = hashlib.sha256(binary.read_bytes()).hexdigest()
+    pin = "0" * 64
+    assert _refused(_entry(binary, sha256=pin)) == (
+        f"{binary} content does not match the sha256 pin (found {digest}, pinned {pin}) "
+        "(hint: update the pin in the state if this build is trusted)"
+    )
+
+
+def test_wrong_owner(tree: Path) -> None:
+    """A binary owned by someone other than the declared owner is refused."""
+    binary = make_binary(tree / "app")
+    os.chown(binary, NOBODY, NOBODY)
+    assert _refused(_entry(binary)) == (
+        f"{binary} is owned by uid {NOBODY}, not by root (hint: chown root {binary})"
+    )
+
+
+def test_declared_owner_is_accepted(tree: Path) -> None:
+    """A binary owned by its declared owner (in a root-owned directory) is granted."""
+    binary = make_binary(tree / "app")
+    os.chown(binary, NOBODY, NOBODY)
+    entry = _entry(binary, owner="nobody", owner_uid=NOBODY)
+    assert reconcile(entry, write=True).status is Status.RESTORED
+
+
+def test_fifo_is_not_opened_for_reading(tree: Path) -> None:
+    """A FIFO at the declared path is refused without blocking on open."""
+    fifo = tree / "fifo"
+    os.mkfifo(fifo, 0o644)
+    outcome = reconcile(_entry(fifo), write=True)
+    assert outcome.status is Status.REFUSED
+    assert outcome.reason == f"{fifo} is not a regular file"
