@@ -1,0 +1,63 @@
+# capkeeper — developer entry points. Both targets work as root on a fresh Debian 12.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# System tools the test suite drives for real (reference tools and deploy tools),
+# and systemd for the throwaway-systemd tests.
+APT_PACKAGES := libcap2-bin attr rsync inotify-tools dpkg tar coreutils util-linux \
+                systemd python3-venv
+DEMO_DIR := /var/tmp/capkeeper-demo
+
+.PHONY: deps venv run test lint typecheck pytest bench clean
+
+deps:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" != 0 ]; then echo "make: run as root to install:$$missing" >&2; exit 1; fi; \
+	  echo "installing:$$missing"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "capkeeper needs Python 3.11 or newer")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: venv
+	$(BIN)/mypy
+
+pytest: deps venv
+	$(BIN)/pytest
+
+test: deps venv lint typecheck pytest
+
+# The bundled example: a copy of a real ELF binary in $(DEMO_DIR), declared in
+# examples/state.toml.
+demo:
+	@if [ "$$(id -u)" != 0 ]; then \
+	  echo "make run needs root: capkeeper writes security.capability, which needs CAP_SETFCAP." >&2; \
+	  echo "Run it as root (sudo make run), or grant the capability: see README.md." >&2; exit 1; fi
+	install -d -m 0755 -o root -g root $(DEMO_DIR) $(DEMO_DIR)/bin
+	install -m 0755 -o root -g root "$$(command -v true)" $(DEMO_DIR)/bin/demo-server
+
+run: deps venv demo
+	$(BIN)/capkeeper apply --state examples/state.toml
+	$(BIN)/capkeeper check --state examples/state.toml
+
+bench: venv
+	$(BIN)/python bench/bench_restore.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info
