@@ -46,8 +46,8 @@ EVENTS: dict[str, EventSpec] = {
             Priority.WARNING,
             "restored capabilities of {path}: found {found}, expected {expected} (cause: {cause})",
             "capkeeper restored the file capabilities of @CAPKEEPER_PATH@",
-            "The file capabilities (security.capability) of @CAPKEEPER_PATH@ did not match\n"
-            "the declared state and capkeeper re-applied them. Found:\n"
+            "The file capabilities (security.capability) of @CAPKEEPER_PATH@ did not\n"
+            "match the declared state and capkeeper re-applied them. Found:\n"
             "@CAPKEEPER_FOUND@; expected: @CAPKEEPER_EXPECTED@; cause: @CAPKEEPER_CAUSE@.\n\n"
             "A deploy that replaces or rewrites a binary (package upgrade, rsync, cp,\n"
             "install, chown) drops its capabilities; this is the expected repair. If no\n"

@@ -1,0 +1,94 @@
+"""Files that tie capkeeper to systemd: the ReadWritePaths= drop-in and the catalog.
+
+The shipped unit runs the daemon with ``ProtectSystem=strict``, which makes the
+whole file system read-only for it, so ``setxattr`` fails with EROFS unless the
+directory holding each declared binary is listed in ``ReadWritePaths=``.
+Directories, never files: a per-file bind mount disappears when the file is
+renamed over, which every upgrade does.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import tempfile
+from pathlib import Path
+
+from capkeeper.events import EVENTS
+from capkeeper.state import State
+
+DROPIN = Path("/etc/systemd/system/capkeeper.service.d/50-capkeeper-paths.conf")
+CATALOG_NAME = "capkeeper.catalog"
+
+
+def writable_directory(path: str) -> str:
+    """The directory to make writable for ``path``'s binary.
+
+    That is the binary's directory, unless a symlink sits on the way (a release
+    directory flipped by ``ln -sfn``): then the directory holding the first
+    symlink, which stays the same across flips.
+    """
+    parts = [p for p in path.split("/") if p]
+    current = "/"
+    for part in parts[:-1]:
+        candidate = posixpath.join(current, part)
+        if os.path.islink(candidate):
+            return current
+        current = candidate
+    return current
+
+
+def dropin_text(state: State) -> str:
+    """The drop-in that lists every declared binary's directory in ReadWritePaths=."""
+    directories = sorted({writable_directory(entry.path) for entry in state.entries})
+    lines = [
+        "# Written by 'capkeeper systemd-dropin' from the declared state; do not edit.",
+        "# Re-run it after changing the state, then: systemctl daemon-reload &&",
+        "# systemctl restart capkeeper",
+        "[Service]",
+        # "-": a directory that does not exist yet must not fail the start.
+        *(f"ReadWritePaths=-{directory}" for directory in directories),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_atomically(path: Path, text: str, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``text`` by rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fchmod(handle.fileno(), mode)
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def catalog_text() -> str:
+    """The journald message catalog for every registered event."""
+    chunks = [
+        "# capkeeper journal message catalog: what each alert means and what to do.",
+        "# Generated from capkeeper/events.py (python -m capkeeper.systemd); do not edit.",
+        "# Installed as /usr/lib/systemd/catalog/capkeeper.catalog, then run",
+        "# journalctl --update-catalog.",
+    ]
+    for spec in EVENTS.values():
+        chunks += [
+            "",
+            f"-- {spec.message_id}",
+            f"Subject: {spec.subject}",
+            "Defined-By: capkeeper",
+            "",
+            *spec.explanation.split("\n"),
+        ]
+    return "\n".join(chunks) + "\n"
+
+
+if __name__ == "__main__":  # pragma: no cover - regenerates the shipped catalog
+    import sys
+
+    sys.stdout.write(catalog_text())
