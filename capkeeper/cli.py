@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from enum import IntEnum
+from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 from pydantic import ValidationError
@@ -20,6 +21,7 @@ from capkeeper.log import LEVELS, configure, get_logger
 from capkeeper.reconcile import Outcome, Status, log_outcome, reconcile
 from capkeeper.settings import Settings
 from capkeeper.state import State, load_state
+from capkeeper.systemd import DROPIN, dropin_text, write_atomically
 from capkeeper.trust import assess
 
 
@@ -82,6 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
         "validate", parents=[common], help="check the state and the trust of declared files"
     )
     validate.add_argument("--json", action="store_true", help="JSON lines on stdout")
+
+    dropin = sub.add_parser(
+        "systemd-dropin",
+        parents=[common],
+        help="write the ReadWritePaths= drop-in that lets the service write declared directories",
+    )
+    dropin.add_argument("--output", metavar="FILE", help=f"default {DROPIN}; '-' for stdout")
+    dropin.add_argument(
+        "--check", action="store_true", help="exit 1 when the drop-in is missing or out of date"
+    )
     return parser
 
 
@@ -215,11 +227,33 @@ def cmd_validate(args: argparse.Namespace, settings: Settings, out: TextIO) -> E
     return ExitStatus.FAILED if problems else ExitStatus.OK
 
 
+def cmd_systemd_dropin(args: argparse.Namespace, settings: Settings, out: TextIO) -> ExitStatus:
+    text = dropin_text(load_state(settings.state))
+    if args.output == "-":
+        out.write(text)
+        return ExitStatus.OK
+    target = Path(args.output) if args.output else DROPIN
+    current = target.read_text() if target.is_file() else None
+    if args.check:
+        verdict = "up to date" if current == text else "out of date"
+        out.write(f"{target}: {verdict}\n")
+        return ExitStatus.OK if current == text else ExitStatus.DRIFT
+    if current == text:
+        out.write(f"{target}: already up to date\n")
+        return ExitStatus.OK
+    write_atomically(target, text)
+    out.write(
+        f"wrote {target}; now run: systemctl daemon-reload && systemctl restart capkeeper\n"
+    )
+    return ExitStatus.OK
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, Settings, TextIO], ExitStatus]] = {
     "apply": cmd_apply,
     "check": cmd_check,
     "show": cmd_show,
     "validate": cmd_validate,
+    "systemd-dropin": cmd_systemd_dropin,
 }
 
 

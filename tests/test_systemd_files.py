@@ -1,0 +1,67 @@
+"""The systemd integration files: drop-in generation and the shipped catalog."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import pytest
+
+from capkeeper.cli import ExitStatus, main
+from capkeeper.events import EVENTS
+from capkeeper.systemd import catalog_text, writable_directory
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_shipped_catalog_is_generated_from_the_registry() -> None:
+    """systemd/capkeeper.catalog equals what the event registry generates."""
+    assert (ROOT / "systemd" / "capkeeper.catalog").read_text() == catalog_text()
+
+
+def test_catalog_format() -> None:
+    """One entry per event, 32 lower-case hex ids, text lines within 76 columns."""
+    text = catalog_text()
+    ids = [line[3:] for line in text.splitlines() if line.startswith("-- ")]
+    assert ids == [spec.message_id for spec in EVENTS.values()]
+    assert all(len(i) == 32 and i == i.lower() and int(i, 16) >= 0 for i in ids)
+    assert len(set(ids)) == len(ids)
+    body = [line for line in text.splitlines() if not line.startswith("#")]
+    assert max(len(line) for line in body) <= 76
+
+
+def test_writable_directory_stops_at_first_symlink(tmp_path: Path) -> None:
+    """A symlinked release directory makes the directory holding the link writable."""
+    (tmp_path / "releases" / "v1" / "bin").mkdir(parents=True)
+    (tmp_path / "current").symlink_to("releases/v1")
+    assert writable_directory(f"{tmp_path}/current/bin/app") == str(tmp_path)
+    assert writable_directory(f"{tmp_path}/releases/v1/bin/app") == f"{tmp_path}/releases/v1/bin"
+    assert writable_directory("/usr/local/bin/app") == "/usr/local/bin"
+
+
+def test_dropin_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """systemd-dropin writes ReadWritePaths= per directory, then --check says up to date."""
+    state = tmp_path / "state.toml"
+    state.write_text(
+        '[[binary]]\npath = "/usr/local/bin/a"\ncaps = "cap_chown=p"\n'
+        '[[binary]]\npath = "/usr/local/bin/b"\ncaps = "cap_chown=p"\n'
+        '[[binary]]\npath = "/opt/app/bin/c"\ncaps = "cap_chown=p"\n'
+    )
+    target = tmp_path / "dropin" / "50-capkeeper-paths.conf"
+    base = ["--log-format", "console", "systemd-dropin", "--state", str(state)]
+    out = io.StringIO()
+    assert main([*base, "--output", str(target), "--check"], out=out) == ExitStatus.DRIFT
+    assert out.getvalue() == f"{target}: out of date\n"
+    out = io.StringIO()
+    assert main([*base, "--output", str(target)], out=out) == ExitStatus.OK
+    assert target.read_text().splitlines()[3:] == [
+        "[Service]",
+        "ReadWritePaths=-/opt/app/bin",
+        "ReadWritePaths=-/usr/local/bin",
+    ]
+    assert os.stat(target).st_mode & 0o777 == 0o644
+    out = io.StringIO()
+    assert main([*base, "--output", str(target), "--check"], out=out) == ExitStatus.OK
+    assert out.getvalue() == f"{target}: up to date\n"
+    assert capsys.readouterr().err == ""
