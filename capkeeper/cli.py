@@ -21,6 +21,8 @@ from capkeeper.log import LEVELS, configure, get_logger
 from capkeeper.reconcile import Outcome, Status, log_outcome, reconcile
 from capkeeper.settings import Settings
 from capkeeper.state import State, load_state
+from capkeeper.status import read_status
+from capkeeper.status import render as render_status
 from capkeeper.systemd import DROPIN, dropin_text, write_atomically
 from capkeeper.trust import assess
 
@@ -84,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
         "validate", parents=[common], help="check the state and the trust of declared files"
     )
     validate.add_argument("--json", action="store_true", help="JSON lines on stdout")
+
+    status = sub.add_parser("status", parents=[common], help="show what the running daemon reports")
+    status.add_argument("--status-file", metavar="FILE", help="default /run/capkeeper/status.json")
+    status.add_argument("--json", action="store_true", help="print the raw JSON snapshot")
 
     dropin = sub.add_parser(
         "systemd-dropin",
@@ -248,12 +254,30 @@ def cmd_systemd_dropin(args: argparse.Namespace, settings: Settings, out: TextIO
     return ExitStatus.OK
 
 
+def cmd_status(args: argparse.Namespace, settings: Settings, out: TextIO) -> ExitStatus:
+    path = Path(args.status_file) if args.status_file else settings.status_file
+    try:
+        data = read_status(path)
+    except FileNotFoundError:
+        raise CapkeeperError(
+            "no status file: the daemon is not running or writes it elsewhere",
+            context=str(path),
+            hint="systemctl status capkeeper; or pass --status-file",
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise CapkeeperError(f"cannot read the status file: {exc}", context=str(path)) from exc
+    out.write(json.dumps(data, indent=1) + "\n" if args.json else render_status(data))
+    bad = any(e["status"] not in ("in-sync", "unknown") for e in data.get("entries", []))
+    return ExitStatus.FAILED if bad else ExitStatus.OK
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, Settings, TextIO], ExitStatus]] = {
     "apply": cmd_apply,
     "check": cmd_check,
     "show": cmd_show,
     "validate": cmd_validate,
     "systemd-dropin": cmd_systemd_dropin,
+    "status": cmd_status,
 }
 
 

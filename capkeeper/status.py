@@ -1,0 +1,205 @@
+"""The daemon's status file and Prometheus textfile: what it enforces, and how it went.
+
+The daemon keeps a :class:`StatusBook`, records every outcome in it, and
+writes a snapshot atomically (temp file + rename) to its runtime directory
+whenever something changed; ``capkeeper status`` reads it back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from capkeeper.reconcile import Outcome, Status
+from capkeeper.systemd import write_atomically
+
+SCHEMA = 1
+
+
+@dataclass
+class EntryRecord:
+    """What the daemon knows about one declared binary."""
+
+    path: str
+    expected: str
+    status: str = "unknown"
+    found: str = ""
+    reason: str = ""
+    restores: int = 0
+    refusals: int = 0
+    failures: int = 0
+    last_drift: float | None = None  # unix time of the last restore/drift
+    last_change: float | None = None  # unix time the status last changed
+
+
+@dataclass
+class StatusBook:
+    """Counters and per-entry state, fed with every outcome."""
+
+    pid: int = field(default_factory=os.getpid)
+    started: float = field(default_factory=time.time)
+    state_files: list[str] = field(default_factory=list)
+    entries: dict[str, EntryRecord] = field(default_factory=dict)
+    restores: int = 0
+    refusals: int = 0
+    failures: int = 0
+    rescans: int = 0
+    overflows: int = 0
+    reloads: int = 0
+    rejected_reloads: int = 0
+    watches: int = 0
+    last_drift: dict[str, Any] | None = None
+    last_error: str | None = None
+    dirty: bool = field(default=True, compare=False)
+
+    def load(self, expected: dict[str, str], files: list[str]) -> None:
+        """Track exactly the entries of a (re)loaded state."""
+        self.state_files = files
+        self.entries = {
+            path: self.entries.get(path) or EntryRecord(path, text)
+            for path, text in expected.items()
+        }
+        for path, text in expected.items():
+            self.entries[path].expected = text
+        self.dirty = True
+
+    def record(self, outcome: Outcome, *, cause: str, now: float | None = None) -> bool:
+        """Fold one outcome in; return True when the entry's status changed."""
+        stamp = time.time() if now is None else now
+        record = self.entries.setdefault(
+            outcome.entry.path, EntryRecord(outcome.entry.path, outcome.expected)
+        )
+        status = str(outcome.status)
+        changed = record.status != status or record.found != outcome.found
+        if outcome.status is Status.RESTORED:
+            record.restores += 1
+            self.restores += 1
+            record.last_drift = stamp
+            self.last_drift = {
+                "path": record.path,
+                "found": outcome.found,
+                "expected": outcome.expected,
+                "cause": cause,
+                "time": stamp,
+            }
+            changed = True
+        elif outcome.status is Status.REFUSED and changed:
+            record.refusals += 1
+            self.refusals += 1
+        elif outcome.status is Status.FAILED and changed:
+            record.failures += 1
+            self.failures += 1
+        # After a restore the file is in sync: show that, but keep the found value.
+        record.status = str(Status.IN_SYNC) if outcome.status is Status.RESTORED else status
+        record.found = outcome.expected if outcome.status is Status.RESTORED else outcome.found
+        record.reason = outcome.reason
+        if changed:
+            record.last_change = stamp
+            self.dirty = True
+        return changed
+
+    def snapshot(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("dirty")
+        data["schema"] = SCHEMA
+        data["entries"] = [asdict(e) for e in self.entries.values()]
+        data["written"] = time.time()
+        return data
+
+
+def write_status(path: Path, book: StatusBook) -> None:
+    """Atomically replace the status file with the book's snapshot."""
+    write_atomically(path, json.dumps(book.snapshot(), indent=1) + "\n")
+    book.dirty = False
+
+
+def read_status(path: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
+
+
+def _when(stamp: float | None) -> str:
+    if stamp is None:
+        return "never"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp))
+
+
+def render(data: dict[str, Any]) -> str:
+    """The status snapshot as text for people."""
+    lines = [
+        f"capkeeper daemon pid {data['pid']}, up since {_when(data['started'])}, "
+        f"status written {_when(data['written'])}",
+        f"state: {', '.join(data['state_files']) or '-'}; {len(data['entries'])} declared, "
+        f"{data['watches']} inotify watches",
+        f"restores {data['restores']}, refusals {data['refusals']}, failures {data['failures']}, "
+        f"rescans {data['rescans']}, overflows {data['overflows']}, reloads {data['reloads']} "
+        f"({data['rejected_reloads']} rejected)",
+    ]
+    drift = data.get("last_drift")
+    if drift:
+        lines.append(
+            f"last drift: {drift['path']} at {_when(drift['time'])}: found {drift['found']}, "
+            f"expected {drift['expected']} (cause: {drift['cause']})"
+        )
+    if data.get("last_error"):
+        lines.append(f"last error: {data['last_error']}")
+    lines.append("")
+    for entry in data["entries"]:
+        detail = entry["reason"] or entry["expected"]
+        lines.append(
+            f"{entry['status']:<9} {entry['path']}  {detail}  "
+            f"(restores {entry['restores']}, last drift {_when(entry['last_drift'])})"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def metrics_text(book: StatusBook) -> str:
+    """A Prometheus textfile-collector snapshot of the book."""
+    out = [
+        "# HELP capkeeper_restores_total Capabilities re-applied to declared binaries.",
+        "# TYPE capkeeper_restores_total counter",
+        f"capkeeper_restores_total {book.restores}",
+        "# HELP capkeeper_refusals_total Restores refused by the trust policy.",
+        "# TYPE capkeeper_refusals_total counter",
+        f"capkeeper_refusals_total {book.refusals}",
+        "# HELP capkeeper_failures_total Restores that failed (EPERM, EROFS, ...).",
+        "# TYPE capkeeper_failures_total counter",
+        f"capkeeper_failures_total {book.failures}",
+        "# HELP capkeeper_rescans_total Full reconciles of every declared binary.",
+        "# TYPE capkeeper_rescans_total counter",
+        f"capkeeper_rescans_total {book.rescans}",
+        "# HELP capkeeper_watched_entries Declared binaries being enforced.",
+        "# TYPE capkeeper_watched_entries gauge",
+        f"capkeeper_watched_entries {len(book.entries)}",
+        "# HELP capkeeper_inotify_watches inotify watches in use.",
+        "# TYPE capkeeper_inotify_watches gauge",
+        f"capkeeper_inotify_watches {book.watches}",
+        "# HELP capkeeper_last_drift_timestamp_seconds Last restore of a binary (unix time).",
+        "# TYPE capkeeper_last_drift_timestamp_seconds gauge",
+    ]
+    for record in book.entries.values():
+        if record.last_drift is not None:
+            out.append(
+                f'capkeeper_last_drift_timestamp_seconds{{path="{_label(record.path)}"}} '
+                f"{record.last_drift:.3f}"
+            )
+    out += [
+        "# HELP capkeeper_entry_in_sync 1 when the declared binary carries its declared set.",
+        "# TYPE capkeeper_entry_in_sync gauge",
+    ]
+    for record in book.entries.values():
+        ok = 1 if record.status == str(Status.IN_SYNC) else 0
+        out.append(f'capkeeper_entry_in_sync{{path="{_label(record.path)}"}} {ok}')
+    return "\n".join(out) + "\n"
+
+
+def write_metrics(path: Path, book: StatusBook) -> None:
+    write_atomically(path, metrics_text(book))
