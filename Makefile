@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # System tools the test suite drives for real (reference tools and deploy tools),
 # and systemd for the throwaway-systemd tests.
-APT_PACKAGES := libcap2-bin attr rsync inotify-tools dpkg tar coreutils util-linux \
+APT_PACKAGES := libcap2-bin attr rsync inotify-tools dpkg tar coreutils util-linux netcat-openbsd \
                 systemd python3-venv
 DEMO_DIR := /var/tmp/capkeeper-demo
 

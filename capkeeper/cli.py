@@ -248,9 +248,7 @@ def cmd_systemd_dropin(args: argparse.Namespace, settings: Settings, out: TextIO
         out.write(f"{target}: already up to date\n")
         return ExitStatus.OK
     write_atomically(target, text)
-    out.write(
-        f"wrote {target}; now run: systemctl daemon-reload && systemctl restart capkeeper\n"
-    )
+    out.write(f"wrote {target}; now run: systemctl daemon-reload && systemctl restart capkeeper\n")
     return ExitStatus.OK
 
 
