@@ -1,0 +1,60 @@
+"""The ``systemd_sandbox`` fixture, as a pytest plugin module.
+
+A test module that needs the sandbox declares::
+
+    pytest_plugins = ["tests.sandbox_fixture"]
+
+so that pytest registers the fixture once for the whole session. (Importing the
+fixture function into several modules would register one fixture per module,
+and boot one sandbox per module.) ``tests/conftest.py`` can take over the
+declaration later, and the modules then drop theirs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.sandbox import SystemdSandbox, unavailable_reason
+
+REPO = Path(__file__).resolve().parents[1]
+
+_booted: list[SystemdSandbox] = []
+
+
+def _dirs_outside_root_fs() -> list[Path]:
+    """The checkout and the Python installation, if they are not on ``/``'s file system.
+
+    Those on it are visible inside through the overlay; the others are bound.
+    """
+    root_dev = os.stat("/").st_dev
+    candidates = {REPO, Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve()}
+    return sorted(p for p in candidates if p.is_dir() and os.stat(p).st_dev != root_dev)
+
+
+@pytest.fixture(scope="session")
+def systemd_sandbox() -> Iterator[SystemdSandbox]:
+    """A throwaway systemd booted once per session, killed at its end (also on Ctrl-C)."""
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    sandbox = SystemdSandbox(binds=_dirs_outside_root_fs())
+    try:
+        sandbox.boot()
+        _booted.append(sandbox)
+        yield sandbox
+    finally:
+        sandbox.kill()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Report how long the session's sandbox took to boot."""
+    for sandbox in _booted:
+        terminalreporter.write_line(
+            f"systemd sandbox: booted to {sandbox.state} in {sandbox.boot_seconds:.2f}s"
+            + (f"; failed units: {' '.join(sandbox.failed_units)}" if sandbox.failed_units else "")
+        )
