@@ -20,9 +20,13 @@ import re
 import socket
 import struct
 from collections.abc import Iterable, Mapping
+from typing import Any, TextIO
+
+import structlog
 
 __all__ = [
     "JOURNAL_SOCKET",
+    "JournalRenderer",
     "encode_entry",
     "field_name",
     "send",
@@ -138,3 +142,56 @@ def _send_payload(payload: bytes, socket_path: str) -> None:
             sock.sendmsg([], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)], 0, socket_path)
         finally:
             os.close(memfd)
+
+
+_LEVEL_PRIORITY = {"debug": 7, "info": 6, "notice": 5, "warning": 4, "error": 3, "critical": 2}
+
+
+class JournalRenderer:
+    """structlog's last processor under systemd: each event becomes one journal entry.
+
+    ``MESSAGE`` is the event's sentence, ``PRIORITY`` and ``MESSAGE_ID`` come
+    from the event registry (:mod:`capkeeper.events`), ``SYSLOG_IDENTIFIER`` is
+    ``capkeeper`` and every other field is sent as ``CAPKEEPER_<KEY>``. When the
+    journal socket cannot take the entry, the sentence is written to
+    ``fallback`` (stderr) with a ``<N>`` priority prefix instead, so nothing is
+    lost. The event is then dropped from structlog's own output.
+    """
+
+    def __init__(self, fallback: TextIO, *, socket_path: str = JOURNAL_SOCKET) -> None:
+        self._fallback = fallback
+        self.socket_path = socket_path
+
+    def fields(self, method: str, event_dict: dict[str, Any]) -> list[tuple[str, str]]:
+        from capkeeper.events import render_message, spec_for  # noqa: PLC0415 - no cycle
+
+        data = dict(event_dict)
+        event = str(data.pop("event", ""))
+        level = str(data.pop("level", method))
+        data.pop("timestamp", None)
+        exc = data.pop("exception", None)
+        spec = spec_for(event)
+        priority = int(spec.priority) if spec else _LEVEL_PRIORITY.get(level, 6)
+        message = render_message(event, data)
+        if exc:
+            message = f"{message}\n{exc}"
+        out = [
+            ("MESSAGE", message),
+            ("PRIORITY", str(priority)),
+            ("SYSLOG_IDENTIFIER", "capkeeper"),
+            ("CAPKEEPER_EVENT", event),
+        ]
+        if spec:
+            out.append(("MESSAGE_ID", spec.message_id))
+        out += [(field_name(key), str(value)) for key, value in data.items()]
+        return out
+
+    def __call__(self, _logger: Any, method: str, event_dict: dict[str, Any]) -> str:
+        fields = self.fields(method, event_dict)
+        try:
+            send(fields, socket_path=self.socket_path)
+        except OSError:
+            priority = fields[1][1]
+            self._fallback.write(f"<{priority}>{fields[0][1]}\n")
+            self._fallback.flush()
+        raise structlog.DropEvent
