@@ -157,6 +157,29 @@ EVENTS: dict[str, EventSpec] = {
             "max_user_instances if the limit was reached.",
         ),
         EventSpec(
+            "capability_ineffective",
+            "ca318940116b4b89b816a645d40c2dd5",
+            Priority.WARNING,
+            "capabilities of {path} will not take effect for {unit}: {reason} (fix: {fix})",
+            "Capabilities of @CAPKEEPER_PATH@ cannot take effect in @CAPKEEPER_UNIT@",
+            "@CAPKEEPER_PATH@ carries (or will carry) its declared file capabilities,\n"
+            "but they cannot work when @CAPKEEPER_UNIT@ starts it: @CAPKEEPER_REASON@.\n\n"
+            "Typical causes: NoNewPrivileges= (also implied by SystemCallFilter= and\n"
+            "other sandboxing for non-root services), a CapabilityBoundingSet= without\n"
+            "the capability (execve then fails with EPERM), a nosuid mount, or a\n"
+            "script. Suggested fix: @CAPKEEPER_FIX@.",
+        ),
+        EventSpec(
+            "unit_check_failed",
+            "7a53b2b37f6946048ef127c807605805",
+            Priority.WARNING,
+            "cannot check unit {unit}: {reason}",
+            "capkeeper could not inspect unit @CAPKEEPER_UNIT@",
+            "capkeeper apply --unit could not read the properties of @CAPKEEPER_UNIT@\n"
+            "(@CAPKEEPER_REASON@), so it could not tell whether the declared file\n"
+            "capabilities will take effect there. The capabilities were applied anyway.",
+        ),
+        EventSpec(
             "daemon_started",
             "8cf3f39b18b04e9c9a555cc6145cbba5",
             Priority.INFO,
