@@ -161,7 +161,7 @@ EVENTS: dict[str, EventSpec] = {
             "ca318940116b4b89b816a645d40c2dd5",
             Priority.WARNING,
             "capabilities of {path} will not take effect for {unit}: {reason} (fix: {fix})",
-            "Capabilities of @CAPKEEPER_PATH@ cannot take effect in @CAPKEEPER_UNIT@",
+            "Capabilities of @CAPKEEPER_PATH@ cannot take effect",
             "@CAPKEEPER_PATH@ carries (or will carry) its declared file capabilities,\n"
             "but they cannot work when @CAPKEEPER_UNIT@ starts it: @CAPKEEPER_REASON@.\n\n"
             "Typical causes: NoNewPrivileges= (also implied by SystemCallFilter= and\n"
