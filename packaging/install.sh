@@ -28,9 +28,18 @@ if [ -z "$venv" ]; then
     python3 -m venv "$venv"
     "$venv/bin/pip" install --quiet "$src"
 fi
+if ! "$venv/bin/python" -I -c 'import capkeeper' 2>/dev/null; then
+    echo "install.sh: $venv/bin/python cannot import capkeeper" >&2
+    exit 1
+fi
+# -I (isolated mode): ignore PYTHON* variables and do not put the working
+# directory on sys.path. 'ExecStartPre=+capkeeper apply' runs as root with the
+# consuming unit's Environment= and WorkingDirectory=, which its unprivileged
+# user may control: without -I, a capkeeper/ package (or a pydantic.py) in
+# that directory, or on a PYTHONPATH set there, would run as root.
 cat > /usr/bin/capkeeper.new <<EOF2
 #!/bin/sh
-exec $venv/bin/python -m capkeeper "\$@"
+exec "$venv/bin/python" -I -m capkeeper "\$@"
 EOF2
 chmod 0755 /usr/bin/capkeeper.new
 mv -f /usr/bin/capkeeper.new /usr/bin/capkeeper
