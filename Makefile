@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # System tools the test suite drives for real (reference tools and deploy tools),
 # and systemd for the throwaway-systemd tests.
 APT_PACKAGES := libcap2-bin attr rsync inotify-tools dpkg tar coreutils util-linux netcat-openbsd \
-                systemd python3-venv
+                e2fsprogs systemd python3-venv
 DEMO_DIR := /var/tmp/capkeeper-demo
 
 .PHONY: deps venv run test lint typecheck pytest bench clean
@@ -50,11 +50,18 @@ demo:
 	  echo "make run needs root: capkeeper writes security.capability, which needs CAP_SETFCAP." >&2; \
 	  echo "Run it as root (sudo make run), or grant the capability: see README.md." >&2; exit 1; fi
 	install -d -m 0755 -o root -g root $(DEMO_DIR) $(DEMO_DIR)/bin
-	install -m 0755 -o root -g root "$$(command -v true)" $(DEMO_DIR)/bin/demo-server
+	install -m 0755 -o root -g root "$$(type -P true)" $(DEMO_DIR)/bin/demo-server
 
+# The daemon in the foreground on the example state, with readable log lines.
 run: deps venv demo
-	$(BIN)/capkeeper apply --state examples/state.toml
-	$(BIN)/capkeeper check --state examples/state.toml
+	@echo
+	@echo "capkeeper now watches $(DEMO_DIR)/bin/demo-server (declared in examples/state.toml)."
+	@echo "Try it from another terminal: drop its capabilities with a deploy, and watch them come back:"
+	@echo "    cp /bin/true $(DEMO_DIR)/bin/demo-server && getcap $(DEMO_DIR)/bin/demo-server"
+	@echo "Stop with Ctrl-C."
+	@echo
+	$(BIN)/capkeeper watch --state examples/state.toml --log-format console \
+	  --status-file $(DEMO_DIR)/run/status.json
 
 bench: venv
 	$(BIN)/python bench/bench_restore.py

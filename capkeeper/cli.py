@@ -13,7 +13,7 @@ from typing import Any, NoReturn, TextIO
 
 from pydantic import ValidationError
 
-from capkeeper import __version__
+from capkeeper import __version__, adopt, audit, doctor
 from capkeeper.capabilities import decode_revision, format_text
 from capkeeper.errors import CapkeeperError, StateError, UsageError
 from capkeeper.files import observe, read_path_caps
@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     apply.add_argument("paths", nargs="*", metavar="PATH", help="only these declared binaries")
     apply.add_argument("--json", action="store_true", help="JSON lines on stdout")
+    apply.add_argument("--unit", metavar="UNIT", help=doctor.UNIT_HELP)
 
     check = sub.add_parser("check", parents=[common], help="report drift without changing files")
     check.add_argument("paths", nargs="*", metavar="PATH")
@@ -99,6 +100,36 @@ def build_parser() -> argparse.ArgumentParser:
     dropin.add_argument("--output", metavar="FILE", help=f"default {DROPIN}; '-' for stdout")
     dropin.add_argument(
         "--check", action="store_true", help="exit 1 when the drop-in is missing or out of date"
+    )
+
+    watch = sub.add_parser(
+        "watch", parents=[common], help="run the daemon: restore capabilities as deploys drop them"
+    )
+    watch.add_argument(
+        "--rescan-interval",
+        type=float,
+        metavar="SECONDS",
+        help="seconds between full rescans (default 300; catches changes inotify cannot see)",
+    )
+    watch.add_argument(
+        "--settle-time",
+        type=float,
+        metavar="SECONDS",
+        help="how long a write may pause before the file is checked anyway (default 0.25)",
+    )
+    watch.add_argument("--status-file", metavar="FILE", help="default /run/capkeeper/status.json")
+    watch.add_argument(
+        "--metrics-file", metavar="FILE", help="also write a Prometheus textfile (node_exporter)"
+    )
+
+    audit.add_arguments(
+        sub.add_parser("audit", parents=[common], help=audit.HELP, description=audit.DESCRIPTION)
+    )
+    adopt.add_arguments(
+        sub.add_parser("adopt", parents=[common], help=adopt.HELP, description=adopt.DESCRIPTION)
+    )
+    doctor.add_arguments(
+        sub.add_parser("doctor", parents=[common], help=doctor.HELP, description=doctor.DESCRIPTION)
     )
     return parser
 
@@ -160,6 +191,8 @@ def _run_entries(
 
 def cmd_apply(args: argparse.Namespace, settings: Settings, out: TextIO) -> ExitStatus:
     state = load_state(settings.state)
+    if args.unit:  # ExecStartPre= mode: warnings only, the exit status stays apply's
+        doctor.preflight(args.unit, state, args.paths, out, log_events=args.log_events)
     return _run_entries(args, state, out, write=True, log_events=args.log_events)
 
 
@@ -269,6 +302,19 @@ def cmd_status(args: argparse.Namespace, settings: Settings, out: TextIO) -> Exi
     return ExitStatus.FAILED if bad else ExitStatus.OK
 
 
+def cmd_watch(args: argparse.Namespace, settings: Settings, out: TextIO) -> ExitStatus:
+    from capkeeper.daemon import watch  # noqa: PLC0415 - only the daemon needs pyinotify
+
+    code = watch(
+        settings,
+        rescan_interval=args.rescan_interval,
+        settle_time=args.settle_time,
+        status_file=args.status_file,
+        metrics_file=args.metrics_file,
+    )
+    return ExitStatus(code)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, Settings, TextIO], ExitStatus]] = {
     "apply": cmd_apply,
     "check": cmd_check,
@@ -276,6 +322,10 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings, TextIO], ExitStatus]
     "validate": cmd_validate,
     "systemd-dropin": cmd_systemd_dropin,
     "status": cmd_status,
+    "audit": audit.cmd_audit,
+    "adopt": adopt.cmd_adopt,
+    "doctor": doctor.cmd_doctor,
+    "watch": cmd_watch,
 }
 
 

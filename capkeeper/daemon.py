@@ -635,6 +635,7 @@ def watch(
     rescan_interval: float | None = None,
     settle_time: float | None = None,
     status_file: str | None = None,
+    metrics_file: str | None = None,
 ) -> int:
     """``capkeeper watch``: check privileges, apply command-line overrides, run the daemon."""
     require_setfcap()
@@ -644,6 +645,7 @@ def watch(
             ("rescan_interval", rescan_interval),
             ("settle_time", settle_time),
             ("status_file", status_file),
+            ("metrics_file", metrics_file),
         )
         if value is not None
     }

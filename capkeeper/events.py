@@ -180,6 +180,57 @@ EVENTS: dict[str, EventSpec] = {
             "capabilities will take effect there. The capabilities were applied anyway.",
         ),
         EventSpec(
+            "restore_flapping",
+            "fa0d8597bb464de7a6659f3baff4cc9c",
+            Priority.ERR,
+            "capabilities of {path} keep being changed ({restores} restores in a row); backing off",
+            "Capabilities of @CAPKEEPER_PATH@ keep changing",
+            "capkeeper restored @CAPKEEPER_PATH@ several times in quick succession\n"
+            "(found @CAPKEEPER_FOUND@, expected @CAPKEEPER_EXPECTED@). Something keeps\n"
+            "changing its capabilities: two declared paths that resolve to the same\n"
+            "file with different capabilities, or a process stripping them in a loop.\n"
+            "capkeeper now retries with growing delays. Find the other writer.",
+        ),
+        EventSpec(
+            "reconcile_crashed",
+            "042195f24e0b4096918cbc295d91257c",
+            Priority.ERR,
+            "internal error while checking {path}; other binaries are still enforced",
+            "capkeeper hit an internal error on @CAPKEEPER_PATH@",
+            "An unexpected error occurred while reconciling @CAPKEEPER_PATH@. The\n"
+            "daemon keeps enforcing the other declared binaries and retries this one\n"
+            "later. The journal entry holds the traceback: please report it.",
+        ),
+        EventSpec(
+            "sd_notify_failed",
+            "33f160236ad2412aba794e21b8f63de0",
+            Priority.WARNING,
+            "cannot notify systemd via {socket}: {error}",
+            "capkeeper cannot talk to the service manager",
+            "Sending a notification (READY=1, WATCHDOG=1, STATUS=...) to\n"
+            "@CAPKEEPER_SOCKET@ failed: @CAPKEEPER_ERROR@. If this persists, systemd\n"
+            "may consider the service failed to start or hung (watchdog).",
+        ),
+        EventSpec(
+            "status_file_failed",
+            "c2817f98c4cb40e58b2571465f35bfc9",
+            Priority.WARNING,
+            "cannot write the status file {file}: {error}",
+            "capkeeper cannot write its status file",
+            "The status file @CAPKEEPER_FILE@ could not be written\n"
+            "(@CAPKEEPER_ERROR@); 'capkeeper status' shows stale data. Enforcement\n"
+            "is not affected. Check RuntimeDirectory= and the file system.",
+        ),
+        EventSpec(
+            "daemon_stopping",
+            "b3b2a1d7767c4d0e9c36d2e8d63f83f5",
+            Priority.INFO,
+            "capkeeper stopping; {entries} binaries no longer watched",
+            "capkeeper stopped watching",
+            "The capkeeper daemon is stopping. Capabilities dropped from now on are\n"
+            "only restored when it runs again (or by 'capkeeper apply').",
+        ),
+        EventSpec(
             "daemon_started",
             "8cf3f39b18b04e9c9a555cc6145cbba5",
             Priority.INFO,

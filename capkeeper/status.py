@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -103,17 +103,17 @@ class StatusBook:
         return changed
 
     def snapshot(self) -> dict[str, Any]:
-        data = asdict(self)
-        data.pop("dirty")
+        """A JSON-ready copy; cheap (no deep copy) since the daemon takes one per write."""
+        data = {k: v for k, v in vars(self).items() if k not in ("entries", "dirty")}
         data["schema"] = SCHEMA
-        data["entries"] = [asdict(e) for e in self.entries.values()]
+        data["entries"] = [dict(vars(e)) for e in self.entries.values()]
         data["written"] = time.time()
         return data
 
 
 def write_status(path: Path, book: StatusBook) -> None:
     """Atomically replace the status file with the book's snapshot."""
-    write_atomically(path, json.dumps(book.snapshot(), indent=1) + "\n")
+    write_atomically(path, json.dumps(book.snapshot(), separators=(",", ":")) + "\n")
     book.dirty = False
 
 
