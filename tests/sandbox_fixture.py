@@ -26,14 +26,27 @@ REPO = Path(__file__).resolve().parents[1]
 _booted: list[SystemdSandbox] = []
 
 
-def _dirs_outside_root_fs() -> list[Path]:
-    """The checkout and the Python installation, if they are not on ``/``'s file system.
+# The sandbox mounts fresh file systems here, hiding what the host has below them.
+_REPLACED_IN_SANDBOX = (Path("/tmp"), Path("/run"), Path("/dev"))
 
-    Those on it are visible inside through the overlay; the others are bound.
+
+def _dirs_outside_root_fs() -> list[Path]:
+    """The checkout and the Python installation, unless the overlay already shows them.
+
+    Those on ``/``'s file system are visible inside through the overlay, except
+    below ``/tmp``, ``/run`` and ``/dev``, which the sandbox replaces (CI may
+    clone the checkout under ``/tmp``); the others are bound.
     """
     root_dev = os.stat("/").st_dev
     candidates = {REPO, Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve()}
-    return sorted(p for p in candidates if p.is_dir() and os.stat(p).st_dev != root_dev)
+    return sorted(
+        p
+        for p in candidates
+        if p.is_dir()
+        and (
+            os.stat(p).st_dev != root_dev or any(p.is_relative_to(r) for r in _REPLACED_IN_SANDBOX)
+        )
+    )
 
 
 @pytest.fixture(scope="session")
