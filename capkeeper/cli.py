@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -14,13 +15,13 @@ from typing import Any, NoReturn, TextIO
 from pydantic import ValidationError
 
 from capkeeper import __version__, adopt, audit, doctor
-from capkeeper.capabilities import decode_revision, format_text
-from capkeeper.errors import CapkeeperError, StateError, UsageError
+from capkeeper.capabilities import decode_revision, format_text, kernel_last_cap
+from capkeeper.errors import CapkeeperError, FileAccessError, StateError, UsageError
 from capkeeper.files import observe, read_path_caps
 from capkeeper.log import LEVELS, configure, get_logger
 from capkeeper.reconcile import Outcome, Status, log_outcome, reconcile
 from capkeeper.settings import Settings
-from capkeeper.state import State, load_state
+from capkeeper.state import Entry, State, load_state
 from capkeeper.status import read_status
 from capkeeper.status import render as render_status
 from capkeeper.systemd import DROPIN, dropin_text, write_atomically
@@ -236,28 +237,44 @@ def cmd_show(args: argparse.Namespace, settings: Settings, out: TextIO) -> ExitS
 
 def cmd_validate(args: argparse.Namespace, settings: Settings, out: TextIO) -> ExitStatus:
     state = load_state(settings.state)
-    from capkeeper.capabilities import kernel_last_cap  # noqa: PLC0415
-
     problems = 0
+
+    def report(where: str, kind: str, message: str, rule: str | None = None) -> None:
+        record = {"entry": where, "kind": kind, "message": message}
+        if rule:
+            record["rule"] = rule
+        prefix = f"{kind}: " if kind == "note" else ""
+        _emit(out, args.json, record, f"{where}: {prefix}{message}")
+
+    same_file: dict[tuple[int, int], list[Entry]] = {}
     for entry in state.entries:
         where = f"{entry.source} ({entry.path})"
         try:
             observation = observe(entry.path, hash=entry.sha256 is not None)
-        except CapkeeperError as exc:
-            missing = "does not exist" in str(exc)
-            kind = "note" if missing else "problem"
-            problems += 0 if missing else 1
-            text = "not present yet (enforced when it appears)" if missing else str(exc)
-            _emit(out, args.json, {"entry": where, "kind": kind, "message": text},
-                  f"{where}: {kind}: {text}")  # fmt: skip
+        except FileAccessError as exc:
+            if exc.errno == errno.ENOENT:
+                report(where, "note", "not present yet (enforced when it appears)")
+            else:
+                problems += 1
+                report(where, "problem", str(exc))
             continue
+        same_file.setdefault((observation.dev, observation.ino), []).append(entry)
         for refusal in assess(entry, observation, last_cap=kernel_last_cap()):
             problems += 1
-            _emit(
-                out,
-                args.json,
-                {"entry": where, "kind": "problem", "rule": refusal.rule, "message": str(refusal)},
-                f"{where}: {refusal}",
+            report(where, "problem", str(refusal), refusal.rule)
+    # Two declared paths naming one file (a hard link, a symlink) with different
+    # capabilities would be restored back and forth forever.
+    for aliases in same_file.values():
+        if len({entry.caps for entry in aliases}) > 1:
+            problems += 1
+            first, *others = aliases
+            names = ", ".join(f"{e.path} ({e.caps_text})" for e in others)
+            report(
+                f"{first.source} ({first.path})",
+                "problem",
+                f"is the same file as {names} but declares {first.caps_text}; "
+                "declare one set for it",
+                "alias",
             )
     if not args.json:
         files = ", ".join(str(f) for f in state.files)

@@ -270,3 +270,20 @@ def test_python_dash_m(state: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 1
     assert result.stdout.splitlines()[-1] == "2 declared: 1 drift, 1 in-sync"
+
+
+def test_validate_reports_two_paths_for_one_file(
+    state: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two declared paths naming the same file with different caps are a problem."""
+    tree = state.parent
+    (tree / "web-link").symlink_to("web")
+    with state.open("a") as f:
+        f.write(f'[[binary]]\npath = "{tree}/web-link"\ncaps = "cap_net_raw=ep"\n')
+    code, out, _ = run(["validate", "--state", str(state)], capsys)
+    assert code == ExitStatus.FAILED
+    assert out.splitlines() == [
+        f"state.toml: entry 1 ({tree}/web): is the same file as {tree}/web-link "
+        "(cap_net_raw=ep) but declares cap_net_bind_service=ep; declare one set for it",
+        f"3 declared binaries in {state}: 1 problem(s)",
+    ]
