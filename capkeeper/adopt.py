@@ -99,6 +99,8 @@ def adopt_observation(path: str, observation: Observation, *, last_cap: int) -> 
         path.encode("utf-8")
     except UnicodeEncodeError:
         return "its path is not valid UTF-8, which a TOML state cannot hold"
+    if not path.isprintable():
+        return "its path contains control characters, which the state refuses"
     owner = "root" if observation.uid == 0 else _owner_name(observation.uid)
     entry = Entry(
         path=path,
@@ -110,6 +112,18 @@ def adopt_observation(path: str, observation: Observation, *, last_cap: int) -> 
         allow_inheritable=bool(caps.inheritable),
     )
     refusals = assess(entry, observation, last_cap=last_cap)
+    if observation.uid != 0:
+        # The owner can rewrite the file through a shared mmap, which keeps its
+        # capabilities: declaring it would hand that user these capabilities for
+        # any code. That is a decision for a person, not for a generated state.
+        refusals += (
+            Refusal(
+                "owner",
+                f"{path} is owned by {owner}, who could change its content without losing "
+                "the capabilities",
+                f"chown root {path}, or declare owner = {toml_string(owner)} knowingly",
+            ),
+        )
     return Adoption(path, caps, owner, observation.sha256, refusals)
 
 
@@ -128,6 +142,12 @@ def _table(adoption: Adoption, *, last_cap: int) -> list[str]:
     return lines
 
 
+def _comment(text: str) -> str:
+    """``text`` safe inside one TOML comment line: a path with a newline in a refusal
+    reason must not end the comment and start a live table."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
 def render(adoptions: Iterable[Adoption], *, last_cap: int) -> str:
     """The TOML text for ``adoptions``; refused ones commented out with their reasons."""
     chunks = []
@@ -136,7 +156,9 @@ def render(adoptions: Iterable[Adoption], *, last_cap: int) -> str:
         if adoption.trusted:
             chunks.append("\n".join(table))
             continue
-        reasons = [f"# capkeeper would refuse this file: {r}" for r in adoption.refusals]
+        reasons = [
+            f"# capkeeper would refuse this file: {_comment(str(r))}" for r in adoption.refusals
+        ]
         chunks.append("\n".join([*reasons, *(f"# {line}" for line in table)]))
     return "\n\n".join(chunks) + "\n" if chunks else ""
 

@@ -255,6 +255,15 @@ def write_caps(fd: int, caps: CapSet, *, path: str) -> None:
         )
 
 
+def remove_caps(fd: int, *, path: str) -> None:
+    """Remove ``security.capability`` from ``fd`` (absent already is fine)."""
+    try:
+        xattr.xattr(fd).remove(XATTR_NAME)
+    except OSError as exc:
+        if exc.errno != errno.ENODATA:
+            raise _oserror(exc, path, "remove security.capability") from exc
+
+
 def read_path_caps(path: str) -> tuple[CapSet | None, bytes | None]:
     """Read the raw value like ``getcap`` does (following symlinks)."""
     try:

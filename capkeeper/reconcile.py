@@ -15,7 +15,7 @@ from typing import Any
 
 from capkeeper.capabilities import CapSet, format_text, kernel_last_cap
 from capkeeper.errors import FileAccessError
-from capkeeper.files import Observation, observe_fd, open_declared, write_caps
+from capkeeper.files import Observation, observe_fd, open_declared, remove_caps, write_caps
 from capkeeper.state import Entry
 from capkeeper.trust import Refusal, assess
 
@@ -95,11 +95,16 @@ def decide(entry: Entry, observation: Observation, *, last_cap: int) -> Decision
     if observation.caps_problem is None and observation.caps == entry.caps:
         return Decision(Status.IN_SYNC, found)
     current = observation.caps
-    extra = current is not None and (
-        bool(current.capabilities() - entry.caps.capabilities())
-        or bool(current.permitted & ~entry.caps.permitted)
-        or bool(current.inheritable & ~entry.caps.inheritable)
-        or (current.effective and not entry.caps.effective)
+    # An unreadable value (legacy v1, foreign v3) is still honoured at exec: treat
+    # it like extra capabilities, i.e. possible tampering.
+    expected = entry.caps
+    extra = observation.caps_problem is not None or (
+        current is not None
+        and bool(
+            current.permitted & ~expected.permitted
+            or current.inheritable & ~expected.inheritable
+            or (current.effective and not expected.effective)
+        )
     )
     return Decision(Status.DRIFT, found, extra=extra)
 
@@ -118,6 +123,15 @@ def reconcile(
             decision = decide(entry, observation, last_cap=limit)
             if decision.status is Status.REFUSED:
                 reason = "; ".join(str(r) for r in decision.refusals)
+                if write and (observation.caps is not None or observation.caps_problem):
+                    # Fail closed: capabilities left on a file we no longer trust (its
+                    # directory loosened, its pinned content changed through a shared
+                    # mmap, which keeps them) would still be granted at every exec.
+                    try:
+                        remove_caps(fd, path=entry.path)
+                        reason += f"; its capabilities ({decision.found}) were removed"
+                    except FileAccessError as exc:
+                        reason += f"; its capabilities could not be removed: {exc}"
                 return Outcome(
                     entry, Status.REFUSED, decision.found, resolved, reason,
                     refusals=decision.refusals,

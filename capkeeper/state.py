@@ -13,6 +13,7 @@ import os
 import posixpath
 import pwd
 import re
+import stat
 import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -44,9 +45,11 @@ class _BinaryTable(BaseModel):
     def _absolute(cls, value: str) -> str:
         if not value.startswith("/"):
             raise ValueError(f"must be an absolute path, got {value!r}")
-        if "\0" in value:
-            raise ValueError("must not contain a NUL byte")
-        normal = posixpath.normpath(value)
+        if not value.isprintable():
+            raise ValueError("must not contain control characters")
+        # normpath keeps a leading "//" (POSIX leaves it implementation-defined);
+        # Linux treats it as "/", and so must duplicate detection.
+        normal = "/" + posixpath.normpath(value).lstrip("/")
         if normal == "/":
             raise ValueError("must name a file, not /")
         return normal
@@ -103,10 +106,20 @@ class State:
         return tuple(chosen)
 
 
+_MAX_UID = 2**32 - 2  # (uid_t)-1 means "unchanged" to chown(2)
+
+
 def _uid_of(owner: str) -> int:
+    """The uid of a user name or number; KeyError when there is no such user."""
     if owner.isdigit():
-        return int(owner)
-    return pwd.getpwnam(owner).pw_uid
+        uid = int(owner)
+        if uid > _MAX_UID:
+            raise KeyError(owner)
+        return uid
+    try:
+        return pwd.getpwnam(owner).pw_uid
+    except ValueError:  # e.g. an embedded NUL
+        raise KeyError(owner) from None
 
 
 def state_files(main: Path) -> list[Path]:
@@ -114,6 +127,37 @@ def state_files(main: Path) -> list[Path]:
     dropin = main.parent / "state.d"
     extra = sorted(p for p in dropin.glob("*.toml") if p.is_file()) if dropin.is_dir() else []
     return [main, *extra]
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters escaped, safe to show on one line."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
+def _writable_by_others(path: Path) -> str | None:
+    """Why someone besides root (or us) could change ``path``, or None.
+
+    Whoever can edit the state can grant any capability, so the state files and
+    the directories holding them get the same ownership rule as binaries.
+    """
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"cannot check: {exc.strerror}"
+    if st.st_uid not in (0, os.geteuid()):
+        return (
+            f"owned by uid {st.st_uid}: whoever can edit the state can grant capabilities "
+            f"(chown root {path})"
+        )
+    sticky_root_dir = stat.S_ISDIR(st.st_mode) and st.st_uid == 0 and st.st_mode & stat.S_ISVTX
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not sticky_root_dir:
+        return (
+            f"writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}): whoever can "
+            f"edit the state can grant capabilities (chmod go-w {path})"
+        )
+    return None
 
 
 def _display(path: Path, main: Path) -> str:
@@ -144,6 +188,10 @@ def load_state(
     entries: list[Entry] = []
     seen: dict[str, str] = {}
     files = state_files(main)
+    for path in dict.fromkeys([main.parent, main.parent / "state.d", *files]):
+        problem = _writable_by_others(path)
+        if problem:
+            problems.append(f"{path if path == main.parent else _display(path, main)}: {problem}")
     for path in files:
         shown = _display(path, main)
         try:
@@ -187,7 +235,8 @@ def _entry(
 ) -> tuple[Entry | None, list[str]]:
     if not isinstance(table, dict):
         return None, [f"{where}: must be a table"]
-    label = f"{where} ({table['path']})" if isinstance(table.get("path"), str) else where
+    path = table.get("path")
+    label = f"{where} ({_printable(path)})" if isinstance(path, str) else where
     errors: list[str] = []
     raw: _BinaryTable | None = None
     try:

@@ -64,26 +64,50 @@ def test_pin_adds_the_sha256_of_the_content(tree: Path, capsys: pytest.CaptureFi
     assert code == ExitStatus.OK
 
 
-def test_inheritable_and_owner_are_declared(tree: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """Inheritable capabilities get allow_inheritable; a non-root owner is named."""
+def test_inheritable_is_declared(tree: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Inheritable capabilities get allow_inheritable, and the state checks in sync."""
     tool = make_binary(tree / "tool")
     setcap("cap_net_raw=eip", tool)
-    os.chown(tool, 65534, 65534)
-    setcap("cap_net_raw=eip", tool)  # chown strips capabilities
     state = tree / "state.toml"
     code, out, _ = run(["--state", str(state), "adopt", str(tool)], capsys)
+    assert code == ExitStatus.OK
     assert tomllib.loads(out)["binary"] == [
-        {
-            "path": str(tool),
-            "caps": "cap_net_raw=eip",
-            "owner": "nobody",
-            "allow_inheritable": True,
-        }
+        {"path": str(tool), "caps": "cap_net_raw=eip", "allow_inheritable": True}
     ]
     state.write_text(out)
     code, out, _ = run(["check", "--state", str(state)], capsys)
     assert out.splitlines()[0] == f"in-sync   {tool}  cap_net_raw=eip"
     assert code == ExitStatus.OK
+
+
+def test_non_root_owner_is_commented_out(tree: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A user-owned file is not adopted silently: its owner could rewrite it and keep the caps."""
+    tool = make_binary(tree / "tool")
+    os.chown(tool, 65534, 65534)
+    setcap("cap_net_raw=ep", tool)  # after chown, which strips capabilities
+    _, out, _ = run(["--state", str(tree / "state.toml"), "adopt", str(tool)], capsys)
+    assert "binary" not in tomllib.loads(out)
+    assert out.splitlines()[0] == (
+        f"# capkeeper would refuse this file: {tool} is owned by nobody, who could change its "
+        "content without losing the capabilities "
+        f'(hint: chown root {tool}, or declare owner = "nobody" knowingly)'
+    )
+    assert '# owner = "nobody"' in out.splitlines()
+
+
+def test_reasons_cannot_inject_tables(tree: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A symlink target with newlines stays inside the comment: no live table is injected."""
+    evil = 'x\n[[binary]]\npath = "\\u002Ftmp\\u002Fevil"\ncaps = "cap_sys_admin+ep"\n#'
+    (tree / evil).mkdir()
+    tool = make_binary(tree / evil / "tool")
+    setcap("cap_net_raw=ep", tool)
+    link = tree / "link"
+    link.symlink_to(evil)
+    os.lchown(link, 65534, 65534)
+    _, out, _ = run(["--state", str(tree / "state.toml"), "adopt", str(link / "tool")], capsys)
+    assert "binary" not in tomllib.loads(out)
+    assert all(line.startswith("#") or not line for line in out.splitlines())
+    assert "-> x\\n[[binary]]\\npath = " in out
 
 
 def test_from_audit_adopts_unmanaged_and_comments_out_refused(

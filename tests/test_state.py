@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -136,3 +137,51 @@ def test_select_unknown_path_is_an_error(tmp_path: Path) -> None:
     assert [e.path for e in state.select(["/x"])] == ["/x"]
     with pytest.raises(UsageError, match="not declared in the state: /y"):
         state.select(["/x", "/y"])
+
+
+def test_state_writable_by_others_is_refused(tmp_path: Path) -> None:
+    """Whoever can edit the state can grant capabilities: loose state files are errors."""
+    main = _write(tmp_path / "state.toml", '[[binary]]\npath = "/x"\ncaps = "cap_chown=p"\n')
+    dropin = _write(tmp_path / "state.d/web.toml", "")
+    os.chmod(main, 0o664)
+    os.chown(dropin, 65534, 65534)
+    assert _problems(main) == [
+        "state.toml: writable by group or others (mode 0664): whoever can edit the state can "
+        f"grant capabilities (chmod go-w {main})",
+        f"state.d/web.toml: owned by uid 65534: whoever can edit the state can grant "
+        f"capabilities (chown root {dropin})",
+    ]
+    os.chmod(main, 0o644)
+    os.chown(dropin, 0, 0)
+    os.chmod(tmp_path / "state.d", 0o777)
+    assert _problems(main) == [
+        "state.d: writable by group or others (mode 0777): whoever can edit the state can "
+        f"grant capabilities (chmod go-w {tmp_path / 'state.d'})",
+    ]
+
+
+def test_paths_are_normalised_and_control_characters_refused(tmp_path: Path) -> None:
+    """'//x' and '/x' are one path; a path with a newline is refused."""
+    main = _write(
+        tmp_path / "state.toml",
+        '[[binary]]\npath = "//x"\ncaps = "cap_chown=p"\n'
+        '[[binary]]\npath = "/x"\ncaps = "cap_chown=p"\n'
+        '[[binary]]\npath = "/a\\nb"\ncaps = "cap_chown=p"\n',
+    )
+    assert _problems(main) == [
+        "state.toml: entry 2 (/x): path: already declared in state.toml: entry 1",
+        "state.toml: entry 3 (/a\\nb): path: must not contain control characters",
+    ]
+
+
+def test_owner_out_of_range_or_with_nul(tmp_path: Path) -> None:
+    """Owners that cannot be users are errors, not crashes."""
+    main = _write(
+        tmp_path / "state.toml",
+        '[[binary]]\npath = "/x"\ncaps = "cap_chown=p"\nowner = "99999999999999999999"\n'
+        '[[binary]]\npath = "/y"\ncaps = "cap_chown=p"\nowner = "a\\u0000b"\n',
+    )
+    assert _problems(main) == [
+        "state.toml: entry 1 (/x): owner: no such user '99999999999999999999'",
+        "state.toml: entry 2 (/y): owner: no such user 'a\\x00b'",
+    ]

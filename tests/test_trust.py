@@ -174,3 +174,37 @@ def test_fifo_is_not_opened_for_reading(tree: Path) -> None:
     outcome = reconcile(_entry(fifo), write=True)
     assert outcome.status is Status.REFUSED
     assert outcome.reason == f"{fifo} is not a regular file"
+
+
+def test_pinned_content_changed_by_mmap_loses_its_capabilities(tree: Path) -> None:
+    """A shared-mmap write keeps the xattr; capkeeper then refuses and removes it."""
+    import mmap
+
+    binary = make_binary(tree / "app")
+    digest = hashlib.sha256(binary.read_bytes()).hexdigest()
+    entry = _entry(binary, sha256=digest)
+    assert reconcile(entry, write=True).status is Status.RESTORED
+    with open(binary, "r+b") as handle, mmap.mmap(handle.fileno(), 0) as mapped:
+        mapped[-1] ^= 0xFF  # the kernel does not strip capabilities for mmap writes
+        mapped.flush()
+    assert XATTR_NAME in os.listxattr(binary), "precondition: the mmap write kept the caps"
+    check = reconcile(entry, write=False)
+    assert check.status is Status.REFUSED
+    assert XATTR_NAME in os.listxattr(binary), "check mode changes nothing"
+    outcome = reconcile(entry, write=True)
+    assert outcome.status is Status.REFUSED
+    assert outcome.reason.endswith("; its capabilities (cap_net_bind_service=ep) were removed")
+    assert XATTR_NAME not in os.listxattr(binary)
+
+
+def test_loosened_directory_revokes_existing_capabilities(tree: Path) -> None:
+    """Capabilities granted before a directory became group-writable are taken away."""
+    directory = tree / "bin"
+    directory.mkdir(mode=0o755)
+    binary = make_binary(directory / "app")
+    assert reconcile(_entry(binary), write=True).status is Status.RESTORED
+    os.chmod(directory, 0o775)
+    assert _refused(_entry(binary)) == (
+        f"directory {directory} is writable by group (mode 0775) (hint: chmod go-w {directory})"
+        "; its capabilities (cap_net_bind_service=ep) were removed"
+    )
