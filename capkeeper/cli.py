@@ -243,7 +243,7 @@ def cmd_validate(args: argparse.Namespace, settings: Settings, out: TextIO) -> E
         record = {"entry": where, "kind": kind, "message": message}
         if rule:
             record["rule"] = rule
-        prefix = f"{kind}: " if kind == "note" else ""
+        prefix = f"{kind}: " if kind in ("note", "warning") else ""
         _emit(out, args.json, record, f"{where}: {prefix}{message}")
 
     same_file: dict[tuple[int, int], list[Entry]] = {}
@@ -259,6 +259,13 @@ def cmd_validate(args: argparse.Namespace, settings: Settings, out: TextIO) -> E
                 report(where, "problem", str(exc))
             continue
         same_file.setdefault((observation.dev, observation.ino), []).append(entry)
+        if entry.owner_uid != 0:
+            report(
+                where,
+                "warning",
+                f"owner {entry.owner} can rewrite this binary through a shared mmap without "
+                f"losing its capabilities: that user effectively holds {entry.caps_text}",
+            )
         for refusal in assess(entry, observation, last_cap=kernel_last_cap()):
             problems += 1
             report(where, "problem", str(refusal), refusal.rule)
@@ -314,8 +321,14 @@ def cmd_status(args: argparse.Namespace, settings: Settings, out: TextIO) -> Exi
         ) from None
     except (OSError, ValueError) as exc:
         raise CapkeeperError(f"cannot read the status file: {exc}", context=str(path)) from exc
-    out.write(json.dumps(data, indent=1) + "\n" if args.json else render_status(data))
-    bad = any(e["status"] not in ("in-sync", "unknown") for e in data.get("entries", []))
+    try:
+        text = json.dumps(data, indent=1) + "\n" if args.json else render_status(data)
+        bad = any(e["status"] not in ("in-sync", "unknown") for e in data["entries"])
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise CapkeeperError(
+            f"not a capkeeper status file (missing or malformed {exc})", context=str(path)
+        ) from exc
+    out.write(text)
     return ExitStatus.FAILED if bad else ExitStatus.OK
 
 

@@ -107,7 +107,8 @@ class _Tracked:
     failures: int = 0  # consecutive refused/failed verdicts
     retry_at: float = 0.0  # monotonic; events before this are deferred
     last_restore: float = -math.inf
-    quick_restores: int = 0  # consecutive restores less than _FLAP_WINDOW apart
+    quick_restores: int = 0  # consecutive restores within _FLAP_WINDOW + flap_delay
+    flap_delay: float = 0.0  # the back-off applied after the last restore
 
 
 @dataclass(frozen=True)
@@ -543,11 +544,14 @@ class Daemon:
         tracked.failures = 0
         if status is not Status.RESTORED:
             return 0.0
-        quick = now - tracked.last_restore < _FLAP_WINDOW
+        # "Quick" is measured against the delay we imposed ourselves: otherwise, once
+        # the back-off exceeds the window, every restore looks slow and the brake resets.
+        quick = now - tracked.last_restore < _FLAP_WINDOW + tracked.flap_delay
         tracked.quick_restores = tracked.quick_restores + 1 if quick else 0
         tracked.last_restore = now
         excess = tracked.quick_restores - _FLAP_LIMIT
         if excess < 0:
+            tracked.flap_delay = 0.0
             return 0.0
         if excess == 0:
             self._log.warning(
@@ -560,7 +564,8 @@ class Daemon:
                 "resolving to the same file with other capabilities, or a process "
                 "stripping them in a loop; capkeeper now retries with growing delays",
             )
-        return now + min(_RETRY_FIRST * 2.0**excess, _RETRY_MAX)
+        tracked.flap_delay = min(_RETRY_FIRST * 2.0**excess, _RETRY_MAX)
+        return now + tracked.flap_delay
 
     # -- reporting ---------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ import json
 import os
 import posixpath
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -85,7 +86,11 @@ UNIT_HELP = (
     "and do not change the exit status"
 )
 
-SYSTEMCTL: Sequence[str] = ("systemctl",)
+# A fixed search path, not $PATH: 'ExecStartPre=+capkeeper apply --unit' runs as root
+# with the consuming unit's environment.
+SYSTEMCTL: Sequence[str] = (
+    shutil.which("systemctl", path="/usr/bin:/bin") or "/usr/bin/systemctl",
+)
 """The command that reaches the service manager (tests point it into a sandbox)."""
 
 TYPICAL_BOUNDING_SET: frozenset[int] = frozenset(
@@ -279,9 +284,10 @@ def systemctl_show(
     unit: str, *, run: Callable[[Sequence[str]], str] = _run_systemctl
 ) -> UnitProperties:
     """Ask the service manager for ``unit``'s properties; raise if it is not loaded."""
-    args = ["show", unit]
+    args = ["show"]
     for name in UNIT_PROPERTIES:
         args += ["-p", name]
+    args += ["--", unit]
     properties = parse_unit_properties(unit, run(args))
     if properties.load_state != "loaded":
         raise CapkeeperError(

@@ -85,7 +85,8 @@ EVENTS: dict[str, EventSpec] = {
             "cannot be trusted: @CAPKEEPER_REASON@.\n\n"
             "Capabilities are only granted to root-owned ELF binaries that nobody else\n"
             "can modify or replace, reached through directories and symlinks that only\n"
-            "root controls, matching their sha256 pin if one is declared. Fix the file\n"
+            "root controls, matching their sha256 pin if one is declared. If the file\n"
+            "still carried capabilities, they were removed (fail closed). Fix the file\n"
             "or the state; capkeeper retries on the next change or rescan.",
         ),
         EventSpec(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import posixpath
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from capkeeper.events import EVENTS
@@ -21,7 +22,12 @@ DROPIN = Path("/etc/systemd/system/capkeeper.service.d/50-capkeeper-paths.conf")
 CATALOG_NAME = "capkeeper.catalog"
 
 
-def writable_directory(path: str) -> str:
+def writable_directory(
+    path: str,
+    *,
+    islink: Callable[[str], bool] = os.path.islink,
+    realpath: Callable[[str], str] = os.path.realpath,
+) -> str:
     """The directory to make writable for ``path``'s binary.
 
     That is the binary's directory, unless a symlink sits on the way (a release
@@ -32,10 +38,23 @@ def writable_directory(path: str) -> str:
     current = "/"
     for part in parts[:-1]:
         candidate = posixpath.join(current, part)
-        if os.path.islink(candidate):
-            return current
+        if islink(candidate):
+            if current != "/":
+                return current
+            # A top-level symlink (merged /usr: /bin -> usr/bin): "/" would make the
+            # whole file system writable again; take the resolved directory instead.
+            return realpath(posixpath.dirname(path))
         current = candidate
     return current
+
+
+def unit_word(word: str) -> str:
+    """``word`` as one word of a unit-file list setting: ``%`` specifiers escaped,
+    quoted when it holds whitespace, quotes or backslashes."""
+    word = word.replace("%", "%%")
+    if any(ch.isspace() or ch in "\"'\\" for ch in word):
+        word = '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return word
 
 
 def dropin_text(state: State) -> str:
@@ -47,7 +66,7 @@ def dropin_text(state: State) -> str:
         "# systemctl restart capkeeper",
         "[Service]",
         # "-": a directory that does not exist yet must not fail the start.
-        *(f"ReadWritePaths=-{directory}" for directory in directories),
+        *(f"ReadWritePaths={unit_word('-' + directory)}" for directory in directories),
     ]
     return "\n".join(lines) + "\n"
 

@@ -84,6 +84,10 @@ def _check_hops(entry: Entry, observation: Observation) -> list[Refusal]:
     return refusals
 
 
+def _on_pseudo_fs(path: str) -> bool:
+    return path.startswith(("/proc/", "/sys/")) or path in ("/proc", "/sys")
+
+
 def _who(mode: int) -> str:
     parts = []
     if mode & stat.S_IWGRP:
@@ -97,6 +101,15 @@ def assess(entry: Entry, observation: Observation, *, last_cap: int) -> tuple[Re
     """Every reason to refuse granting ``entry.caps`` to the observed file."""
     refusals = _check_hops(entry, observation)
     path = observation.resolved
+    if any(_on_pseudo_fs(p) for p in (path, *(hop.path for hop in observation.hops))):
+        refusals.append(
+            Refusal(
+                "pseudo-fs",
+                f"{observation.path} leads into /proc or /sys (resolved: {path}), "
+                "which hold no stable binary",
+                "declare the real path of the binary",
+            )
+        )
     if observation.kind is Kind.NOT_REGULAR:
         refusals.append(Refusal("regular", f"{path} is not a regular file"))
     elif observation.kind is Kind.SCRIPT:

@@ -11,6 +11,7 @@
 #   --venv  reuse an existing virtualenv that already has capkeeper installed
 #           (the tests do this inside a throwaway systemd) instead of building one.
 set -eu
+umask 022  # root runs this venv (ExecStartPre=+): nobody else may be able to write it
 src=$(cd "$(dirname "$0")/.." && pwd)
 venv=""
 while [ $# -gt 0 ]; do

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -286,4 +287,22 @@ def test_validate_reports_two_paths_for_one_file(
         f"state.toml: entry 1 ({tree}/web): is the same file as {tree}/web-link "
         "(cap_net_raw=ep) but declares cap_net_bind_service=ep; declare one set for it",
         f"3 declared binaries in {state}: 1 problem(s)",
+    ]
+
+
+def test_validate_warns_about_non_root_owner(
+    tree: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A declared non-root owner is allowed but its consequence is spelled out."""
+    binary = make_binary(tree / "app")
+    os.chown(binary, 65534, 65534)
+    state = tree / "state.toml"
+    state.write_text(f'[[binary]]\npath = "{binary}"\ncaps = "cap_net_raw=ep"\nowner = "nobody"\n')
+    code, out, _ = run(["validate", "--state", str(state)], capsys)
+    assert code == ExitStatus.OK
+    assert out.splitlines() == [
+        f"state.toml: entry 1 ({binary}): warning: owner nobody can rewrite this binary through "
+        "a shared mmap without losing its capabilities: that user effectively holds "
+        "cap_net_raw=ep",
+        f"1 declared binaries in {state}: no problems",
     ]

@@ -93,3 +93,17 @@ def test_metrics_textfile(tree: Path) -> None:
     assert f'capkeeper_last_drift_timestamp_seconds{{path="{good.path}"}} 1234.500' in lines
     assert f'capkeeper_entry_in_sync{{path="{good.path}"}} 1' in lines
     assert target.read_text() == metrics_text(book)
+
+
+@pytest.mark.parametrize("content", ["[1]", '{"entries": [{}]}', "{}", "not json"])
+def test_malformed_status_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str
+) -> None:
+    """A status file of another shape is reported, not a traceback."""
+    bad = tmp_path / "status.json"
+    bad.write_text(content)
+    code = main(["--log-format", "console", "status", "--status-file", str(bad)])
+    assert code == ExitStatus.FAILED
+    err = capsys.readouterr().err
+    assert err.startswith(f"capkeeper: error: {bad}: ")
+    assert "status file" in err

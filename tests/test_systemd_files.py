@@ -10,7 +10,7 @@ import pytest
 
 from capkeeper.cli import ExitStatus, main
 from capkeeper.events import EVENTS
-from capkeeper.systemd import catalog_text, writable_directory
+from capkeeper.systemd import catalog_text, unit_word, writable_directory
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,3 +65,20 @@ def test_dropin_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert main([*base, "--output", str(target), "--check"], out=out) == ExitStatus.OK
     assert out.getvalue() == f"{target}: up to date\n"
     assert capsys.readouterr().err == ""
+
+
+def test_top_level_symlink_never_makes_root_writable() -> None:
+    """On merged /usr, /bin/x must not yield '/' (that would undo ProtectSystem=strict)."""
+    links = {"/bin": "/usr/bin"}
+    found = writable_directory(
+        "/bin/ping", islink=links.__contains__, realpath=lambda p: links.get(p, p)
+    )
+    assert found == "/usr/bin"
+
+
+def test_unit_words_are_escaped() -> None:
+    """Spaces, quotes, backslashes and % specifiers cannot split or expand a path."""
+    assert unit_word("-/usr/local/bin") == "-/usr/local/bin"
+    assert unit_word("-/opt/my app") == '"-/opt/my app"'
+    assert unit_word('-/opt/a"b\\c') == '"-/opt/a\\"b\\\\c"'
+    assert unit_word("-/opt/50%n") == "-/opt/50%%n"

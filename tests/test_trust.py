@@ -208,3 +208,10 @@ def test_loosened_directory_revokes_existing_capabilities(tree: Path) -> None:
         f"directory {directory} is writable by group (mode 0775) (hint: chmod go-w {directory})"
         "; its capabilities (cap_net_bind_service=ep) were removed"
     )
+
+
+def test_path_through_proc_is_refused(tree: Path) -> None:
+    """/proc/self/exe would grant capabilities to whatever runs capkeeper: refused."""
+    outcome = reconcile(_entry(Path("/proc/self/exe")), write=False)
+    assert outcome.status is Status.REFUSED
+    assert "/proc/self/exe leads into /proc or /sys" in outcome.reason
