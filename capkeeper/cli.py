@@ -24,7 +24,7 @@ from capkeeper.settings import Settings
 from capkeeper.state import Entry, State, load_state
 from capkeeper.status import read_status
 from capkeeper.status import render as render_status
-from capkeeper.systemd import DROPIN, dropin_text, write_atomically
+from capkeeper.systemd import DROPIN, HIDDEN_FROM_SERVICE, dropin_text, write_atomically
 from capkeeper.trust import assess
 
 
@@ -291,7 +291,15 @@ def cmd_validate(args: argparse.Namespace, settings: Settings, out: TextIO) -> E
 
 
 def cmd_systemd_dropin(args: argparse.Namespace, settings: Settings, out: TextIO) -> ExitStatus:
-    text = dropin_text(load_state(settings.state))
+    state = load_state(settings.state)
+    text = dropin_text(state)
+    for entry in state.entries:
+        if entry.path.startswith(HIDDEN_FROM_SERVICE):
+            sys.stderr.write(
+                f"capkeeper: warning: {entry.path} is hidden from the service "
+                "(PrivateTmp=/ProtectHome= in capkeeper.service); keep managed binaries "
+                "elsewhere\n"
+            )
     if args.output == "-":
         out.write(text)
         return ExitStatus.OK

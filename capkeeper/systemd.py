@@ -19,7 +19,9 @@ from capkeeper.events import EVENTS
 from capkeeper.state import State
 
 DROPIN = Path("/etc/systemd/system/capkeeper.service.d/50-capkeeper-paths.conf")
-CATALOG_NAME = "capkeeper.catalog"
+# What the shipped unit's PrivateTmp=yes and ProtectHome=yes hide from the daemon
+# (prefixes to match, not files to use).
+HIDDEN_FROM_SERVICE = ("/tmp/", "/var/tmp/", "/home/", "/root/", "/run/user/")  # noqa: S108
 
 
 def writable_directory(

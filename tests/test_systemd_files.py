@@ -82,3 +82,18 @@ def test_unit_words_are_escaped() -> None:
     assert unit_word("-/opt/my app") == '"-/opt/my app"'
     assert unit_word('-/opt/a"b\\c') == '"-/opt/a\\"b\\\\c"'
     assert unit_word("-/opt/50%n") == "-/opt/50%%n"
+
+
+def test_dropin_warns_about_paths_the_service_cannot_see(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Binaries under /tmp or /home are invisible to the sandboxed service: said so."""
+    state = tmp_path / "state.toml"
+    state.write_text('[[binary]]\npath = "/home/app/bin/x"\ncaps = "cap_chown=p"\n')
+    out = io.StringIO()
+    argv = ["--log-format", "console", "systemd-dropin", "--state", str(state), "--output", "-"]
+    assert main(argv, out=out) == ExitStatus.OK
+    assert capsys.readouterr().err == (
+        "capkeeper: warning: /home/app/bin/x is hidden from the service "
+        "(PrivateTmp=/ProtectHome= in capkeeper.service); keep managed binaries elsewhere\n"
+    )
