@@ -68,6 +68,7 @@ class Observation:
     caps: CapSet | None  # None: no security.capability
     caps_problem: str | None  # present but unreadable (legacy v1, foreign v3, malformed)
     sha256: str | None  # computed only when asked
+    nlink: int = 1
 
 
 def _oserror(exc: OSError, path: str, action: str) -> FileAccessError:
@@ -226,6 +227,7 @@ def observe_fd(path: str, fd: int, hops: list[Hop], resolved: str, *, hash: bool
         caps=caps,
         caps_problem=problem,
         sha256=digest,
+        nlink=st.st_nlink,
     )
 
 

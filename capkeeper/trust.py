@@ -43,6 +43,11 @@ def _next_owner(hops: tuple[Hop, ...], index: int, observation: Observation) -> 
     return observation.uid
 
 
+def _holds_file(hops: tuple[Hop, ...], index: int, observation: Observation) -> bool:
+    """Whether directory ``hops[index]`` directly holds the observed file."""
+    return posixpath.dirname(observation.resolved) == hops[index].path
+
+
 def _check_hops(entry: Entry, observation: Observation) -> list[Refusal]:
     refusals: list[Refusal] = []
     hops = observation.hops
@@ -72,6 +77,17 @@ def _check_hops(entry: Entry, observation: Observation) -> list[Refusal]:
                 and hop.mode & stat.S_ISVTX
                 and _owner_ok(_next_owner(hops, index, observation), entry)
             )
+            if sticky_ok and observation.nlink > 1 and _holds_file(hops, index, observation):
+                # With fs.protected_hardlinks=0 anyone may link a root-owned file into
+                # a sticky directory: the root-owned name proves nothing then.
+                refusals.append(
+                    Refusal(
+                        "hardlink",
+                        f"{observation.resolved} has {observation.nlink} hard links and sits in "
+                        f"world-writable {hop.path}, where anyone could have linked it",
+                        "keep managed binaries in directories only root can write",
+                    )
+                )
             if not sticky_ok:
                 refusals.append(
                     Refusal(

@@ -215,3 +215,16 @@ def test_path_through_proc_is_refused(tree: Path) -> None:
     outcome = reconcile(_entry(Path("/proc/self/exe")), write=False)
     assert outcome.status is Status.REFUSED
     assert "/proc/self/exe leads into /proc or /sys" in outcome.reason
+
+
+def test_hard_linked_file_in_sticky_directory_is_refused(tree: Path) -> None:
+    """A root-owned name in a sticky world-writable dir proves nothing if it is a hard link."""
+    sticky = tree / "sticky"
+    sticky.mkdir()
+    os.chmod(sticky, 0o1777)
+    binary = make_binary(tree / "real")
+    os.link(binary, sticky / "app")
+    assert _refused(_entry(sticky / "app")) == (
+        f"{sticky / 'app'} has 2 hard links and sits in world-writable {sticky}, where anyone "
+        "could have linked it (hint: keep managed binaries in directories only root can write)"
+    )
