@@ -30,7 +30,6 @@ import marshal
 import mmap
 import os
 import posixpath
-import re
 import select
 import signal
 import stat
@@ -57,7 +56,7 @@ from capkeeper.files import XATTR_NAME, Kind, Observation, observe
 from capkeeper.mounts import NETWORK_FS, PSEUDO_FS, MountInfo, MountTable, mount_id, read_mounts
 from capkeeper.reconcile import Status, decide, describe
 from capkeeper.state import Entry, State, load_state
-from capkeeper.trust import Refusal, assess
+from capkeeper.trust import INTERPRETER, Refusal, assess
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -76,7 +75,6 @@ DESCRIPTION = (
 )
 
 __all__ = [
-    "INTERPRETER",
     "ROOT_EQUIVALENT",
     "AuditReport",
     "Finding",
@@ -116,13 +114,6 @@ ROOT_EQUIVALENT: frozenset[int] = frozenset(
     )
 )
 """Capabilities that hand their holder a short path to full root."""
-
-INTERPRETER = re.compile(
-    r"(?:python|perl|ruby|node|nodejs|php|lua|luajit|tclsh|wish|bash|sh|dash|zsh|ksh|mksh|"
-    r"csh|tcsh|fish|busybox|awk|gawk|mawk|nawk|java|jshell|guile|Rscript|julia|erl|escript|"
-    r"pwsh|deno|bun|expect|gdb|vim?|emacs)[0-9.\-]*"
-)
-"""Basenames of programs that run code they are given: their capabilities go to any script."""
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _PROBE_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC

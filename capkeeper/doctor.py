@@ -38,13 +38,14 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, TextIO
 
-from capkeeper.audit import INTERPRETER, load_state_or_empty
+from capkeeper.audit import load_state_or_empty
 from capkeeper.capabilities import CapSet, capability_name, capability_number
 from capkeeper.errors import CapkeeperError, InvalidCapabilityText
 from capkeeper.files import XATTR_NAME, Kind, Observation, observe
 from capkeeper.log import get_logger
 from capkeeper.mounts import MountInfo, mount_of
 from capkeeper.state import Entry, State, load_state
+from capkeeper.trust import INTERPRETER
 
 if TYPE_CHECKING:
     from capkeeper.cli import ExitStatus

@@ -39,6 +39,7 @@ class _BinaryTable(BaseModel):
     sha256: str | None = None
     owner: str = "root"
     allow_inheritable: bool = False
+    allow_interpreter: bool = False
 
     @field_validator("path")
     @classmethod
@@ -73,6 +74,7 @@ class Entry:
     owner_uid: int = 0
     sha256: str | None = None
     allow_inheritable: bool = False
+    allow_interpreter: bool = False
     source: str = field(default="", compare=False)  # "state.d/web.toml: entry 3"
 
 
@@ -268,6 +270,7 @@ def _entry(
         owner_uid=uid,
         sha256=raw.sha256,
         allow_inheritable=raw.allow_inheritable,
+        allow_interpreter=raw.allow_interpreter,
         source=where,
     )
     return entry, []

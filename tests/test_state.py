@@ -185,3 +185,14 @@ def test_owner_out_of_range_or_with_nul(tmp_path: Path) -> None:
         "state.toml: entry 1 (/x): owner: no such user '99999999999999999999'",
         "state.toml: entry 2 (/y): owner: no such user 'a\\x00b'",
     ]
+
+
+def test_allow_interpreter_is_read(tmp_path: Path) -> None:
+    """allow_interpreter is an optional boolean key."""
+    main = _write(
+        tmp_path / "state.toml",
+        '[[binary]]\npath = "/usr/bin/node"\ncaps = "cap_net_bind_service=+ep"\n'
+        "allow_interpreter = true\n",
+    )
+    (entry,) = load_state(main, last_cap=40).entries
+    assert entry.allow_interpreter

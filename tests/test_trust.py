@@ -228,3 +228,15 @@ def test_hard_linked_file_in_sticky_directory_is_refused(tree: Path) -> None:
         f"{sticky / 'app'} has 2 hard links and sits in world-writable {sticky}, where anyone "
         "could have linked it (hint: keep managed binaries in directories only root can write)"
     )
+
+
+def test_interpreter_is_refused_unless_allowed(tree: Path) -> None:
+    """Capabilities on an interpreter go to every script it runs: refused by default."""
+    python = make_binary(tree / "python3.11")
+    assert _refused(_entry(python)) == (
+        f"{python} is an interpreter: every script it runs would get these capabilities "
+        "(hint: give the one service that needs them AmbientCapabilities= in its unit, or "
+        "declare allow_interpreter = true if you really mean it)"
+    )
+    allowed = _entry(python, allow_interpreter=True)
+    assert reconcile(allowed, write=True).status is Status.RESTORED
