@@ -142,12 +142,6 @@ def _table(adoption: Adoption, *, last_cap: int) -> list[str]:
     return lines
 
 
-def _comment(text: str) -> str:
-    """``text`` safe inside one TOML comment line: a path with a newline in a refusal
-    reason must not end the comment and start a live table."""
-    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
-
-
 def render(adoptions: Iterable[Adoption], *, last_cap: int) -> str:
     """The TOML text for ``adoptions``; refused ones commented out with their reasons."""
     chunks = []
@@ -156,9 +150,7 @@ def render(adoptions: Iterable[Adoption], *, last_cap: int) -> str:
         if adoption.trusted:
             chunks.append("\n".join(table))
             continue
-        reasons = [
-            f"# capkeeper would refuse this file: {_comment(str(r))}" for r in adoption.refusals
-        ]
+        reasons = [f"# capkeeper would refuse this file: {r}" for r in adoption.refusals]
         chunks.append("\n".join([*reasons, *(f"# {line}" for line in table)]))
     return "\n\n".join(chunks) + "\n" if chunks else ""
 

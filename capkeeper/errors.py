@@ -8,6 +8,12 @@ or file it concerns) and an optional hint telling the user what to do.
 from __future__ import annotations
 
 
+def printable(text: str) -> str:
+    """``text`` safe to show on one line: control characters (a newline in a file
+    name) and undecodable bytes escaped, so a name cannot forge output lines."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
 class CapkeeperError(Exception):
     """Root of every error capkeeper reports to a user without a traceback."""
 

@@ -9,7 +9,7 @@ and the write, so every mode reaches the same verdict for the same file.
 from __future__ import annotations
 
 import errno
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
@@ -65,7 +65,6 @@ class Outcome:
     resolved: str = ""
     reason: str = ""
     extra: bool = False
-    refusals: tuple[Refusal, ...] = field(default=(), compare=False)
 
     @property
     def expected(self) -> str:
@@ -132,10 +131,7 @@ def reconcile(
                         reason += f"; its capabilities ({decision.found}) were removed"
                     except FileAccessError as exc:
                         reason += f"; its capabilities could not be removed: {exc}"
-                return Outcome(
-                    entry, Status.REFUSED, decision.found, resolved, reason,
-                    refusals=decision.refusals,
-                )  # fmt: skip
+                return Outcome(entry, Status.REFUSED, decision.found, resolved, reason)
             if decision.status is Status.IN_SYNC or not write:
                 return Outcome(
                     entry, decision.status, decision.found, resolved, extra=decision.extra

@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from capkeeper.capabilities import CapSet, capability_name, format_text, kernel_last_cap, parse
-from capkeeper.errors import CapkeeperError, StateError, UsageError
+from capkeeper.errors import CapkeeperError, StateError, UsageError, printable
 
 DEFAULT_STATE = Path("/etc/capkeeper/state.toml")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -131,11 +131,6 @@ def state_files(main: Path) -> list[Path]:
     return [main, *extra]
 
 
-def _printable(text: str) -> str:
-    """``text`` with control characters escaped, safe to show on one line."""
-    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
-
-
 def _writable_by_others(path: Path) -> str | None:
     """Why someone besides root (or us) could change ``path``, or None.
 
@@ -238,7 +233,7 @@ def _entry(
     if not isinstance(table, dict):
         return None, [f"{where}: must be a table"]
     path = table.get("path")
-    label = f"{where} ({_printable(path)})" if isinstance(path, str) else where
+    label = f"{where} ({printable(path)})" if isinstance(path, str) else where
     errors: list[str] = []
     raw: _BinaryTable | None = None
     try:

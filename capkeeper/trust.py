@@ -13,6 +13,7 @@ import stat
 from dataclasses import dataclass
 
 from capkeeper.capabilities import capability_name
+from capkeeper.errors import printable
 from capkeeper.files import Hop, Kind, Observation
 from capkeeper.state import Entry
 
@@ -35,7 +36,8 @@ class Refusal:
     hint: str | None = None
 
     def __str__(self) -> str:
-        return f"{self.message} (hint: {self.hint})" if self.hint else self.message
+        text = f"{self.message} (hint: {self.hint})" if self.hint else self.message
+        return printable(text)
 
 
 def _owner_ok(uid: int, entry: Entry) -> bool:
