@@ -24,6 +24,8 @@ from typing import Any, TextIO
 
 import structlog
 
+from capkeeper.events import render_message, spec_for
+
 __all__ = [
     "JOURNAL_SOCKET",
     "JournalRenderer",
@@ -163,8 +165,6 @@ class JournalRenderer:
         self.socket_path = socket_path
 
     def fields(self, method: str, event_dict: dict[str, Any]) -> list[tuple[str, str]]:
-        from capkeeper.events import render_message, spec_for  # noqa: PLC0415 - no cycle
-
         data = dict(event_dict)
         event = str(data.pop("event", ""))
         level = str(data.pop("level", method))

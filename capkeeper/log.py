@@ -14,6 +14,7 @@ from typing import Any, Literal, TextIO
 import structlog
 
 from capkeeper.events import render_message
+from capkeeper.journal import JournalRenderer, stderr_is_journal
 
 LogFormat = Literal["auto", "console", "json", "journal"]
 LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -35,11 +36,8 @@ def resolve_format(fmt: LogFormat, stream: TextIO) -> LogFormat:
     """Pick the concrete format for ``auto``."""
     if fmt != "auto":
         return fmt
-    if stream is sys.stderr:
-        from capkeeper.journal import stderr_is_journal  # noqa: PLC0415 - avoid import cycle
-
-        if stderr_is_journal():
-            return "journal"
+    if stream is sys.stderr and stderr_is_journal():
+        return "journal"
     return "console" if stream.isatty() else "json"
 
 
@@ -54,8 +52,6 @@ def configure(fmt: LogFormat = "auto", level: str = "info", stream: TextIO | Non
         structlog.processors.format_exc_info,
     ]
     if concrete == "journal":
-        from capkeeper.journal import JournalRenderer  # noqa: PLC0415 - optional sink
-
         processors.append(JournalRenderer(fallback=out))
     elif concrete == "console":
         processors.append(ConsoleRenderer())
