@@ -6,6 +6,7 @@ import argparse
 import errno
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from enum import IntEnum
@@ -381,6 +382,10 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
     debug = False
     try:
         args = build_parser().parse_args(argv)
+        if args.command != "watch":  # capkeeper.__main__ held them back for the daemon
+            signal.pthread_sigmask(
+                signal.SIG_UNBLOCK, (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
+            )
         debug = bool(getattr(args, "debug", False))
         settings = _settings(args)
         level = "debug" if debug else (settings.log_level or "info")

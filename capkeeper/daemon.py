@@ -38,27 +38,28 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
 from capkeeper.capabilities import kernel_last_cap
 from capkeeper.errors import CapkeeperError, StateError
+from capkeeper.files import Observation
 from capkeeper.log import get_logger
 from capkeeper.notify import Notifier
 from capkeeper.reconcile import Outcome, Status, log_outcome, reconcile
+from capkeeper.schedule import Brake, Identity, identity_of, retry_delay
 from capkeeper.settings import Settings
 from capkeeper.state import Entry, State, load_state
 from capkeeper.status import StatusBook, write_metrics, write_status
 from capkeeper.watcher import Link, Watcher, WatchEvent, WatchFailure, WatchPlan, plan_route
 
 CAP_SETFCAP = 31
-_RETRY_FIRST = 0.5  # seconds before a refused or failed entry is looked at again
-_RETRY_MAX = 30.0
-# Restored again and again within a second: something keeps undoing it (another entry
-# resolving to the same file with other capabilities, a process stripping in a loop).
-_FLAP_WINDOW = 1.0
-_FLAP_LIMIT = 3
+DAEMON_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+# Causes that announce new content or another inode at the path (not just attributes).
+_ANNOUNCED = frozenset(
+    {"IN_MOVED_TO", "IN_MOVED_FROM", "IN_DELETE", "IN_CREATE", "IN_CLOSE_WRITE", "IN_MODIFY"}
+)
 _MAX_POLL_MS = 86_400_000  # poll() takes a C int of milliseconds
 _REPLAN_ROUNDS = 3  # directories vanishing while being watched: re-plan at most this often
 # The status snapshot costs ~20 ms of CPU per 1,000 entries: write it once events have
@@ -106,9 +107,8 @@ class _Tracked:
     detail: str = ""
     failures: int = 0  # consecutive refused/failed verdicts
     retry_at: float = 0.0  # monotonic; events before this are deferred
-    last_restore: float = -math.inf
-    quick_restores: int = 0  # consecutive restores within _FLAP_WINDOW + flap_delay
-    flap_delay: float = 0.0  # the back-off applied after the last restore
+    identity: Identity | None = None  # the file at the last check
+    brake: Brake = field(default_factory=Brake)
 
 
 @dataclass(frozen=True)
@@ -194,15 +194,16 @@ class Daemon:
         if not self._install_signals:
             yield
             return
-        previous = {
-            sig: signal.signal(sig, self._on_signal)
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-        }
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in DAEMON_SIGNALS}
         # The C-level handler writes the signal number here, waking the poll.
         old_fd = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        # ``capkeeper watch`` blocks these while Python imports (capkeeper.__main__): the
+        # kernel keeps a signal sent meanwhile pending, and delivers it here, handled.
+        old_mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, DAEMON_SIGNALS)
         try:
             yield
         finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
             signal.set_wakeup_fd(old_fd)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -210,23 +211,31 @@ class Daemon:
     # -- lifecycle ---------------------------------------------------------------------
 
     def run(self) -> int:
-        """Load the state, watch and reconcile until stopped; return the exit status (0)."""
-        state = load_state(self._settings.state)  # StateError: the caller reports it
+        """Load the state, watch and reconcile until stopped; return the exit status (0).
+
+        The signal handlers come first: a SIGHUP during start-up is a reload once
+        started, a SIGTERM stops it cleanly.
+        """
         try:
-            with Watcher() as watcher, self._signal_handling():
-                self._watcher = watcher
-                self._start(state)
-                self._loop(watcher)
-                self._log.info("daemon_stopping", entries=len(self._entries))
-                self._notify.stopping("stopping")
-                if self._book.dirty:
-                    self._write_status()
+            with self._signal_handling():
+                state = load_state(self._settings.state)  # StateError: the caller reports it
+                self._run(state)
         finally:
             os.close(self._wake_r)
             os.close(self._wake_w)
             if self._owns_notifier:
                 self._notify.close()
         return 0
+
+    def _run(self, state: State) -> None:
+        with Watcher() as watcher:
+            self._watcher = watcher
+            self._start(state)
+            self._loop(watcher)
+            self._log.info("daemon_stopping", entries=len(self._entries))
+            self._notify.stopping("stopping")
+            if self._book.dirty:
+                self._write_status()
 
     def _start(self, state: State) -> None:
         self._install(state)
@@ -440,7 +449,8 @@ class Daemon:
         if final and path in self._settle and not (event.is_write_closed or event.is_namespace):
             return  # e.g. the writer's fchmod: the close will follow
         self._settle.pop(path, None)
-        ready.setdefault(path, event.cause)
+        if path not in ready or _announced(event.cause):
+            ready[path] = event.cause  # the most telling cause of the batch
 
     def _run_due(self) -> None:
         now = self._clock()
@@ -455,11 +465,33 @@ class Daemon:
                 self._check_entry(path, cause, None)
 
     def _check_or_defer(self, path: str, cause: str, since: float | None) -> None:
+        """Check ``path`` now, or when its back-off ends if nothing new is at the path.
+
+        A refused or failed entry waits unless the event announces a new file or new
+        content; a braked entry (a fight) waits unless the file is no longer the one
+        we restored: a new deploy is never held back by either.
+        """
         tracked = self._tracked.get(path)
         if tracked is not None and tracked.retry_at > self._clock():
-            self._deferred.setdefault(path, cause)
-            return
+            if tracked.status is Status.RESTORED:
+                fresh = self._stat_identity(path) != tracked.brake.restored
+            else:
+                fresh = _announced(cause)
+            if not fresh:
+                self._deferred.setdefault(path, cause)
+                return
         self._check_entry(path, cause, since)
+
+    @staticmethod
+    def _stat_identity(path: str) -> Identity | None:
+        """The identity of what ``path`` names now, from one stat() (None if it cannot)."""
+        try:
+            st = os.stat(path)
+        except (OSError, ValueError):
+            return None
+        return Identity(
+            st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_uid, st.st_gid, st.st_mode
+        )
 
     # -- reconciling -------------------------------------------------------------------
 
@@ -467,6 +499,7 @@ class Daemon:
         started = self._clock()
         self._watcher_dirty = True  # also retries watches that failed before
         self._replan(self._entries)
+        self._deferred.clear()  # every entry is checked now; failed ones re-queue themselves
         counts: dict[str, int] = {}
         for entry in self._state.entries:
             if self._stop:
@@ -475,7 +508,6 @@ class Daemon:
             if outcome is not None:
                 counts[str(outcome.status)] = counts.get(str(outcome.status), 0) + 1
             self._tick()
-        self._deferred.clear()
         self._book.rescans += 1
         self._book.dirty = True
         quiet = cause == "periodic" and set(counts) <= {str(Status.IN_SYNC)}
@@ -492,13 +524,27 @@ class Daemon:
         if entry is None:
             return None
         self._deferred.pop(path, None)
+        tracked = self._tracked.get(path)
+        known = tracked.identity if tracked is not None else None
+        hold = None
+        if known is not None and not _announced(cause) and not cause.endswith("+settle"):
+            # Nothing told us the content changed, yet it did: a write we have not seen
+            # finish (its IN_MODIFY comes at the end of write(2), after the strip and the
+            # mtime update). Wait for its close or the settle time, as for IN_MODIFY.
+            def hold(observation: Observation) -> bool:
+                return not known.same_content(identity_of(observation))
+
         try:
-            outcome = reconcile(entry, write=True, last_cap=self._last_cap)
+            outcome = reconcile(entry, write=True, last_cap=self._last_cap, hold=hold)
         except Exception as exc:  # a bug on one file must not stop enforcing all the others
             self._log.exception("reconcile_crashed", path=path, cause=cause)
             outcome = Outcome(
                 entry, Status.FAILED, "unknown", reason=f"internal error: {exc!r} (please report)"
             )
+        if outcome.held:
+            self._settle[path] = (self._clock() + self._settings.settle_time, cause)
+            self._log.debug("write_in_progress", path=path, cause=cause, found=outcome.found)
+            return None
         self._report(outcome, cause, since)
         return outcome
 
@@ -527,7 +573,12 @@ class Daemon:
             log_outcome(self._log, outcome, **fields)
         else:
             self._log.debug("verdict_unchanged", path=path, status=str(status), cause=cause)
+        observed = outcome.observation
+        tracked.identity = identity_of(observed) if observed is not None else None
         tracked.retry_at = self._retry_at(tracked, status, now, outcome)
+        if status is Status.FAILED:
+            # EROFS, ENOSPC, EIO: the fix (a remount, freed space) raises no event.
+            self._deferred.setdefault(path, "retry")
         if tracked.status is not status:
             if tracked.status is not None:
                 self._verdicts[tracked.status] -= 1
@@ -536,36 +587,29 @@ class Daemon:
         self._book.record(outcome, cause=cause)
 
     def _retry_at(self, tracked: _Tracked, status: Status, now: float, outcome: Outcome) -> float:
-        """When events may trigger this entry's next check: refused, failed and flapping
-        entries wait with a doubling delay instead of being retried at every event."""
+        """When events may trigger this entry's next check: refused and failed entries
+        wait with a doubling delay; a fought-over file is restored at most once per
+        :data:`capkeeper.schedule.BRAKE` (see :mod:`capkeeper.schedule`)."""
         if status in (Status.REFUSED, Status.FAILED):
             tracked.failures += 1
-            return now + min(_RETRY_FIRST * 2.0 ** (tracked.failures - 1), _RETRY_MAX)
+            return now + retry_delay(tracked.failures)
         tracked.failures = 0
-        if status is not Status.RESTORED:
+        if status is not Status.RESTORED or tracked.identity is None:
             return 0.0
-        # "Quick" is measured against the delay we imposed ourselves: otherwise, once
-        # the back-off exceeds the window, every restore looks slow and the brake resets.
-        quick = now - tracked.last_restore < _FLAP_WINDOW + tracked.flap_delay
-        tracked.quick_restores = tracked.quick_restores + 1 if quick else 0
-        tracked.last_restore = now
-        excess = tracked.quick_restores - _FLAP_LIMIT
-        if excess < 0:
-            tracked.flap_delay = 0.0
-            return 0.0
-        if excess == 0:
+        verdict = tracked.brake.restore(tracked.identity, now)
+        if verdict.alert:
             self._log.warning(
                 "restore_flapping",
                 path=outcome.entry.path,
-                restores=tracked.quick_restores + 1,
+                restores=verdict.rounds + 1,
                 found=outcome.found,
                 expected=outcome.expected,
-                hint="something keeps changing its capabilities: another declared path "
-                "resolving to the same file with other capabilities, or a process "
-                "stripping them in a loop; capkeeper now retries with growing delays",
+                hint="something keeps undoing the restore of an unchanged file: another "
+                "declared path resolving to the same file with other capabilities, or a "
+                "process stripping them in a loop; capkeeper now restores it at most once "
+                "a second and says so at most once a minute",
             )
-        tracked.flap_delay = min(_RETRY_FIRST * 2.0**excess, _RETRY_MAX)
-        return now + tracked.flap_delay
+        return verdict.not_before
 
     # -- reporting ---------------------------------------------------------------------
 
@@ -632,6 +676,12 @@ class Daemon:
                     self._log.warning("status_file_failed", file=str(target), error=error)
                 self._status_error = error
         self._book.dirty = False
+
+
+def _announced(cause: str) -> bool:
+    """Whether ``cause`` (``IN_MODIFY+settle`` counts as ``IN_MODIFY``) announces new
+    content or another inode at the path, rather than an attribute change or a rescan."""
+    return cause.split("+", 1)[0] in _ANNOUNCED
 
 
 def watch(

@@ -69,6 +69,8 @@ class Observation:
     caps_problem: str | None  # present but unreadable (legacy v1, foreign v3, malformed)
     sha256: str | None  # computed only when asked
     nlink: int = 1
+    size: int = 0
+    mtime_ns: int = 0  # with size: content identity (ctime also moves with our own setxattr)
 
 
 def _oserror(exc: OSError, path: str, action: str) -> FileAccessError:
@@ -210,6 +212,10 @@ def observe_fd(path: str, fd: int, hops: list[Hop], resolved: str, *, hash: bool
         kind, interpreter = _kind(fd, st.st_mode)
         regular = kind is not Kind.NOT_REGULAR
         caps, problem = read_caps(fd) if regular else (None, None)
+        # Size and mtime once more, after the capabilities: write(2) strips them before
+        # it updates mtime (file_modified(): remove privs, then update time), so a strip
+        # read here comes with the new mtime unless both reads fall between those two.
+        after = os.fstat(fd)
         digest = sha256_of(fd) if hash and regular else None
     except OSError as exc:
         raise _oserror(exc, path, "read") from exc
@@ -228,6 +234,8 @@ def observe_fd(path: str, fd: int, hops: list[Hop], resolved: str, *, hash: bool
         caps_problem=problem,
         sha256=digest,
         nlink=st.st_nlink,
+        size=after.st_size,
+        mtime_ns=after.st_mtime_ns,
     )
 
 

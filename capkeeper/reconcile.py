@@ -9,6 +9,7 @@ and the write, so every mode reaches the same verdict for the same file.
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -65,6 +66,8 @@ class Outcome:
     resolved: str = ""
     reason: str = ""
     extra: bool = False
+    observation: Observation | None = None  # what the verdict was made on
+    held: bool = False  # ``hold`` said wait: nothing decided, nothing written
 
     @property
     def expected(self) -> str:
@@ -113,12 +116,22 @@ def reconcile(
     *,
     write: bool,
     last_cap: int | None = None,
+    hold: Callable[[Observation], bool] | None = None,
 ) -> Outcome:
-    """Observe ``entry``'s file, decide, and (when ``write``) restore its capabilities."""
+    """Observe ``entry``'s file, decide, and (when ``write``) restore its capabilities.
+
+    When ``hold`` returns True for the observation (the daemon: a write may be
+    in progress), nothing is decided or written: the outcome is ``held``.
+    """
     limit = kernel_last_cap() if last_cap is None else last_cap
     try:
         with open_declared(entry.path) as (fd, hops, resolved):
             observation = observe_fd(entry.path, fd, hops, resolved, hash=entry.sha256 is not None)
+            if hold is not None and hold(observation):
+                seen = describe(observation.caps, observation.caps_problem)
+                return Outcome(
+                    entry, Status.DRIFT, seen, resolved, observation=observation, held=True
+                )
             decision = decide(entry, observation, last_cap=limit)
             if decision.status is Status.REFUSED:
                 reason = "; ".join(str(r) for r in decision.refusals)
@@ -131,13 +144,27 @@ def reconcile(
                         reason += f"; its capabilities ({decision.found}) were removed"
                     except FileAccessError as exc:
                         reason += f"; its capabilities could not be removed: {exc}"
-                return Outcome(entry, Status.REFUSED, decision.found, resolved, reason)
+                return Outcome(
+                    entry, Status.REFUSED, decision.found, resolved, reason, observation=observation
+                )
             if decision.status is Status.IN_SYNC or not write:
                 return Outcome(
-                    entry, decision.status, decision.found, resolved, extra=decision.extra
+                    entry,
+                    decision.status,
+                    decision.found,
+                    resolved,
+                    extra=decision.extra,
+                    observation=observation,
                 )
             write_caps(fd, entry.caps, path=entry.path)
-            return Outcome(entry, Status.RESTORED, decision.found, resolved, extra=decision.extra)
+            return Outcome(
+                entry,
+                Status.RESTORED,
+                decision.found,
+                resolved,
+                extra=decision.extra,
+                observation=observation,
+            )
     except FileAccessError as exc:
         if exc.errno == errno.ENOENT:
             return Outcome(entry, Status.MISSING, "none", reason="file does not exist")
