@@ -60,6 +60,7 @@ DAEMON_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 _ANNOUNCED = frozenset(
     {"IN_MOVED_TO", "IN_MOVED_FROM", "IN_DELETE", "IN_CREATE", "IN_CLOSE_WRITE", "IN_MODIFY"}
 )
+_FIGHT_PACE = 0.1  # seconds inotify is left unread after a batch that only deferred
 _MAX_POLL_MS = 86_400_000  # poll() takes a C int of milliseconds
 _REPLAN_ROUNDS = 3  # directories vanishing while being watched: re-plan at most this often
 # The status snapshot costs ~20 ms of CPU per 1,000 entries: write it once events have
@@ -156,6 +157,9 @@ class Daemon:
         self._settle: dict[str, tuple[float, str]] = {}  # writes in progress: deadline, cause
         self._deferred: dict[str, str] = {}  # refused/failed entries touched again: cause
         self._failed_watches: dict[str, int] = {}
+        self._quiet_until = 0.0  # inotify is left unread until then (a fight's noise)
+        self._paused = False
+        self._batch = Counter[str]()  # what the current batch of events led to
         self._watcher_dirty = False  # a watch was dropped: sync even if no route changed
         interval = self._notify.watchdog_interval
         self._next_ping = clock() if interval else math.inf
@@ -268,6 +272,7 @@ class Daemon:
         next_rescan = self._clock() + self._settings.rescan_interval
         while not self._stop:
             self._tick()
+            self._pace(poller, inotify_fd)
             timeout = self._timeout_ms(next_rescan)
             ready = {fd for fd, _ in poller.poll(timeout)}
             woke = self._clock()
@@ -294,6 +299,8 @@ class Daemon:
         deadlines.extend(deadline for deadline, _ in self._settle.values())
         deadlines.extend(self._tracked[p].retry_at for p in self._deferred if p in self._tracked)
         deadlines.append(self._status_deadline())
+        if self._quiet_until:
+            deadlines.append(self._quiet_until)
         delay = min(deadlines) - self._clock()
         return min(max(0, math.ceil(delay * 1000)), _MAX_POLL_MS)
 
@@ -303,6 +310,23 @@ class Daemon:
         if interval and self._clock() >= self._next_ping:
             self._notify.watchdog()
             self._next_ping = self._clock() + interval
+
+    def _pace(self, poller: select.poll, inotify_fd: int) -> None:
+        """Stop reading inotify for a moment after a batch that only deferred entries.
+
+        A process that sets and strips the xattr in a loop (a fight), or touches a
+        refused file in a loop, raises IN_ATTRIB as fast as the daemon can read them;
+        each is merely deferred (brake or back-off), but reading them one by one would
+        cost a core. While unread, the kernel merges repeated identical events
+        (inotify(7)), so little queues up; other entries' events wait at most
+        :data:`_FIGHT_PACE` longer, and only while such a flood lasts.
+        """
+        quiet = self._clock() < self._quiet_until
+        if quiet != self._paused:
+            poller.modify(inotify_fd, 0 if quiet else select.POLLIN)
+            self._paused = quiet
+        if not quiet:
+            self._quiet_until = 0.0
 
     def _drain_wake(self) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -432,9 +456,12 @@ class Daemon:
         if replan and self._replan(replan):
             self._full_reconcile("watch_failed", since=woke)
             return
+        self._batch.clear()
         for path, cause in ready.items():
             self._check_or_defer(path, cause, woke)
             self._tick()
+        if self._batch["deferred"] and not self._batch["checked"] and not replan:
+            self._quiet_until = woke + _FIGHT_PACE
 
     def _note(
         self, path: str, link: Link | None, event: WatchEvent, woke: float, ready: dict[str, str]
@@ -479,7 +506,9 @@ class Daemon:
                 fresh = _announced(cause)
             if not fresh:
                 self._deferred.setdefault(path, cause)
+                self._batch["deferred"] += 1
                 return
+        self._batch["checked"] += 1
         self._check_entry(path, cause, since)
 
     @staticmethod
