@@ -47,7 +47,7 @@ from capkeeper.errors import CapkeeperError, StateError
 from capkeeper.files import Observation
 from capkeeper.log import get_logger
 from capkeeper.notify import Notifier
-from capkeeper.reconcile import Outcome, Status, log_outcome, reconcile
+from capkeeper.reconcile import Decision, Outcome, Status, log_outcome, reconcile
 from capkeeper.schedule import Brake, Identity, identity_of, retry_delay
 from capkeeper.settings import Settings
 from capkeeper.state import Entry, State, load_state
@@ -61,6 +61,10 @@ _ANNOUNCED = frozenset(
     {"IN_MOVED_TO", "IN_MOVED_FROM", "IN_DELETE", "IN_CREATE", "IN_CLOSE_WRITE", "IN_MODIFY"}
 )
 _FIGHT_PACE = 0.1  # seconds inotify is left unread after a batch that only deferred
+# Refusals that a file caught in the middle of a write would also get, and how long
+# such a refusal must persist, without write events, before it is reported.
+_CONTENT_RULES = frozenset({"elf", "sha256", "interpreter"})
+_CONFIRM_REFUSAL = 1.0
 _MAX_POLL_MS = 86_400_000  # poll() takes a C int of milliseconds
 _REPLAN_ROUNDS = 3  # directories vanishing while being watched: re-plan at most this often
 # The status snapshot costs ~20 ms of CPU per 1,000 entries: write it once events have
@@ -489,7 +493,8 @@ class Daemon:
             tracked = self._tracked.get(path)
             if tracked is None or tracked.retry_at <= now:
                 del self._deferred[path]
-                self._check_entry(path, cause, None)
+                if path not in self._settle:  # being written: its close or settle checks it
+                    self._check_entry(path, cause, None)
 
     def _check_or_defer(self, path: str, cause: str, since: float | None) -> None:
         """Check ``path`` now, or when its back-off ends if nothing new is at the path.
@@ -555,13 +560,28 @@ class Daemon:
         self._deferred.pop(path, None)
         tracked = self._tracked.get(path)
         known = tracked.identity if tracked is not None else None
-        hold = None
-        if known is not None and not _announced(cause) and not cause.endswith("+settle"):
-            # Nothing told us the content changed, yet it did: a write we have not seen
-            # finish (its IN_MODIFY comes at the end of write(2), after the strip and the
-            # mtime update). Wait for its close or the settle time, as for IN_MODIFY.
-            def hold(observation: Observation) -> bool:
-                return not known.same_content(identity_of(observation))
+        announced = _announced(cause)
+
+        def hold(observation: Observation, decision: Decision) -> bool:
+            """Whether the file may be in the middle of a write: wait for its close or
+            the settle time, as after IN_MODIFY (a settle time's end is not held again)."""
+            if cause.endswith("+settle"):
+                return False
+            if not announced and not (
+                known is None or known.same_content(identity_of(observation))
+            ):
+                # Nothing told us the content changed, yet it did: a write we have not
+                # seen finish (write(2) strips, updates mtime, and queues IN_MODIFY last).
+                return True
+            # A file truncated or half written by the next deploy reads as "not an ELF"
+            # (or a pin mismatch) before that deploy's IN_MODIFY is even queued: ext4
+            # sets i_size inside ->setattr and notify_change() queues the event after.
+            # Such a refusal is reported only if it still holds after _CONFIRM_REFUSAL
+            # without write events. Residual window: a deploy stalled in the kernel for
+            # longer than that between changing the file and queuing its event.
+            return decision.status is Status.REFUSED and any(
+                r.rule in _CONTENT_RULES for r in decision.refusals
+            )
 
         try:
             outcome = reconcile(entry, write=True, last_cap=self._last_cap, hold=hold)
@@ -571,7 +591,11 @@ class Daemon:
                 entry, Status.FAILED, "unknown", reason=f"internal error: {exc!r} (please report)"
             )
         if outcome.held:
-            self._settle[path] = (self._clock() + self._settings.settle_time, cause)
+            wait = self._settings.settle_time
+            if outcome.status is Status.REFUSED:
+                wait = max(wait, _CONFIRM_REFUSAL)
+            # setdefault: a rescan or an attribute event must not postpone it forever.
+            self._settle.setdefault(path, (self._clock() + wait, cause))
             self._log.debug("write_in_progress", path=path, cause=cause, found=outcome.found)
             return None
         self._report(outcome, cause, since)

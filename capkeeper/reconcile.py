@@ -116,23 +116,27 @@ def reconcile(
     *,
     write: bool,
     last_cap: int | None = None,
-    hold: Callable[[Observation], bool] | None = None,
+    hold: Callable[[Observation, Decision], bool] | None = None,
 ) -> Outcome:
     """Observe ``entry``'s file, decide, and (when ``write``) restore its capabilities.
 
-    When ``hold`` returns True for the observation (the daemon: a write may be
-    in progress), nothing is decided or written: the outcome is ``held``.
+    When ``hold`` returns True for the observation and verdict (the daemon: a
+    write may be in progress), nothing is written: the outcome is ``held``.
     """
     limit = kernel_last_cap() if last_cap is None else last_cap
     try:
         with open_declared(entry.path) as (fd, hops, resolved):
             observation = observe_fd(entry.path, fd, hops, resolved, hash=entry.sha256 is not None)
-            if hold is not None and hold(observation):
-                seen = describe(observation.caps, observation.caps_problem)
-                return Outcome(
-                    entry, Status.DRIFT, seen, resolved, observation=observation, held=True
-                )
             decision = decide(entry, observation, last_cap=limit)
+            if hold is not None and hold(observation, decision):
+                return Outcome(
+                    entry,
+                    decision.status,
+                    decision.found,
+                    resolved,
+                    observation=observation,
+                    held=True,
+                )
             if decision.status is Status.REFUSED:
                 reason = "; ".join(str(r) for r in decision.refusals)
                 if write and (observation.caps is not None or observation.caps_problem):

@@ -11,16 +11,23 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pytest
+import structlog
+from structlog.testing import capture_logs
 
+import capkeeper.daemon as daemon_module
+import capkeeper.reconcile
 from capkeeper.capabilities import encode, parse
+from capkeeper.daemon import Daemon
+from capkeeper.settings import Settings
 from tests.conftest import make_binary, require_tool, setcap
-from tests.test_daemon import DaemonProcess, caps_of, new_build, wait_caps, write_state
+from tests.test_daemon import XATTR, DaemonProcess, caps_of, new_build, wait_caps, write_state
 
 CAPS = "cap_net_raw=+ep"
 EXPECTED = parse(CAPS)
@@ -251,3 +258,112 @@ def test_twenty_mixed_deploys_back_to_back_are_each_restored_at_once(
     print("; ".join(figures))
     assert slow == []
     assert caps_of(binary) == EXPECTED
+
+
+# -- a write in progress is not acted on ----------------------------------------------
+
+
+@pytest.mark.parametrize("writer", ["append", "truncate"])
+def test_check_racing_a_write_waits_for_its_close(
+    tree: Path, monkeypatch: pytest.MonkeyPatch, writer: str
+) -> None:
+    """An IN_ATTRIB read just before a writer strips the file (by appending, or by
+    truncating it empty): the check finds the content changed without a write event,
+    holds off while the writer is open (no restore, no 'not an ELF' refusal), and
+    restores at the close. The writer is run between the read and the check by
+    construction (inside the daemon's reconcile call), so no timing luck is involved."""
+    binary = make_binary(tree / "app")
+    state = write_state(tree.parent / "state.toml", {binary: CAPS})
+    settings = Settings(
+        state=state, status_file=tree.parent / "status.json", rescan_interval=3600, settle_time=1.0
+    )
+    real = capkeeper.reconcile.reconcile
+    armed = threading.Event()
+    handles: list[BinaryIO] = []
+
+    def racing(entry: Any, **options: Any) -> Any:
+        if armed.is_set():
+            armed.clear()
+            handle = open(binary, "ab" if writer == "append" else "wb")  # noqa: SIM115
+            handle.write(b"\0partial" if writer == "append" else b"")
+            if writer == "truncate":
+                assert binary.stat().st_size == 0
+            handle.flush()
+            handles.append(handle)
+        return real(entry, **options)
+
+    monkeypatch.setattr(daemon_module, "reconcile", racing)
+    daemon = Daemon(settings, logger=structlog.get_logger(), install_signals=False)
+    thread = threading.Thread(target=daemon.run)
+    with capture_logs() as logs:
+        thread.start()
+        try:
+            assert daemon.ready.wait(10)
+            _wait_for(lambda: _echo_seen(logs, binary))
+            mark = len(logs)
+            armed.set()
+            os.setxattr(binary, XATTR, os.getxattr(binary, XATTR))  # IN_ATTRIB, caps unchanged
+            _wait_for(lambda: bool(handles))
+            deadline = time.monotonic() + 0.6
+            while time.monotonic() < deadline:  # writing, settle time 1 s: hands off
+                assert caps_of(binary) is None, logs[mark:]
+                time.sleep(0.01)
+            if writer == "truncate":
+                handles[0].write(new_build(tree.parent / "build", b"v2").read_bytes())
+            handles[0].close()
+            wait_caps(binary, CAPS)
+        finally:
+            for handle in handles:
+                handle.close()
+            daemon.request_stop()
+            thread.join(10)
+    events = logs[mark:]
+    restores = [e for e in events if e["event"] in ("capability_restored", "capability_tampering")]
+    assert [e["cause"] for e in restores] == ["IN_CLOSE_WRITE"], events
+    assert not [e for e in events if e["event"] == "restore_refused"], events
+    assert [e for e in events if e["event"] == "write_in_progress"]
+
+
+def _echo_seen(logs: list[MutableMapping[str, Any]], binary: Path) -> bool:
+    return any(
+        e["event"] == "capability_in_sync" and e.get("path") == str(binary) for e in list(logs)
+    )
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.005)
+
+
+def test_parallel_in_place_cp_deploys_raise_no_false_refusal(
+    tree: Path, spawn: Callable[..., DaemonProcess]
+) -> None:
+    """50 deployers in parallel, each running in-place cp deploys of two builds back to
+    back (cp truncates, then writes): no restore_refused for a file seen truncated or half
+    written, and every binary ends with its caps."""
+    binaries = [make_binary(tree / f"app{n}") for n in range(50)]
+    builds = tree.parent / "builds"
+    builds.mkdir(mode=0o755)
+    daemon = spawn(write_state(tree.parent / "state.toml", dict.fromkeys(binaries, CAPS)))
+    daemon.wait_ready()
+    daemon.settled(*binaries)
+    mark = daemon.mark()
+    loop = 'for i in 1 2 3 4 5 6; do cp "$1" "$3" && cp "$2" "$3" || exit 1; done'
+    deployers = []
+    for n, binary in enumerate(binaries):
+        first = new_build(builds / f"a{n}", b"a %d" % n)
+        second = new_build(builds / f"b{n}", b"b %d" % n + b"x" * n)
+        deployers.append(
+            subprocess.Popen(["sh", "-c", loop, "deploy", str(first), str(second), str(binary)])
+        )
+    for deployer in deployers:
+        assert deployer.wait(120) == 0
+    for binary in binaries:
+        wait_caps(binary, CAPS, timeout=10.0)
+    events = daemon.events()[mark:]
+    refused = [e for e in events if e.get("event") == "restore_refused"]
+    held = [e for e in events if e.get("event") == "write_in_progress"]
+    print(f"{len(refused)} refusals, {len(held)} checks held for a write in progress")
+    assert refused == []
