@@ -7,6 +7,8 @@ is slowed, by at most a second, cheaply, and alerted once a minute.
 
 from __future__ import annotations
 
+import errno
+import itertools
 import os
 import shutil
 import subprocess
@@ -25,6 +27,7 @@ import capkeeper.daemon as daemon_module
 import capkeeper.reconcile
 from capkeeper.capabilities import encode, parse
 from capkeeper.daemon import Daemon
+from capkeeper.errors import FileAccessError
 from capkeeper.settings import Settings
 from tests.conftest import make_binary, require_tool, setcap
 from tests.test_daemon import XATTR, DaemonProcess, caps_of, new_build, wait_caps, write_state
@@ -367,3 +370,81 @@ def test_parallel_in_place_cp_deploys_raise_no_false_refusal(
     held = [e for e in events if e.get("event") == "write_in_progress"]
     print(f"{len(refused)} refusals, {len(held)} checks held for a write in progress")
     assert refused == []
+
+
+# -- failed writes are retried on their own timer -------------------------------------
+
+
+def test_read_only_file_system_made_writable_is_retried_without_an_event(
+    tree: Path, spawn: Callable[..., DaemonProcess]
+) -> None:
+    """Started on a read-only bind mount (EROFS) in a private mount namespace, rescan 1 h:
+    once the mount is made writable (no inotify event), the caps come back on the retry
+    back-off (the old daemon waited for the rescan)."""
+    require_tool("unshare")
+    require_tool("nsenter")
+    binary = make_binary(tree / "app")
+    holder = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sleep", "600"])
+    try:
+        _wait_for(
+            lambda: os.readlink(f"/proc/{holder.pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+        )
+        inside = ("nsenter", "-t", str(holder.pid), "-m", "--")
+        _run(*inside, "mount", "--bind", tree, tree)
+        _run(*inside, "mount", "-o", "remount,bind,ro", tree)
+        daemon = spawn(write_state(tree.parent / "state.toml", {binary: CAPS}), prefix=inside)
+        daemon.wait_ready()
+        failed = daemon.wait_event(lambda e: e.get("event") == "restore_failed")
+        assert "read-only" in failed["reason"]
+        assert caps_of(binary) is None
+        time.sleep(2.0)  # a few retries fail meanwhile (0.5 s, 1 s, 2 s, ...)
+        assert caps_of(binary) is None
+        mark = daemon.mark()
+        _run(*inside, "mount", "-o", "remount,bind,rw", tree)
+        elapsed = wait_caps(binary, CAPS, timeout=6.0)  # the next retry is <= 4 s away
+        print(f"caps back {elapsed:.2f} s after the remount")
+        assert daemon.restored(binary, mark)["cause"] == "retry"
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_enospc_is_retried_on_its_back_off(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ENOSPC on the write (injected: the kernel gives it for xattrs only when the file
+    system has no room left, which cannot be produced on demand here): retried at 0.5 s,
+    1 s, 2 s ... with no event and no rescan, restored once the write succeeds."""
+    binary = make_binary(tree / "app")
+    real = capkeeper.reconcile.write_caps
+    failing_until = time.monotonic() + 2.0
+    attempts: list[float] = []
+
+    def write_caps(fd: int, caps: Any, *, path: str) -> None:
+        attempts.append(time.monotonic())
+        if time.monotonic() < failing_until:
+            raise FileAccessError(
+                "cannot write security.capability: No space left on device",
+                context=path,
+                errno=errno.ENOSPC,
+            )
+        real(fd, caps, path=path)
+
+    monkeypatch.setattr(capkeeper.reconcile, "write_caps", write_caps)
+    state = write_state(tree.parent / "state.toml", {binary: CAPS})
+    settings = Settings(state=state, status_file=tree.parent / "status.json", rescan_interval=3600)
+    daemon = Daemon(settings, logger=structlog.get_logger(), install_signals=False)
+    thread = threading.Thread(target=daemon.run)
+    with capture_logs() as logs:
+        thread.start()
+        try:
+            assert daemon.ready.wait(10)
+            wait_caps(binary, CAPS, timeout=8.0)
+        finally:
+            daemon.request_stop()
+            thread.join(10)
+    failed = [e for e in logs if e["event"] == "restore_failed"]
+    assert len(failed) == 1, "reported once, retried quietly"
+    restored = [e for e in logs if e["event"] == "capability_restored"]
+    assert [e["cause"] for e in restored] == ["retry"]
+    gaps = [round(b - a, 1) for a, b in itertools.pairwise(attempts)]
+    assert 3 <= len(attempts) <= 6, gaps
+    assert all(gap <= 4.5 for gap in gaps), gaps
