@@ -24,6 +24,7 @@ import structlog
 from structlog.testing import capture_logs
 
 import capkeeper.daemon as daemon_module
+import capkeeper.files
 import capkeeper.reconcile
 from capkeeper.capabilities import encode, parse
 from capkeeper.daemon import Daemon
@@ -414,7 +415,7 @@ def test_enospc_is_retried_on_its_back_off(tree: Path, monkeypatch: pytest.Monke
     system has no room left, which cannot be produced on demand here): retried at 0.5 s,
     1 s, 2 s ... with no event and no rescan, restored once the write succeeds."""
     binary = make_binary(tree / "app")
-    real = capkeeper.reconcile.write_caps
+    real = capkeeper.files.write_caps
     failing_until = time.monotonic() + 2.0
     attempts: list[float] = []
 
