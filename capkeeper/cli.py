@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import math
 import os
 import signal
 import sys
@@ -21,7 +22,7 @@ from capkeeper.errors import CapkeeperError, FileAccessError, StateError, UsageE
 from capkeeper.files import observe, read_path_caps
 from capkeeper.log import LEVELS, configure, get_logger
 from capkeeper.reconcile import Outcome, Status, log_outcome, reconcile
-from capkeeper.settings import Settings
+from capkeeper.settings import RESCAN_INTERVAL, SETTLE_TIME, Settings
 from capkeeper.state import Entry, State, load_state
 from capkeeper.status import read_status
 from capkeeper.status import render as render_status
@@ -55,6 +56,23 @@ def _common(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     parser.add_argument(
         "--debug", action="store_true", default=default, help="show tracebacks and debug logs"
     )
+
+
+def _seconds(low: float, high: float) -> Callable[[str], float]:
+    """An argparse type: a number of seconds within ``[low, high]``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not low <= value <= high:  # also rejects nan
+            raise argparse.ArgumentTypeError(
+                f"must be a number of seconds from {low:g} to {high:g}, got {text!r}"
+            )
+        return value
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,13 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     watch.add_argument(
         "--rescan-interval",
-        type=float,
+        type=_seconds(*RESCAN_INTERVAL),
         metavar="SECONDS",
         help="seconds between full rescans (default 300; catches changes inotify cannot see)",
     )
     watch.add_argument(
         "--settle-time",
-        type=float,
+        type=_seconds(*SETTLE_TIME),
         metavar="SECONDS",
         help="how long a write may pause before the file is checked anyway (default 0.25)",
     )

@@ -52,7 +52,15 @@ from capkeeper.schedule import Brake, Identity, identity_of, retry_delay
 from capkeeper.settings import Settings
 from capkeeper.state import Entry, State, load_state
 from capkeeper.status import StatusBook, write_metrics, write_status
-from capkeeper.watcher import Link, Watcher, WatchEvent, WatchFailure, WatchPlan, plan_route
+from capkeeper.watcher import (
+    Link,
+    Route,
+    Watcher,
+    WatchEvent,
+    WatchFailure,
+    WatchPlan,
+    plan_route,
+)
 
 CAP_SETFCAP = 31
 DAEMON_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
@@ -161,6 +169,7 @@ class Daemon:
         self._settle: dict[str, tuple[float, str]] = {}  # writes in progress: deadline, cause
         self._deferred: dict[str, str] = {}  # refused/failed entries touched again: cause
         self._failed_watches: dict[str, int] = {}
+        self._route_problems: dict[str, str] = {}  # paths not watchable to their end
         self._quiet_until = 0.0  # inotify is left unread until then (a fight's noise)
         self._paused = False
         self._batch = Counter[str]()  # what the current batch of events led to
@@ -343,6 +352,7 @@ class Daemon:
         keep = {entry.path for entry in state.entries}
         for path in self._plan.paths - keep:
             self._plan.remove(path)
+            self._route_problems.pop(path, None)
             gone = self._tracked.pop(path, None)
             if gone is not None and gone.status is not None:
                 self._verdicts[gone.status] -= 1
@@ -394,7 +404,9 @@ class Daemon:
         new_failure = False
         for _ in range(_REPLAN_ROUNDS):
             for path in todo:
-                changed |= self._plan.set_route(plan_route(path))
+                route = plan_route(path)
+                changed |= self._plan.set_route(route)
+                self._note_route(route)
             if not changed and not self._watcher_dirty:
                 break
             self._watcher_dirty = False
@@ -407,6 +419,19 @@ class Daemon:
             changed = False
             self._watcher_dirty = True
         return new_failure
+
+    def _note_route(self, route: Route) -> None:
+        """Report once a path whose route cannot be watched to its end (PATH_MAX)."""
+        if not route.problem:
+            self._route_problems.pop(route.path, None)
+            return
+        if self._route_problems.get(route.path) != route.problem:
+            directory = route.links[-1].directory if route.links else "/"
+            self._book.last_error = f"cannot watch {route.path}: {route.problem}"
+            self._log.error(
+                "watch_failed", directory=directory, path=route.path, reason=route.problem
+            )
+        self._route_problems[route.path] = route.problem
 
     def _note_failures(self, failures: list[WatchFailure]) -> bool:
         current = {f.directory: f for f in failures if not f.vanished}

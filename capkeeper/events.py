@@ -184,13 +184,17 @@ EVENTS: dict[str, EventSpec] = {
             "restore_flapping",
             "fa0d8597bb464de7a6659f3baff4cc9c",
             Priority.ERR,
-            "capabilities of {path} keep being changed ({restores} restores in a row); backing off",
-            "Capabilities of @CAPKEEPER_PATH@ keep changing",
-            "capkeeper restored @CAPKEEPER_PATH@ several times in quick succession\n"
-            "(found @CAPKEEPER_FOUND@, expected @CAPKEEPER_EXPECTED@). Something keeps\n"
-            "changing its capabilities: two declared paths that resolve to the same\n"
-            "file with different capabilities, or a process stripping them in a loop.\n"
-            "capkeeper now retries with growing delays. Find the other writer.",
+            "capabilities of {path} keep being undone ({restores} restores in a row of an "
+            "unchanged file); restoring at most once a second",
+            "Capabilities of @CAPKEEPER_PATH@ keep being undone",
+            "capkeeper restored @CAPKEEPER_PATH@ several times in quick succession while\n"
+            "the file itself did not change (same inode, content, owner and mode; found\n"
+            "@CAPKEEPER_FOUND@, expected @CAPKEEPER_EXPECTED@). Something keeps undoing\n"
+            "the restore: two declared paths that resolve to the same file with\n"
+            "different capabilities, or a process stripping them in a loop. capkeeper\n"
+            "now restores it at most once a second and repeats this alert at most once\n"
+            "a minute; a new deploy of the file is still restored at once. Find the\n"
+            "other writer.",
         ),
         EventSpec(
             "reconcile_crashed",

@@ -10,6 +10,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from capkeeper.log import LogFormat
 from capkeeper.state import DEFAULT_STATE
 
+RESCAN_INTERVAL = (1.0, 86_400.0)  # seconds: bounds of --rescan-interval
+SETTLE_TIME = (0.0, 60.0)  # seconds: bounds of --settle-time
+
 
 class Settings(BaseSettings):
     """Where the state lives and how the daemon behaves."""
@@ -17,8 +20,20 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CAPKEEPER_", extra="ignore", frozen=True)
 
     state: Path = DEFAULT_STATE
-    rescan_interval: float = Field(default=300.0, gt=0, description="seconds between full rescans")
-    settle_time: float = Field(default=0.25, ge=0, description="seconds a write may stay open")
+    rescan_interval: float = Field(
+        default=300.0,
+        ge=RESCAN_INTERVAL[0],
+        le=RESCAN_INTERVAL[1],
+        allow_inf_nan=False,
+        description="seconds between full rescans",
+    )
+    settle_time: float = Field(
+        default=0.25,
+        ge=SETTLE_TIME[0],
+        le=SETTLE_TIME[1],
+        allow_inf_nan=False,
+        description="seconds a write may stay open",
+    )
     log_format: LogFormat = "auto"
     log_level: str | None = None
     status_file: Path = Path("/run/capkeeper/status.json")

@@ -207,6 +207,7 @@ class Route:
     path: str
     links: tuple[Link, ...]
     complete: bool  # every directory exists; the binary itself may still be missing
+    problem: str = ""  # why the route cannot be followed to its end (not "missing")
 
     @property
     def directories(self) -> tuple[str, ...]:
@@ -245,9 +246,11 @@ def plan_route(
         here = posixjoin(current, name)
         try:
             st = lstat(here)
-        except OSError:
+        except OSError as exc:
             links.append(Link(current, name, final=not todo))
-            return Route(path, tuple(links), complete=not todo)
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                return Route(path, tuple(links), complete=not todo)
+            return Route(path, tuple(links), complete=False, problem=_route_problem(exc, current))
         if stat.S_ISLNK(st.st_mode):
             links.append(Link(current, name, final=False))
             symlinks += 1
@@ -268,6 +271,16 @@ def plan_route(
             return Route(path, tuple(links), complete=False)
         current = here
     return Route(path, tuple(links), complete=True)
+
+
+def _route_problem(exc: OSError, directory: str) -> str:
+    if exc.errno == errno.ENAMETOOLONG:
+        return (
+            f"the path is longer than PATH_MAX ({os.pathconf('/', 'PC_PATH_MAX')} bytes) or "
+            f"a name than NAME_MAX below {directory}: inotify cannot watch there, so a "
+            "deploy is caught only by the periodic rescan"
+        )
+    return f"cannot look below {directory}: {exc.strerror or exc}"
 
 
 class WatchPlan:

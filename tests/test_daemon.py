@@ -468,7 +468,7 @@ def test_no_event_strip_is_caught_by_periodic_rescan(
     state = write_state(
         tree.parent / "state.toml", {binary: "cap_net_raw=+ep", owned: "cap_net_raw=+ep"}
     )
-    daemon = spawn(state, rescan=0.5)
+    daemon = spawn(state, rescan=1.0)
     daemon.wait_ready()
     daemon.settled(binary, owned)
     mark = daemon.mark()
@@ -476,7 +476,7 @@ def test_no_event_strip_is_caught_by_periodic_rescan(
     assert caps_of(binary) is None
     elapsed = wait_caps(binary, "cap_net_raw=+ep", timeout=3.0)
     assert daemon.restored(binary, mark)["cause"] == "periodic"
-    assert elapsed < 0.5 + 0.5
+    assert elapsed < 1.0 + 0.5  # the rescan interval (1 s, the least allowed) + margin
     # coreutils' chown to the same owner: restored too (by the IN_ATTRIB it raises here,
     # or at the latest by the next rescan).
     subprocess.run(["chown", "root:root", str(owned)], check=True)
@@ -527,7 +527,7 @@ def test_failures_do_not_stop_others_nor_loop(
             tree.parent / "state.toml",
             dict.fromkeys((good, script, stuck, missing), "cap_net_raw=+ep"),
         )
-        daemon = spawn(state, rescan=0.4)
+        daemon = spawn(state, rescan=1.0)
         daemon.wait_ready()
         wait_caps(good, "cap_net_raw=+ep")
         # Hammer the refused file with events and let several rescans pass.
@@ -546,7 +546,7 @@ def test_failures_do_not_stop_others_nor_loop(
         assert len([e for e in events if e.get("event") == "restore_failed"]) == 1
         assert len([e for e in events if e.get("event") == "binary_missing"]) == 1
         checks = [e for e in events[mark:] if e.get("path") == str(script)]
-        # 200 touches in ~1.5 s and ~4 rescans: retried with growing delays, not per event.
+        # 200 touches in ~1.5 s and a rescan or two: retried with growing delays, not per event.
         assert len(checks) <= 12, len(checks)
     finally:
         subprocess.run(["chattr", "-i", str(stuck)], check=True)
