@@ -1,14 +1,19 @@
-"""The flap brake against real deploys and a real fight (a ``capkeeper watch`` process).
+"""When the daemon acts: the flap brake, writes in progress, retries of failed writes.
 
-A deploy (new inode or new content) must be restored at full speed however
-often it comes; only a genuine fight (our restore undone on an unchanged file)
-is slowed, by at most a second, cheaply, and alerted once a minute.
+Against a real ``capkeeper watch`` process (or an in-process daemon where an
+error must be injected). A deploy (new inode or new content) must be restored
+at full speed however often it comes; only a genuine fight (our restore undone
+on an unchanged file) is slowed, by at most a second, cheaply, and alerted
+once a minute. A write in progress is not acted on; a failed write is retried
+on its own back-off.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
+import logging
 import os
 import shutil
 import subprocess
@@ -297,9 +302,9 @@ def test_check_racing_a_write_waits_for_its_close(
         return real(entry, **options)
 
     monkeypatch.setattr(daemon_module, "reconcile", racing)
-    daemon = Daemon(settings, logger=structlog.get_logger(), install_signals=False)
-    thread = threading.Thread(target=daemon.run)
-    with capture_logs() as logs:
+    with debug_logs(), capture_logs() as logs:
+        daemon = Daemon(settings, logger=structlog.get_logger(), install_signals=False)
+        thread = threading.Thread(target=daemon.run)
         thread.start()
         try:
             assert daemon.ready.wait(10)
@@ -326,6 +331,17 @@ def test_check_racing_a_write_waits_for_its_close(
     assert [e["cause"] for e in restores] == ["IN_CLOSE_WRITE"], events
     assert not [e for e in events if e["event"] == "restore_refused"], events
     assert [e for e in events if e["event"] == "write_in_progress"]
+
+
+@contextlib.contextmanager
+def debug_logs() -> Iterator[None]:
+    """Let debug events through (an earlier test may have configured structlog at info)."""
+    previous = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
+    try:
+        yield
+    finally:
+        structlog.configure(**previous)
 
 
 def _echo_seen(logs: list[MutableMapping[str, Any]], binary: Path) -> bool:
