@@ -32,7 +32,7 @@ from capkeeper.audit import (
     walk_options,
 )
 from capkeeper.capabilities import CapSet, format_text, kernel_last_cap
-from capkeeper.errors import CapkeeperError
+from capkeeper.errors import CapkeeperError, needs_escape
 from capkeeper.files import Kind, Observation, observe
 from capkeeper.state import Entry
 from capkeeper.trust import Refusal, assess
@@ -99,8 +99,8 @@ def adopt_observation(path: str, observation: Observation, *, last_cap: int) -> 
         path.encode("utf-8")
     except UnicodeEncodeError:
         return "its path is not valid UTF-8, which a TOML state cannot hold"
-    if not path.isprintable():
-        return "its path contains control characters, which the state refuses"
+    if needs_escape(path):
+        return "its path contains control or format characters, which the state refuses"
     owner = "root" if observation.uid == 0 else _owner_name(observation.uid)
     entry = Entry(
         path=path,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -170,8 +171,41 @@ def test_paths_are_normalised_and_control_characters_refused(tmp_path: Path) -> 
     )
     assert _problems(main) == [
         "state.toml: entry 2 (/x): path: already declared in state.toml: entry 1",
-        "state.toml: entry 3 (/a\\nb): path: must not contain control characters",
+        "state.toml: entry 3 (/a\\nb): path: must not contain control or format characters",
     ]
+
+
+@pytest.mark.parametrize(
+    ("path", "escaped"),
+    [
+        ("/a\nb", "/a\\nb"),
+        ("/a\u202eb", "/a\\u202eb"),
+        ("/a\u2028b", "/a\\u2028b"),
+        ("/a\u200bb", "/a\\u200bb"),
+        ("/a\x7fb", "/a\\x7fb"),
+    ],
+)
+def test_path_with_what_printable_escapes_is_refused(
+    tmp_path: Path, path: str, escaped: str
+) -> None:
+    """The state refuses exactly the paths errors.printable would have to escape."""
+    # JSON's \\uXXXX escapes are valid in a TOML basic string.
+    main = _write(
+        tmp_path / "state.toml", f'[[binary]]\npath = {json.dumps(path)}\ncaps = "cap_chown=p"\n'
+    )
+    assert _problems(main) == [
+        f"state.toml: entry 1 ({escaped}): path: must not contain control or format characters"
+    ]
+
+
+def test_printable_non_ascii_paths_are_accepted(tmp_path: Path) -> None:
+    """Letters with accents, CJK and the no-break space are printable: such paths load."""
+    paths = ["/opt/café/bin", "/opt/ü/漢字", "/opt/a\u00a0b"]
+    main = _write(
+        tmp_path / "state.toml",
+        "".join(f'[[binary]]\npath = "{p}"\ncaps = "cap_chown=p"\n' for p in paths),
+    )
+    assert [e.path for e in load_state(main, last_cap=40).entries] == paths
 
 
 def test_owner_out_of_range_or_with_nul(tmp_path: Path) -> None:
