@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from capkeeper import __version__, adopt, audit, doctor
 from capkeeper.capabilities import decode_revision, format_text, kernel_last_cap
-from capkeeper.errors import CapkeeperError, FileAccessError, StateError, UsageError
+from capkeeper.errors import CapkeeperError, FileAccessError, StateError, UsageError, printable
 from capkeeper.files import observe, read_path_caps
 from capkeeper.log import LEVELS, configure, get_logger
 from capkeeper.reconcile import Outcome, Status, log_outcome, reconcile
@@ -147,7 +147,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _emit(out: TextIO, as_json: bool, record: dict[str, Any], human: str) -> None:
-    out.write((json.dumps(record) if as_json else human) + "\n")
+    out.write((json.dumps(record) if as_json else printable(human)) + "\n")
 
 
 def _outcome_line(outcome: Outcome) -> str:
@@ -208,14 +208,14 @@ def cmd_show(args: argparse.Namespace, settings: Settings, out: TextIO) -> ExitS
         try:
             caps, raw = read_path_caps(path)
         except CapkeeperError as exc:
-            sys.stderr.write(f"capkeeper: {exc}\n")
+            sys.stderr.write(f"capkeeper: {printable(str(exc))}\n")
             status = ExitStatus.FAILED
             continue
         if caps is None or raw is None:
             if args.json:
                 _emit(out, True, {"path": path, "caps": None}, "")
             elif args.verbose:
-                out.write(f"{path} (no capabilities)\n")
+                out.write(f"{printable(path)} (no capabilities)\n")
             continue
         text = format_text(caps)
         revision = int(decode_revision(raw))
@@ -286,7 +286,7 @@ def cmd_validate(args: argparse.Namespace, settings: Settings, out: TextIO) -> E
     if not args.json:
         files = ", ".join(str(f) for f in state.files)
         verdict = "no problems" if not problems else f"{problems} problem(s)"
-        out.write(f"{len(state.entries)} declared binaries in {files}: {verdict}\n")
+        out.write(printable(f"{len(state.entries)} declared binaries in {files}: {verdict}") + "\n")
     return ExitStatus.FAILED if problems else ExitStatus.OK
 
 
@@ -296,7 +296,7 @@ def cmd_systemd_dropin(args: argparse.Namespace, settings: Settings, out: TextIO
     for entry in state.entries:
         if entry.path.startswith(HIDDEN_FROM_SERVICE):
             sys.stderr.write(
-                f"capkeeper: warning: {entry.path} is hidden from the service "
+                f"capkeeper: warning: {printable(entry.path)} is hidden from the service "
                 "(PrivateTmp=/ProtectHome= in capkeeper.service); keep managed binaries "
                 "elsewhere\n"
             )
@@ -307,13 +307,16 @@ def cmd_systemd_dropin(args: argparse.Namespace, settings: Settings, out: TextIO
     current = target.read_text() if target.is_file() else None
     if args.check:
         verdict = "up to date" if current == text else "out of date"
-        out.write(f"{target}: {verdict}\n")
+        out.write(f"{printable(str(target))}: {verdict}\n")
         return ExitStatus.OK if current == text else ExitStatus.DRIFT
     if current == text:
-        out.write(f"{target}: already up to date\n")
+        out.write(f"{printable(str(target))}: already up to date\n")
         return ExitStatus.OK
     write_atomically(target, text)
-    out.write(f"wrote {target}; now run: systemctl daemon-reload && systemctl restart capkeeper\n")
+    out.write(
+        f"wrote {printable(str(target))}; now run: systemctl daemon-reload && "
+        "systemctl restart capkeeper\n"
+    )
     return ExitStatus.OK
 
 
@@ -371,7 +374,7 @@ def _report(exc: CapkeeperError, err: TextIO) -> None:
     if isinstance(exc, StateError):
         err.write(f"capkeeper: {exc.message}\n")
         return
-    err.write(f"capkeeper: error: {exc}\n")
+    err.write(f"capkeeper: error: {printable(str(exc))}\n")
 
 
 def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int:
@@ -419,13 +422,13 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
             return int(ExitStatus.FAILED)
         if debug:
             raise
-        stderr.write(f"capkeeper: error: {exc}\n")
+        stderr.write(f"capkeeper: error: {printable(str(exc))}\n")
         return int(ExitStatus.FAILED)
     except Exception as exc:
         if debug:
             raise
         stderr.write(
-            f"capkeeper: internal error: {exc.__class__.__name__}: {exc} "
+            f"capkeeper: internal error: {exc.__class__.__name__}: {printable(str(exc))} "
             "(run with --debug for a traceback, and please report it)\n"
         )
         return int(ExitStatus.FAILED)

@@ -94,7 +94,7 @@ class StateError(CapkeeperError):
         count = len(problems)
         super().__init__(
             f"{count} problem{'s' if count != 1 else ''} in the state:\n"
-            + "\n".join(f"  {p}" for p in problems)
+            + "\n".join(f"  {printable(p)}" for p in problems)
         )
         self.problems = problems
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from capkeeper.errors import printable
 from capkeeper.reconcile import Outcome, Status
 from capkeeper.systemd import write_atomically
 
@@ -154,7 +155,7 @@ def render(data: dict[str, Any]) -> str:
             f"{entry['status']:<9} {entry['path']}  {detail}  "
             f"(restores {entry['restores']}, last drift {_when(entry['last_drift'])})"
         )
-    return "\n".join(lines) + "\n"
+    return "".join(printable(line) + "\n" for line in lines)
 
 
 def _label(value: str) -> str:

@@ -230,3 +230,18 @@ def test_allow_interpreter_is_read(tmp_path: Path) -> None:
     )
     (entry,) = load_state(main, last_cap=40).entries
     assert entry.allow_interpreter
+
+
+def test_problems_are_printed_escaped(tmp_path: Path) -> None:
+    """A key with a newline cannot forge a line in the problem list."""
+    main = _write(
+        tmp_path / "state.toml",
+        '[[binary]]\npath = "/x"\ncaps = "cap_chown=p"\n"evil\\nfake" = 1\n"\\u202e" = 2\n',
+    )
+    with pytest.raises(StateError) as info:
+        load_state(main, last_cap=40)
+    assert info.value.message.split("\n") == [
+        "2 problems in the state:",
+        "  state.toml: entry 1 (/x): evil\\nfake: unknown key",
+        "  state.toml: entry 1 (/x): \\u202e: unknown key",
+    ]
