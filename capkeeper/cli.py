@@ -24,7 +24,13 @@ from capkeeper.settings import Settings
 from capkeeper.state import Entry, State, load_state
 from capkeeper.status import read_status
 from capkeeper.status import render as render_status
-from capkeeper.systemd import DROPIN, HIDDEN_FROM_SERVICE, dropin_text, write_atomically
+from capkeeper.systemd import (
+    DROPIN,
+    HIDDEN_FROM_SERVICE,
+    dropin_refusals,
+    dropin_text,
+    write_atomically,
+)
 from capkeeper.trust import assess
 
 
@@ -292,6 +298,11 @@ def cmd_validate(args: argparse.Namespace, settings: Settings, out: TextIO) -> E
 
 def cmd_systemd_dropin(args: argparse.Namespace, settings: Settings, out: TextIO) -> ExitStatus:
     state = load_state(settings.state)
+    refusals = dropin_refusals(state)
+    if refusals:  # nothing is written, and --check cannot say "up to date" either
+        for refusal in refusals:
+            sys.stderr.write(f"capkeeper: error: {printable(refusal)}\n")
+        return ExitStatus.FAILED
     text = dropin_text(state)
     for entry in state.entries:
         if entry.path.startswith(HIDDEN_FROM_SERVICE):
