@@ -22,7 +22,7 @@ from capkeeper.log import LEVELS, configure, get_logger
 from capkeeper.reconcile import Outcome, Status, log_outcome, reconcile
 from capkeeper.settings import Settings
 from capkeeper.state import Entry, State, load_state
-from capkeeper.status import read_status
+from capkeeper.status import StatusFileError, parse_status, read_status
 from capkeeper.status import render as render_status
 from capkeeper.systemd import (
     DROPIN,
@@ -335,23 +335,19 @@ def cmd_status(args: argparse.Namespace, settings: Settings, out: TextIO) -> Exi
     path = Path(args.status_file) if args.status_file else settings.status_file
     try:
         data = read_status(path)
+        snapshot = parse_status(data)
     except FileNotFoundError:
         raise CapkeeperError(
             "no status file: the daemon is not running or writes it elsewhere",
             context=str(path),
             hint="systemctl status capkeeper; or pass --status-file",
         ) from None
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
         raise CapkeeperError(f"cannot read the status file: {exc}", context=str(path)) from exc
-    try:
-        text = json.dumps(data, indent=1) + "\n" if args.json else render_status(data)
-        bad = any(e["status"] not in ("in-sync", "unknown") for e in data["entries"])
-    except (KeyError, TypeError, AttributeError) as exc:
-        raise CapkeeperError(
-            f"not a capkeeper status file (missing or malformed {exc})", context=str(path)
-        ) from exc
-    out.write(text)
-    return ExitStatus.FAILED if bad else ExitStatus.OK
+    except StatusFileError as exc:
+        raise CapkeeperError(f"not a capkeeper status file: {exc}", context=str(path)) from None
+    out.write(json.dumps(data, indent=1) + "\n" if args.json else render_status(snapshot))
+    return ExitStatus.OK if snapshot.healthy else ExitStatus.FAILED
 
 
 def cmd_watch(args: argparse.Namespace, settings: Settings, out: TextIO) -> ExitStatus:
