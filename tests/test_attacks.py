@@ -1,8 +1,9 @@
 """Attacks by a local unprivileged user, each run for real and each with what must not happen.
 
 Read top to bottom: every section names the attack, the uid it runs as
-(``setpriv --reuid``, never a mock) and the property asserted. Each test
-failed on the code before its fix.
+(``setpriv --reuid``, never a mock) and the property asserted. Every test
+of a fix failed on the code before that fix; a test named ``test_real_…``
+shows that the attack works against the reference tool.
 """
 
 from __future__ import annotations
