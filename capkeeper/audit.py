@@ -51,7 +51,7 @@ from capkeeper.capabilities import (
     format_text,
     kernel_last_cap,
 )
-from capkeeper.errors import CapkeeperError, InvalidCapabilityData
+from capkeeper.errors import CapkeeperError, InvalidCapabilityData, printable
 from capkeeper.files import XATTR_NAME, Kind, Observation, observe
 from capkeeper.mounts import NETWORK_FS, PSEUDO_FS, MountInfo, MountTable, mount_id, read_mounts
 from capkeeper.reconcile import Status, decide, describe
@@ -916,15 +916,16 @@ def _ordered(findings: Iterable[Finding]) -> list[Finding]:
 # -- output ---------------------------------------------------------------------------
 
 
-def _printable(path: str) -> str:
-    """A path that can be written to a text stream (undecodable bytes shown as \\xNN)."""
-    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
 def render_getcap(report: AuditReport) -> list[str]:
-    """The lines ``getcap -r`` prints on stdout for the same tree (sorted by path)."""
+    """The lines ``getcap -r`` prints on stdout for the same tree (sorted by path).
+
+    A name is printed as getcap prints it unless it holds a control or format
+    character or an undecodable byte: then it is escaped (:func:`printable`),
+    so one file is always one line. getcap itself writes such a name raw, and
+    a newline in it reads as a second file.
+    """
     return [
-        f"{_printable(f.display)} {format_text(f.caps)}"
+        f"{printable(f.display)} {format_text(f.caps)}"
         for f in sorted(report.findings, key=lambda f: f.path)
         if f.caps is not None
     ]
@@ -938,11 +939,11 @@ def render_table(report: AuditReport) -> list[str]:
         caps = finding.caps_text
         if finding.entry is not None and finding.verdict is not Verdict.IN_SYNC:
             caps += f" (declared {finding.entry.caps_text})"
-        lines.append(f"{level:<9} {finding.verdict:<10} {_printable(finding.path)}  {caps}")
+        lines.append(f"{level:<9} {finding.verdict:<10} {printable(finding.path)}  {caps}")
         reasons = list(finding.rating.reasons) if finding.rating is not None else []
         if finding.note:
             reasons.append(finding.note)
-        lines.extend(f"{'':<20} - {reason}" for reason in reasons)
+        lines.extend(f"{'':<20} - {printable(reason)}" for reason in reasons)
     return lines
 
 
@@ -961,7 +962,7 @@ def summary(report: AuditReport) -> str:
     if walked.skipped:
         types = sorted({s.fstype for s in walked.skipped})
         text += f"; skipped {len(walked.skipped)} mount(s) ({', '.join(types)})"
-    return text
+    return printable(text)
 
 
 def _exit_status(report: AuditReport) -> ExitStatus:
@@ -1020,7 +1021,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--format",
         choices=("table", "json", "getcap"),
         default="table",
-        help="table (default), JSON lines, or exactly what 'getcap -r' prints",
+        help="table (default), JSON lines, or what 'getcap -r' prints (a name with control "
+        "or format characters escaped, so one file is one line; getcap prints it raw)",
     )
     output.add_argument(
         "--json", dest="format", action="store_const", const="json", help="--format json"
@@ -1040,7 +1042,7 @@ def walk_options(args: argparse.Namespace) -> WalkOptions:
 def report_walk_problems(result: WalkResult, err: TextIO) -> None:
     """Print what the walk could not read on stderr."""
     for error in result.errors:
-        err.write(f"capkeeper: audit: {_printable(error.path)}: {error.message}\n")
+        err.write(f"capkeeper: audit: {printable(error.path)}: {printable(error.message)}\n")
 
 
 def cmd_audit(args: argparse.Namespace, settings: Settings, out: TextIO) -> ExitStatus:
@@ -1048,14 +1050,14 @@ def cmd_audit(args: argparse.Namespace, settings: Settings, out: TextIO) -> Exit
     err = sys.stderr
     state, note = load_state_or_empty(settings.state)
     if note and args.format != "getcap":
-        err.write(f"capkeeper: audit: {note}\n")
+        err.write(f"capkeeper: audit: {printable(note)}\n")
     report = audit(args.roots or ["/"], state, walk_options(args), progress=err)
     report_walk_problems(report.walk, err)
     if args.format == "getcap":
         for finding in report.findings:
             if finding.caps is None and finding.problem is not None:
                 err.write(
-                    f"Failed to get capabilities of file '{_printable(finding.display)}' "
+                    f"Failed to get capabilities of file '{printable(finding.display)}' "
                     f"({finding.problem})\n"
                 )
         out.writelines(line + "\n" for line in render_getcap(report))

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from capkeeper.audit import load_state_or_empty
 from capkeeper.capabilities import CapSet, capability_name, capability_number
-from capkeeper.errors import CapkeeperError, InvalidCapabilityText
+from capkeeper.errors import CapkeeperError, InvalidCapabilityText, printable
 from capkeeper.files import XATTR_NAME, Kind, Observation, observe
 from capkeeper.log import get_logger
 from capkeeper.mounts import MountInfo, mount_of
@@ -666,15 +666,15 @@ def cmd_doctor(args: argparse.Namespace, settings: Settings, out: TextIO) -> Exi
     diagnosis = run_checks(targets(state, paths) if paths or not args.unit else [], unit)
     diagnosis.failures += failures
     for failure in diagnosis.failures:
-        sys.stderr.write(f"capkeeper: doctor: {failure}\n")
+        sys.stderr.write(f"capkeeper: doctor: {printable(failure)}\n")
     for target, problems in diagnosis.results:
         for problem in problems:
             if args.json:
                 out.write(json.dumps(problem.record()) + "\n")
             else:
-                out.write(f"{problem.line()}\n  fix: {problem.fix}\n")
+                out.write(f"{printable(problem.line())}\n  fix: {printable(problem.fix)}\n")
         if not problems and not args.json:
-            out.write(f"{target.path}: ok\n")
+            out.write(f"{printable(target.path)}: ok\n")
     if not args.json:
         problems = diagnosis.problems
         errors = sum(1 for p in problems if p.severity is Severity.ERROR)
@@ -710,12 +710,14 @@ def preflight(
     diagnosis = run_checks(chosen, unit)
     logger = get_logger()
     for failure in failures:
-        out.write(f"warning   cannot check unit {unit_name}: {failure}\n")
+        out.write(printable(f"warning   cannot check unit {unit_name}: {failure}") + "\n")
         if log_events:
             logger.warning("unit_check_failed", unit=unit_name, reason=failure)
     problems = [p for p in diagnosis.problems if p.check != "missing"]
     for problem in problems:
-        out.write(f"warning   {problem.path}  {problem.message} (fix: {problem.fix})\n")
+        out.write(
+            printable(f"warning   {problem.path}  {problem.message} (fix: {problem.fix})") + "\n"
+        )
         if log_events:
             logger.warning(
                 "capability_ineffective",

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import IntEnum
 
+from capkeeper.errors import printable
+
 
 class Priority(IntEnum):
     """syslog priorities as journald's ``PRIORITY=`` field uses them."""
@@ -254,9 +256,10 @@ class _Fields(dict[str, object]):
 
 
 def render_message(event: str, fields: dict[str, object]) -> str:
-    """A human sentence for ``event``; unregistered events read ``event k=v …``."""
+    """A human sentence for ``event`` on one line, untrusted names escaped
+    (:func:`~capkeeper.errors.printable`); unregistered events read ``event k=v …``."""
     spec = EVENTS.get(event)
     if spec is None:
         extras = " ".join(f"{k}={v}" for k, v in fields.items() if not k.startswith("_"))
-        return f"{event} {extras}".rstrip()
-    return spec.template.format_map(_Fields(fields))
+        return printable(f"{event} {extras}".rstrip())
+    return printable(spec.template.format_map(_Fields(fields)))

@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from capkeeper.capabilities import CapSet, capability_name, format_text, kernel_last_cap, parse
-from capkeeper.errors import CapkeeperError, StateError, UsageError, printable
+from capkeeper.errors import CapkeeperError, StateError, UsageError, needs_escape, printable
 
 DEFAULT_STATE = Path("/etc/capkeeper/state.toml")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -46,8 +46,8 @@ class _BinaryTable(BaseModel):
     def _absolute(cls, value: str) -> str:
         if not value.startswith("/"):
             raise ValueError(f"must be an absolute path, got {value!r}")
-        if not value.isprintable():
-            raise ValueError("must not contain control characters")
+        if needs_escape(value):
+            raise ValueError("must not contain control or format characters")
         # normpath keeps a leading "//" (POSIX leaves it implementation-defined);
         # Linux treats it as "/", and so must duplicate detection.
         normal = "/" + posixpath.normpath(value).lstrip("/")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -170,8 +171,41 @@ def test_paths_are_normalised_and_control_characters_refused(tmp_path: Path) -> 
     )
     assert _problems(main) == [
         "state.toml: entry 2 (/x): path: already declared in state.toml: entry 1",
-        "state.toml: entry 3 (/a\\nb): path: must not contain control characters",
+        "state.toml: entry 3 (/a\\nb): path: must not contain control or format characters",
     ]
+
+
+@pytest.mark.parametrize(
+    ("path", "escaped"),
+    [
+        ("/a\nb", "/a\\nb"),
+        ("/a\u202eb", "/a\\u202eb"),
+        ("/a\u2028b", "/a\\u2028b"),
+        ("/a\u200bb", "/a\\u200bb"),
+        ("/a\x7fb", "/a\\x7fb"),
+    ],
+)
+def test_path_with_what_printable_escapes_is_refused(
+    tmp_path: Path, path: str, escaped: str
+) -> None:
+    """The state refuses exactly the paths errors.printable would have to escape."""
+    # JSON's \\uXXXX escapes are valid in a TOML basic string.
+    main = _write(
+        tmp_path / "state.toml", f'[[binary]]\npath = {json.dumps(path)}\ncaps = "cap_chown=p"\n'
+    )
+    assert _problems(main) == [
+        f"state.toml: entry 1 ({escaped}): path: must not contain control or format characters"
+    ]
+
+
+def test_printable_non_ascii_paths_are_accepted(tmp_path: Path) -> None:
+    """Letters with accents, CJK and the no-break space are printable: such paths load."""
+    paths = ["/opt/café/bin", "/opt/ü/漢字", "/opt/a\u00a0b"]
+    main = _write(
+        tmp_path / "state.toml",
+        "".join(f'[[binary]]\npath = "{p}"\ncaps = "cap_chown=p"\n' for p in paths),
+    )
+    assert [e.path for e in load_state(main, last_cap=40).entries] == paths
 
 
 def test_owner_out_of_range_or_with_nul(tmp_path: Path) -> None:
@@ -196,3 +230,18 @@ def test_allow_interpreter_is_read(tmp_path: Path) -> None:
     )
     (entry,) = load_state(main, last_cap=40).entries
     assert entry.allow_interpreter
+
+
+def test_problems_are_printed_escaped(tmp_path: Path) -> None:
+    """A key with a newline cannot forge a line in the problem list."""
+    main = _write(
+        tmp_path / "state.toml",
+        '[[binary]]\npath = "/x"\ncaps = "cap_chown=p"\n"evil\\nfake" = 1\n"\\u202e" = 2\n',
+    )
+    with pytest.raises(StateError) as info:
+        load_state(main, last_cap=40)
+    assert info.value.message.split("\n") == [
+        "2 problems in the state:",
+        "  state.toml: entry 1 (/x): evil\\nfake: unknown key",
+        "  state.toml: entry 1 (/x): \\u202e: unknown key",
+    ]
