@@ -10,7 +10,7 @@ from capkeeper.capabilities import format_text, parse
 from capkeeper.files import XATTR_NAME
 from capkeeper.reconcile import Status, reconcile
 from capkeeper.state import Entry
-from tests.conftest import make_binary
+from tests.conftest import getcap, make_binary
 
 NOBODY = 65534
 
@@ -197,17 +197,33 @@ def test_pinned_content_changed_by_mmap_loses_its_capabilities(tree: Path) -> No
     assert XATTR_NAME not in os.listxattr(binary)
 
 
-def test_loosened_directory_revokes_existing_capabilities(tree: Path) -> None:
-    """Capabilities granted before a directory became group-writable are taken away."""
+def test_loosened_file_revokes_existing_capabilities(tree: Path) -> None:
+    """Capabilities granted before the file became group-writable are taken away."""
+    binary = make_binary(tree / "app")
+    assert reconcile(_entry(binary), write=True).status is Status.RESTORED
+    os.chmod(binary, 0o775)
+    assert _refused(_entry(binary)) == (
+        f"{binary} is writable by group (mode 0775) (hint: chmod go-w {binary})"
+        "; its capabilities (cap_net_bind_service=ep) were removed"
+    )
+
+
+def test_loosened_directory_changes_nothing(tree: Path) -> None:
+    """Once a directory on the route is group-writable, the file there may be anybody's:
+    it is refused and left as it is (the group could have moved any capable binary in)."""
     directory = tree / "bin"
     directory.mkdir(mode=0o755)
     binary = make_binary(directory / "app")
     assert reconcile(_entry(binary), write=True).status is Status.RESTORED
     os.chmod(directory, 0o775)
-    assert _refused(_entry(binary)) == (
+    outcome = reconcile(_entry(binary), write=True)
+    assert outcome.status is Status.REFUSED
+    assert outcome.reason == (
         f"directory {directory} is writable by group (mode 0775) (hint: chmod go-w {directory})"
-        "; its capabilities (cap_net_bind_service=ep) were removed"
+        f"; nothing was changed on {binary} (it keeps cap_net_bind_service=ep): the route to "
+        "it is not trusted"
     )
+    assert getcap(binary) == "cap_net_bind_service=ep"
 
 
 def test_path_through_proc_is_refused(tree: Path) -> None:
