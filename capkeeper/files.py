@@ -29,6 +29,7 @@ _MAX_SYMLINKS = 40  # the kernel's MAXSYMLINKS
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+_LIST_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class Kind(StrEnum):
@@ -96,11 +97,21 @@ def _split(path: str) -> list[str]:
     return [part for part in path.split("/") if part not in ("", ".")]
 
 
+REPLACED = "replaced while opening"
+"""The reason given when the file changed between the walk and the open."""
+
+
 @contextmanager
-def open_declared(path: str) -> Iterator[tuple[int, list[Hop], str]]:
+def open_declared(path: str, *, directory: bool = False) -> Iterator[tuple[int, list[Hop], str]]:
     """Walk ``path`` safely and yield ``(fd, hops, resolved)`` for its final file.
 
-    Raises :class:`FileAccessError` (``errno`` ENOENT when the file is missing).
+    ``hops`` is the route to the final component (not the component itself).
+    With ``directory`` the final component must be a directory, opened for
+    reading (listing); otherwise a regular file is opened for reading and
+    anything else with ``O_PATH``.
+
+    Raises :class:`FileAccessError` (``errno`` ENOENT when the file is missing,
+    EAGAIN with :data:`REPLACED` when it was replaced between walk and open).
     """
     hops: list[Hop] = []
     stack: list[tuple[int, str]] = []  # (fd, path) of directories, "/" first
@@ -138,12 +149,21 @@ def open_declared(path: str) -> Iterator[tuple[int, list[Hop], str]]:
                 st = os.fstat(sub)
                 hops.append(Hop(here, st.st_uid, st.st_mode))
                 continue
-            # Only regular files are opened for reading: opening a device or FIFO
-            # can have side effects. O_PATH suffices to describe anything else.
-            flags = _FILE_FLAGS if stat.S_ISREG(st.st_mode) else _PATH_FLAGS
+            if directory:
+                flags = _LIST_FLAGS
+            else:
+                # Only regular files are opened for reading: opening a device or FIFO
+                # can have side effects. O_PATH suffices to describe anything else.
+                flags = _FILE_FLAGS if stat.S_ISREG(st.st_mode) else _PATH_FLAGS
             fd = os.open(name, flags, dir_fd=dir_fd)
-            if (os.fstat(fd).st_ino, os.fstat(fd).st_dev) != (st.st_ino, st.st_dev):
-                raise OSError(errno.EAGAIN, "the file was replaced while being opened")
+            opened = os.fstat(fd)
+            if (opened.st_ino, opened.st_dev) != (st.st_ino, st.st_dev):
+                raise FileAccessError(
+                    f"{REPLACED}: it changed between the walk and the open; "
+                    "the next event or retry looks again",
+                    context=path,
+                    errno=errno.EAGAIN,
+                )
             yield fd, hops, here
             return
         raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
