@@ -65,6 +65,7 @@ class Outcome:
     resolved: str = ""
     reason: str = ""
     extra: bool = False
+    transient: bool = False  # a race (replaced while opening): the next look may succeed
 
     @property
     def expected(self) -> str:
@@ -108,20 +109,34 @@ def decide(entry: Entry, observation: Observation, *, last_cap: int) -> Decision
     return Decision(Status.DRIFT, found, extra=extra)
 
 
+_ATTEMPTS = 3  # walks tried when the file keeps being replaced while it is opened
+
+
 def reconcile(
     entry: Entry,
     *,
     write: bool,
     last_cap: int | None = None,
 ) -> Outcome:
-    """Observe ``entry``'s file, decide, and (when ``write``) restore its capabilities."""
+    """Observe ``entry``'s file, decide, and (when ``write``) restore its capabilities.
+
+    A file replaced between the walk and the open is walked again (a deploy
+    renaming a new build into place); after a few such races in a row the
+    outcome is a transient failure that the next event or retry looks at again.
+    """
     limit = kernel_last_cap() if last_cap is None else last_cap
-    try:
-        return _reconcile_once(entry, write=write, last_cap=limit)
-    except FileAccessError as exc:
-        if exc.errno == errno.ENOENT:
-            return Outcome(entry, Status.MISSING, "none", reason="file does not exist")
-        return Outcome(entry, Status.FAILED, "unknown", reason=str(exc))
+    attempt = 1
+    while True:
+        try:
+            return _reconcile_once(entry, write=write, last_cap=limit)
+        except FileAccessError as exc:
+            if exc.errno == errno.ENOENT:
+                return Outcome(entry, Status.MISSING, "none", reason="file does not exist")
+            if exc.errno == errno.EAGAIN and attempt < _ATTEMPTS:
+                attempt += 1
+                continue
+            transient = exc.errno == errno.EAGAIN
+            return Outcome(entry, Status.FAILED, "unknown", reason=str(exc), transient=transient)
 
 
 def _reconcile_once(entry: Entry, *, write: bool, last_cap: int) -> Outcome:
@@ -166,6 +181,8 @@ def event_for(outcome: Outcome) -> tuple[str, str]:
     status = outcome.status
     if status in (Status.RESTORED, Status.DRIFT) and outcome.extra:
         return "capability_tampering", "critical"
+    if status is Status.FAILED and outcome.transient:
+        return "restore_failed", "warning"
     return {
         Status.RESTORED: ("capability_restored", "warning"),
         Status.DRIFT: ("capability_drift", "warning"),
