@@ -25,6 +25,10 @@ from capkeeper.capabilities import CapSet, decode, encode
 from capkeeper.errors import FileAccessError, InvalidCapabilityData
 
 XATTR_NAME = "security.capability"
+NO_XATTR = (
+    "the file system does not support extended attributes, so it cannot keep "
+    "security.capability (hint: keep managed binaries on ext4, xfs, btrfs or tmpfs)"
+)
 _MAX_SYMLINKS = 40  # the kernel's MAXSYMLINKS
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -70,6 +74,7 @@ class Observation:
     caps_problem: str | None  # present but unreadable (legacy v1, foreign v3, malformed)
     sha256: str | None  # computed only when asked
     nlink: int = 1
+    xattr_supported: bool = True  # False: the file system has no extended attributes
 
 
 def _oserror(exc: OSError, path: str, action: str) -> FileAccessError:
@@ -182,7 +187,10 @@ def posixjoin(directory: str, name: str) -> str:
 
 def read_caps(fd: int) -> tuple[CapSet | None, str | None]:
     """The capabilities on ``fd``: ``(caps, None)``, ``(None, None)`` when absent,
-    or ``(None, problem)`` when a value is present but cannot be read."""
+    or ``(None, problem)`` when a value is present but cannot be read.
+
+    Raises :class:`OSError` otherwise, EOPNOTSUPP included (a file system
+    without extended attributes cannot keep capabilities at all)."""
     try:
         value = xattr.xattr(fd).get(XATTR_NAME)
     except OSError as exc:
@@ -193,9 +201,7 @@ def read_caps(fd: int) -> tuple[CapSet | None, str | None]:
             return None, "present but unreadable (legacy v1 or malformed value)"
         if exc.errno == errno.EOVERFLOW:
             return None, "present but owned by another user namespace (v3 rootid not mapped)"
-        if exc.errno == errno.EOPNOTSUPP:
-            return None, None
-        raise
+        raise  # EOPNOTSUPP included: no extended attributes at all is not "no capabilities"
     try:
         return decode(bytes(value)), None
     except InvalidCapabilityData as exc:
@@ -229,7 +235,14 @@ def observe_fd(path: str, fd: int, hops: list[Hop], resolved: str, *, hash: bool
         st = os.fstat(fd)
         kind, interpreter = _kind(fd, st.st_mode)
         regular = kind is not Kind.NOT_REGULAR
-        caps, problem = read_caps(fd) if regular else (None, None)
+        caps, problem, supported = None, None, True
+        if regular:
+            try:
+                caps, problem = read_caps(fd)
+            except OSError as exc:
+                if exc.errno != errno.EOPNOTSUPP:
+                    raise
+                supported = False
         digest = sha256_of(fd) if hash and regular else None
     except OSError as exc:
         raise _oserror(exc, path, "read") from exc
@@ -248,6 +261,7 @@ def observe_fd(path: str, fd: int, hops: list[Hop], resolved: str, *, hash: bool
         caps_problem=problem,
         sha256=digest,
         nlink=st.st_nlink,
+        xattr_supported=supported,
     )
 
 

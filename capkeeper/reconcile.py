@@ -15,7 +15,14 @@ from typing import Any
 
 from capkeeper.capabilities import CapSet, format_text, kernel_last_cap
 from capkeeper.errors import FileAccessError
-from capkeeper.files import Observation, observe_fd, open_declared, remove_caps, write_caps
+from capkeeper.files import (
+    NO_XATTR,
+    Observation,
+    observe_fd,
+    open_declared,
+    remove_caps,
+    write_caps,
+)
 from capkeeper.state import Entry
 from capkeeper.trust import Refusal, assess
 
@@ -145,6 +152,9 @@ def _reconcile_once(entry: Entry, *, write: bool, last_cap: int) -> Outcome:
         decision = decide(entry, observation, last_cap=last_cap)
         if decision.status is Status.REFUSED:
             return _refuse(entry, fd, observation, decision, write=write)
+        if not observation.xattr_supported:
+            reason = f"{resolved}: {NO_XATTR}"
+            return Outcome(entry, Status.FAILED, decision.found, resolved, reason=reason)
         if decision.status is Status.IN_SYNC or not write:
             return Outcome(entry, decision.status, decision.found, resolved, extra=decision.extra)
         write_caps(fd, entry.caps, path=entry.path)
