@@ -24,7 +24,14 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from capkeeper.capabilities import CapSet, capability_name, format_text, kernel_last_cap, parse
-from capkeeper.errors import CapkeeperError, FileAccessError, StateError, UsageError, printable
+from capkeeper.errors import (
+    CapkeeperError,
+    FileAccessError,
+    StateError,
+    StateNotFound,
+    UsageError,
+    printable,
+)
 from capkeeper.files import REPLACED, Hop, open_declared
 from capkeeper.trust import route_refusals
 
@@ -165,7 +172,8 @@ class _Reader:
     documents: list[tuple[Path, str, bytes]] = field(default_factory=list)
 
     def _shown(self, path: str) -> str:
-        return _display(Path(path), self.main)
+        """How problems and entry sources name ``path`` (a file name may hold anything)."""
+        return printable(_display(Path(path), self.main))
 
     def _route(self, hops: list[Hop], declared: str, resolved: str, st: os.stat_result) -> None:
         euid = os.geteuid()
@@ -226,7 +234,7 @@ class _Reader:
                 self._read(fd, shown, declared)
         except FileAccessError as exc:
             if exc.errno == errno.ENOENT:
-                raise StateError(
+                raise StateNotFound(
                     [
                         f"{printable(declared)}: not found (create it, or point --state / "
                         "CAPKEEPER_STATE at another file)"

@@ -323,3 +323,11 @@ def test_relative_state_path_is_walked_from_the_working_directory(
     state = load_state(Path("state.toml"), last_cap=40)
     assert [e.path for e in state.entries] == ["/x"]
     assert state.files == (tmp_path / "state.toml",)
+
+
+def test_dropin_names_are_escaped(tmp_path: Path) -> None:
+    """A drop-in whose name holds a newline cannot forge a line in the problem list."""
+    main = _write(tmp_path / "state.toml", "")
+    _write(tmp_path / "state.d" / "a\nfake: ok.toml", "[[binary]\n")
+    (problem,) = _problems(main)
+    assert problem.startswith("state.d/a\\nfake: ok.toml: invalid TOML: ")
