@@ -118,67 +118,77 @@ def open_declared(path: str, *, directory: bool = False) -> Iterator[tuple[int, 
     Raises :class:`FileAccessError` (``errno`` ENOENT when the file is missing,
     EAGAIN with :data:`REPLACED` when it was replaced between walk and open).
     """
-    hops: list[Hop] = []
     stack: list[tuple[int, str]] = []  # (fd, path) of directories, "/" first
     fd: int | None = None
     try:
-        root = os.open("/", _DIR_FLAGS)
-        stack.append((root, "/"))
-        st = os.fstat(root)
-        hops.append(Hop("/", st.st_uid, st.st_mode))
-        todo = _split(path)
-        links = 0
-        while todo:
-            name = todo.pop(0)
-            dir_fd, dir_path = stack[-1]
-            if name == "..":
-                if len(stack) > 1:
-                    os.close(stack.pop()[0])
-                continue
-            here = posixjoin(dir_path, name)
-            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-            if stat.S_ISLNK(st.st_mode):
-                links += 1
-                if links > _MAX_SYMLINKS:
-                    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
-                target = os.readlink(name, dir_fd=dir_fd)
-                hops.append(Hop(here, st.st_uid, st.st_mode, is_symlink=True, target=target))
-                if target.startswith("/"):
-                    while len(stack) > 1:
-                        os.close(stack.pop()[0])
-                todo[:0] = _split(target)
-                continue
-            if todo:  # an intermediate component must be a directory
-                sub = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
-                stack.append((sub, here))
-                st = os.fstat(sub)
-                hops.append(Hop(here, st.st_uid, st.st_mode))
-                continue
-            if directory:
-                flags = _LIST_FLAGS
-            else:
-                # Only regular files are opened for reading: opening a device or FIFO
-                # can have side effects. O_PATH suffices to describe anything else.
-                flags = _FILE_FLAGS if stat.S_ISREG(st.st_mode) else _PATH_FLAGS
-            fd = os.open(name, flags, dir_fd=dir_fd)
-            opened = os.fstat(fd)
-            if (opened.st_ino, opened.st_dev) != (st.st_ino, st.st_dev):
-                raise FileAccessError(
-                    f"{REPLACED}: it changed between the walk and the open; "
-                    "the next event or retry looks again",
-                    context=path,
-                    errno=errno.EAGAIN,
-                )
-            yield fd, hops, here
-            return
-        raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
-    except OSError as exc:
-        raise _oserror(exc, path, "open") from exc
+        try:
+            fd, hops, resolved = _walk(path, stack, directory=directory)
+        except OSError as exc:
+            raise _oserror(exc, path, "open") from exc
+        # Outside the try above: an error of the caller's is not an error opening.
+        yield fd, hops, resolved
     finally:
         if fd is not None:
             os.close(fd)
         for dir_fd, _ in stack:
             os.close(dir_fd)
+
+
+def _walk(
+    path: str, stack: list[tuple[int, str]], *, directory: bool
+) -> tuple[int, list[Hop], str]:
+    """The walk of :func:`open_declared`; directory descriptors are left on ``stack``."""
+    hops: list[Hop] = []
+    root = os.open("/", _DIR_FLAGS)
+    stack.append((root, "/"))
+    st = os.fstat(root)
+    hops.append(Hop("/", st.st_uid, st.st_mode))
+    todo = _split(path)
+    links = 0
+    while todo:
+        name = todo.pop(0)
+        dir_fd, dir_path = stack[-1]
+        if name == "..":
+            if len(stack) > 1:
+                os.close(stack.pop()[0])
+            continue
+        here = posixjoin(dir_path, name)
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if stat.S_ISLNK(st.st_mode):
+            links += 1
+            if links > _MAX_SYMLINKS:
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
+            target = os.readlink(name, dir_fd=dir_fd)
+            hops.append(Hop(here, st.st_uid, st.st_mode, is_symlink=True, target=target))
+            if target.startswith("/"):
+                while len(stack) > 1:
+                    os.close(stack.pop()[0])
+            todo[:0] = _split(target)
+            continue
+        if todo:  # an intermediate component must be a directory
+            sub = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+            stack.append((sub, here))
+            st = os.fstat(sub)
+            hops.append(Hop(here, st.st_uid, st.st_mode))
+            continue
+        if directory:
+            flags = _LIST_FLAGS
+        else:
+            # Only regular files are opened for reading: opening a device or FIFO
+            # can have side effects. O_PATH suffices to describe anything else.
+            flags = _FILE_FLAGS if stat.S_ISREG(st.st_mode) else _PATH_FLAGS
+        fd = os.open(name, flags, dir_fd=dir_fd)
+        opened = os.fstat(fd)
+        if (opened.st_ino, opened.st_dev) != (st.st_ino, st.st_dev):
+            os.close(fd)
+            raise FileAccessError(
+                f"{REPLACED}: it changed between the walk and the open; "
+                "the next event or retry looks again",
+                context=path,
+                errno=errno.EAGAIN,
+            )
+        return fd, hops, here
+    raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
 
 
 def posixjoin(directory: str, name: str) -> str:
