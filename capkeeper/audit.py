@@ -51,7 +51,7 @@ from capkeeper.capabilities import (
     format_text,
     kernel_last_cap,
 )
-from capkeeper.errors import CapkeeperError, InvalidCapabilityData, printable
+from capkeeper.errors import CapkeeperError, InvalidCapabilityData, StateNotFound, printable
 from capkeeper.files import XATTR_NAME, Kind, Observation, observe
 from capkeeper.mounts import NETWORK_FS, PSEUDO_FS, MountInfo, MountTable, mount_id, read_mounts
 from capkeeper.reconcile import Status, decide, describe
@@ -981,9 +981,10 @@ def load_state_or_empty(path: Path) -> tuple[State, str | None]:
     An audit is how an unmanaged host is first looked at, so a missing state
     is not an error: every finding is then unmanaged. An invalid state is.
     """
-    if not path.exists():
+    try:
+        return load_state(path), None
+    except StateNotFound:
         return State(entries=(), files=()), f"no state at {path}: every finding is unmanaged"
-    return load_state(path), None
 
 
 def _jobs(text: str) -> int:

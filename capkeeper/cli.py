@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from capkeeper import __version__, adopt, audit, doctor
 from capkeeper.capabilities import decode_revision, format_text, kernel_last_cap
 from capkeeper.errors import CapkeeperError, FileAccessError, StateError, UsageError, printable
-from capkeeper.files import observe, read_path_caps
+from capkeeper.files import NO_XATTR, observe, read_path_caps
 from capkeeper.log import LEVELS, configure, get_logger
 from capkeeper.reconcile import Outcome, Status, log_outcome, reconcile
 from capkeeper.settings import Settings
@@ -265,6 +265,9 @@ def cmd_validate(args: argparse.Namespace, settings: Settings, out: TextIO) -> E
                 report(where, "problem", str(exc))
             continue
         same_file.setdefault((observation.dev, observation.ino), []).append(entry)
+        if not observation.xattr_supported:
+            problems += 1
+            report(where, "problem", f"{observation.resolved}: {NO_XATTR}", "xattr")
         if entry.owner_uid != 0:
             report(
                 where,

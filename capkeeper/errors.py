@@ -99,6 +99,10 @@ class StateError(CapkeeperError):
         self.problems = problems
 
 
+class StateNotFound(StateError):
+    """The main state file does not exist (an audit takes that as an empty state)."""
+
+
 class FileAccessError(CapkeeperError):
     """An OS error while observing or writing a file, turned into a sentence."""
 
