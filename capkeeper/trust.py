@@ -19,6 +19,13 @@ from capkeeper.state import Entry
 
 _WRITABLE_BY_OTHERS = stat.S_IWGRP | stat.S_IWOTH
 
+
+def open_to_others(uid: int, mode: int) -> bool:
+    """Whether users other than root can create and remove names in a directory with
+    this owner and mode (and so raise any number of inotify events in it)."""
+    return uid != 0 or bool(mode & _WRITABLE_BY_OTHERS)
+
+
 INTERPRETER = re.compile(
     r"(?:python|perl|ruby|node|nodejs|php|lua|luajit|tclsh|wish|bash|sh|dash|zsh|ksh|mksh|"
     r"csh|tcsh|fish|busybox|awk|gawk|mawk|nawk|java|jshell|guile|Rscript|julia|erl|escript|"
