@@ -25,7 +25,7 @@ from capkeeper.state import Entry, State, load_state
 from capkeeper.status import read_status
 from capkeeper.status import render as render_status
 from capkeeper.systemd import DROPIN, HIDDEN_FROM_SERVICE, dropin_text, write_atomically
-from capkeeper.trust import assess
+from capkeeper.trust import FLOOD_HINT, assess, exposed_directory, flood_warning
 
 
 class ExitStatus(IntEnum):
@@ -266,9 +266,13 @@ def cmd_validate(args: argparse.Namespace, settings: Settings, out: TextIO) -> E
                 f"owner {entry.owner} can rewrite this binary through a shared mmap without "
                 f"losing its capabilities: that user effectively holds {entry.caps_text}",
             )
-        for refusal in assess(entry, observation, last_cap=kernel_last_cap()):
+        refusals = assess(entry, observation, last_cap=kernel_last_cap())
+        for refusal in refusals:
             problems += 1
             report(where, "problem", str(refusal), refusal.rule)
+        exposed = exposed_directory(observation)
+        if exposed is not None and not any(r.rule.startswith("directory") for r in refusals):
+            report(where, "warning", f"{flood_warning(exposed)} ({FLOOD_HINT})", "flood")
     # Two declared paths naming one file (a hard link, a symlink) with different
     # capabilities would be restored back and forth forever.
     for aliases in same_file.values():

@@ -47,6 +47,31 @@ class Refusal:
         return printable(text)
 
 
+def exposed_directory(observation: Observation) -> str | None:
+    """The directory holding the observed file, if users other than root can write to it.
+
+    Trusted or not, such a file's directory can be flooded with file events by
+    any of those users (create, close, unlink in a loop): the daemon's queue for
+    it overflows and restores there wait for the rescan that follows.
+    """
+    directory = posixpath.dirname(observation.resolved)
+    for hop in observation.hops:
+        if hop.path == directory and not hop.is_symlink:
+            return directory if open_to_others(hop.uid, hop.mode) else None
+    return None
+
+
+def flood_warning(directory: str) -> str:
+    """The warning ``validate`` and ``doctor`` give for a binary in ``directory``."""
+    return printable(
+        f"its directory {directory} can be written by users other than root: any of them "
+        "can flood it with file events, and restores there then wait for a rescan"
+    )
+
+
+FLOOD_HINT = "keep binaries with capabilities in a directory only root can write"
+
+
 def _owner_ok(uid: int, entry: Entry) -> bool:
     return uid in (0, entry.owner_uid)
 
