@@ -31,7 +31,7 @@ from capkeeper.systemd import (
     dropin_text,
     write_atomically,
 )
-from capkeeper.trust import assess
+from capkeeper.trust import FLOOD_HINT, assess, exposed_directory, flood_warning
 
 
 class ExitStatus(IntEnum):
@@ -275,9 +275,13 @@ def cmd_validate(args: argparse.Namespace, settings: Settings, out: TextIO) -> E
                 f"owner {entry.owner} can rewrite this binary through a shared mmap without "
                 f"losing its capabilities: that user effectively holds {entry.caps_text}",
             )
-        for refusal in assess(entry, observation, last_cap=kernel_last_cap()):
+        refusals = assess(entry, observation, last_cap=kernel_last_cap())
+        for refusal in refusals:
             problems += 1
             report(where, "problem", str(refusal), refusal.rule)
+        exposed = exposed_directory(observation)
+        if exposed is not None and not any(r.rule.startswith("directory") for r in refusals):
+            report(where, "warning", f"{flood_warning(exposed)} ({FLOOD_HINT})", "flood")
     # Two declared paths naming one file (a hard link, a symlink) with different
     # capabilities would be restored back and forth forever.
     for aliases in same_file.values():

@@ -45,7 +45,7 @@ from capkeeper.files import XATTR_NAME, Kind, Observation, observe
 from capkeeper.log import get_logger
 from capkeeper.mounts import MountInfo, mount_of
 from capkeeper.state import Entry, State, load_state
-from capkeeper.trust import INTERPRETER
+from capkeeper.trust import FLOOD_HINT, INTERPRETER, exposed_directory, flood_warning
 
 if TYPE_CHECKING:
     from capkeeper.cli import ExitStatus
@@ -168,6 +168,7 @@ class Problem:
     severity: Severity
     message: str
     fix: str
+    advisory: bool = False  # worth knowing, but no reason for a non-zero exit status
 
     def line(self) -> str:
         return f"{self.path}: {self.severity}: {self.message}"
@@ -399,6 +400,23 @@ def check_file(path: str, observation: Observation) -> list[Problem]:
     return problems
 
 
+def check_exposure(path: str, observation: Observation) -> list[Problem]:
+    """A binary in a directory others can write to: anyone there can delay its restores."""
+    directory = exposed_directory(observation)
+    if directory is None:
+        return []
+    return [
+        Problem(
+            path,
+            "flood-exposed",
+            Severity.WARNING,
+            flood_warning(directory),
+            FLOOD_HINT,
+            advisory=True,
+        )
+    ]
+
+
 def check_declared(path: str, caps: CapSet, unit: UnitProperties | None = None) -> list[Problem]:
     """Problems of the capability set itself (and how it meets ``unit``'s inheritable set)."""
     problems = []
@@ -541,6 +559,7 @@ def diagnose(target: Target, facts: Facts, unit: UnitProperties | None = None) -
         ]
     problems = check_mount(path, facts)
     problems += check_file(path, facts.observation)
+    problems += check_exposure(path, facts.observation)
     if target.caps is None:
         problems.append(
             Problem(
@@ -684,7 +703,7 @@ def cmd_doctor(args: argparse.Namespace, settings: Settings, out: TextIO) -> Exi
         )
     if diagnosis.failures:
         return ExitStatus.FAILED
-    return ExitStatus.DRIFT if diagnosis.problems else ExitStatus.OK
+    return ExitStatus.DRIFT if any(not p.advisory for p in diagnosis.problems) else ExitStatus.OK
 
 
 def preflight(

@@ -23,6 +23,13 @@ if TYPE_CHECKING:  # state imports this module to trust-walk the state files
 
 _WRITABLE_BY_OTHERS = stat.S_IWGRP | stat.S_IWOTH
 
+
+def open_to_others(uid: int, mode: int) -> bool:
+    """Whether users other than root can create and remove names in a directory with
+    this owner and mode (and so raise any number of inotify events in it)."""
+    return uid != 0 or bool(mode & _WRITABLE_BY_OTHERS)
+
+
 INTERPRETER = re.compile(
     r"(?:python|perl|ruby|node|nodejs|php|lua|luajit|tclsh|wish|bash|sh|dash|zsh|ksh|mksh|"
     r"csh|tcsh|fish|busybox|awk|gawk|mawk|nawk|java|jshell|guile|Rscript|julia|erl|escript|"
@@ -59,6 +66,31 @@ class Refusal:
     def __str__(self) -> str:
         text = f"{self.message} (hint: {self.hint})" if self.hint else self.message
         return printable(text)
+
+
+def exposed_directory(observation: Observation) -> str | None:
+    """The directory holding the observed file, if users other than root can write to it.
+
+    Trusted or not, such a file's directory can be flooded with file events by
+    any of those users (create, close, unlink in a loop): the daemon's queue for
+    it overflows and restores there wait for the rescan that follows.
+    """
+    directory = posixpath.dirname(observation.resolved)
+    for hop in observation.hops:
+        if hop.path == directory and not hop.is_symlink:
+            return directory if open_to_others(hop.uid, hop.mode) else None
+    return None
+
+
+def flood_warning(directory: str) -> str:
+    """The warning ``validate`` and ``doctor`` give for a binary in ``directory``."""
+    return printable(
+        f"its directory {directory} can be written by users other than root: any of them "
+        "can flood it with file events, and restores there then wait for a rescan"
+    )
+
+
+FLOOD_HINT = "keep binaries with capabilities in a directory only root can write"
 
 
 def _next_owner(hops: Sequence[Hop], index: int, final_uid: int) -> int:

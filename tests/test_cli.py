@@ -339,3 +339,25 @@ def test_file_system_without_xattrs_is_a_failure_not_drift(
         f"state.toml: entry 1 ({tool}): {why}",
         f"1 declared binaries in {state}: 1 problem(s)",
     ]
+
+
+def test_validate_warns_about_a_directory_others_can_write(
+    tree: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A binary in a sticky world-writable directory is trusted, with a warning that names
+    the directory: any user can flood it with file events. The exit status stays 0."""
+    public = tree / "public"
+    public.mkdir()
+    public.chmod(0o1777)
+    binary = make_binary(public / "app")
+    state = tree / "state.toml"
+    state.write_text(f'[[binary]]\npath = "{binary}"\ncaps = "cap_net_raw=ep"\n')
+    code, out, _ = run(["validate", "--state", str(state)], capsys)
+    assert out.splitlines() == [
+        f"state.toml: entry 1 ({binary}): warning: its directory {public} can be written by "
+        "users other than root: any of them can flood it with file events, and restores there "
+        "then wait for a rescan (keep binaries with capabilities in a directory only root can "
+        "write)",
+        f"1 declared binaries in {state}: no problems",
+    ]
+    assert code == ExitStatus.OK

@@ -128,6 +128,7 @@ class DaemonProcess:
         settle: float | None = None,
         level: str = "debug",
         env: dict[str, str] | None = None,
+        wrapper: tuple[str, ...] = (),
     ) -> None:
         self.workdir = workdir
         self.state = state
@@ -141,7 +142,7 @@ class DaemonProcess:
         self.messages: list[str] = []
         self._events: list[Event] = []
         self._offset = 0
-        argv = [sys.executable, "-m", "capkeeper", "watch", "--state", str(state)]
+        argv = [*wrapper, sys.executable, "-m", "capkeeper", "watch", "--state", str(state)]
         argv += ["--log-format", "json", "--log-level", level]
         argv += ["--rescan-interval", str(rescan), "--status-file", str(self.status_path)]
         if settle is not None:

@@ -454,3 +454,27 @@ def test_apply_unit_in_exec_start_pre(systemd_sandbox: SystemdSandbox) -> None:
         ("no-new-privileges", grep)
     ]
     assert sandbox.run("getcap", grep).stdout.split() == [grep, "cap_net_raw=ep"]
+
+
+def test_binary_in_a_directory_others_can_write(
+    tree: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A declared binary in a sticky world-writable directory: a warning naming the
+    directory (anyone can flood it with events), and no change of the exit status."""
+    public = tree / "public"
+    public.mkdir()
+    public.chmod(0o1777)
+    tool = make_binary(public / "tool")
+    setcap("cap_net_raw=ep", tool)
+    state = declare(tree, (tool, "cap_net_raw=ep"))
+    code, out, _ = doctor_cli(["--state", str(state), "doctor"], capsys)
+    assert out.splitlines() == [
+        f"{tool}: warning: its directory {public} can be written by users other than root: "
+        "any of them can flood it with file events, and restores there then wait for a rescan",
+        "  fix: keep binaries with capabilities in a directory only root can write",
+        "1 binaries checked: 0 error(s), 1 warning(s)",
+    ]
+    assert code == ExitStatus.OK
+    public.chmod(0o755)
+    code, out, _ = doctor_cli(["--state", str(state), "doctor"], capsys)
+    assert out.splitlines()[0] == f"{tool}: ok"
