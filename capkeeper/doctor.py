@@ -42,10 +42,10 @@ from capkeeper.audit import load_state_or_empty
 from capkeeper.capabilities import CapSet, capability_name, capability_number
 from capkeeper.errors import CapkeeperError, InvalidCapabilityText
 from capkeeper.files import XATTR_NAME, Kind, Observation, observe
+from capkeeper.interpreters import runs_other_code
 from capkeeper.log import get_logger
 from capkeeper.mounts import MountInfo, mount_of
 from capkeeper.state import Entry, State, load_state
-from capkeeper.trust import INTERPRETER
 
 if TYPE_CHECKING:
     from capkeeper.cli import ExitStatus
@@ -372,16 +372,19 @@ def check_file(path: str, observation: Observation) -> list[Problem]:
             )
         )
     elif observation.kind is Kind.ELF:
-        name = posixpath.basename(observation.resolved)
-        if INTERPRETER.fullmatch(name):
+        runs = runs_other_code(posixpath.basename(observation.resolved), observation.elf)
+        if runs is not None:
+            # Already capable: anyone who can run it holds its capabilities now.
+            capable = observation.caps is not None and not observation.caps.is_empty
             problems.append(
                 Problem(
                     path,
                     "interpreter",
-                    Severity.WARNING,
-                    f"is an interpreter ({name}): every script it runs gets these capabilities",
+                    Severity.ERROR if capable else Severity.WARNING,
+                    f"{runs} gets these capabilities",
                     "use AmbientCapabilities= in the unit of the one service that needs them, "
-                    "or a dedicated compiled program",
+                    "or a dedicated compiled program"
+                    + (f"; remove them now: setcap -r {path}" if capable else ""),
                 )
             )
     if observation.mode & (stat.S_ISUID | stat.S_ISGID):

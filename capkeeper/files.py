@@ -22,7 +22,9 @@ from enum import StrEnum
 import xattr
 
 from capkeeper.capabilities import CapSet, decode, encode
+from capkeeper.elf import ElfFacts, inspect_fd
 from capkeeper.errors import FileAccessError, InvalidCapabilityData
+from capkeeper.interpreters import MARKER_SYMBOLS
 
 XATTR_NAME = "security.capability"
 _MAX_SYMLINKS = 40  # the kernel's MAXSYMLINKS
@@ -69,6 +71,7 @@ class Observation:
     caps_problem: str | None  # present but unreadable (legacy v1, foreign v3, malformed)
     sha256: str | None  # computed only when asked
     nlink: int = 1
+    elf: ElfFacts | None = None  # for ELF files whose headers could be read
 
 
 def _oserror(exc: OSError, path: str, action: str) -> FileAccessError:
@@ -208,6 +211,7 @@ def observe_fd(path: str, fd: int, hops: list[Hop], resolved: str, *, hash: bool
     try:
         st = os.fstat(fd)
         kind, interpreter = _kind(fd, st.st_mode)
+        elf = inspect_fd(fd, MARKER_SYMBOLS) if kind is Kind.ELF else None
         regular = kind is not Kind.NOT_REGULAR
         caps, problem = read_caps(fd) if regular else (None, None)
         digest = sha256_of(fd) if hash and regular else None
@@ -228,6 +232,7 @@ def observe_fd(path: str, fd: int, hops: list[Hop], resolved: str, *, hash: bool
         caps_problem=problem,
         sha256=digest,
         nlink=st.st_nlink,
+        elf=elf,
     )
 
 
