@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import itertools
 import os
 import struct
 from collections.abc import Callable, Collection
@@ -227,9 +228,10 @@ class _Dynamic:
         self.lay = lay
         self.loads = loads  # (vaddr, filesz, offset) of each PT_LOAD
         self.tags = tags
+        self._first = dict(reversed(tags))  # the first entry of each tag wins
 
     def first(self, tag: _DT) -> int | None:
-        return next((value for t, value in self.tags if t == tag), None)
+        return self._first.get(tag)
 
     def offset(self, vaddr: int, what: str) -> int:
         """The file offset of virtual address ``vaddr`` (through the PT_LOAD segments)."""
@@ -393,7 +395,8 @@ def parse(read: Read, symbols: Collection[str] = ()) -> ElfFacts:
     soname = None
     if strtab_addr is not None:
         strtab = dyn.offset(strtab_addr, "DT_STRTAB")
-        needed = [dyn.string(strtab, v) for t, v in tags if t == _DT.NEEDED][:MAX_NEEDED]
+        wanted = itertools.islice((v for t, v in tags if t == _DT.NEEDED), MAX_NEEDED)
+        needed = [dyn.string(strtab, v) for v in wanted]
         so = dyn.first(_DT.SONAME)
         soname = dyn.string(strtab, so) if so is not None else None
     return ElfFacts(
