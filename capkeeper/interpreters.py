@@ -52,6 +52,7 @@ _RUNTIME_SYMBOLS: Mapping[str, str] = {
     "Py_BytesMain": "Python",
     "Py_Main": "Python",
     "Py_Initialize": "Python",
+    "parse_and_execute": "Bash",  # bash is linked -rdynamic for its loadable builtins
     "perl_parse": "Perl",
     "perl_run": "Perl",
     "ruby_init": "Ruby",

@@ -98,6 +98,9 @@ CASES = {
     "perl as myapp": Case(
         "/usr/bin/perl", "myapp", "it embeds a Perl runtime (exports perl_parse)", "script"
     ),
+    "bash as myapp": Case(
+        "/bin/bash", "myapp", "it embeds a Bash runtime (exports parse_and_execute)", "script"
+    ),
     "gdb as myapp": Case("/usr/bin/gdb", "myapp", "it links libpython3.11.so.1.0", "script"),
     "program linking libpython": Case(
         "compiled:embed", "myapp", "it links libpython3.11.so.1.0", "script"
