@@ -153,7 +153,8 @@ UNIT_PROPERTIES: tuple[str, ...] = (
 
 
 class Severity(StrEnum):
-    """``error``: the capabilities will not work; ``warning``: they may not, or add risk."""
+    """``error``: the capabilities will not work, or already expose them to anyone (a loader
+    or interpreter carrying them); ``warning``: they may not work, or add risk."""
 
     ERROR = "error"
     WARNING = "warning"
