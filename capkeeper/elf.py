@@ -50,7 +50,7 @@ MAX_PROGRAM_HEADERS = 256  # real programs have ~15; PN_XNUM (0xffff) is refused
 MAX_DYNAMIC_ENTRIES = 1024  # real programs have ~40
 MAX_NEEDED = 128
 MAX_NAME = 255  # longer library names and interpreter paths are not recognised
-MAX_CHAIN = 4096  # symbols visited for one hash lookup
+MAX_CHAIN = 4096  # hash chain entries visited by all lookups of one file together
 MAX_BUCKETS = 1 << 20
 MAX_BLOOM_WORDS = 1 << 16
 _BLOCK = 4096
@@ -229,6 +229,12 @@ class _Dynamic:
         self.loads = loads  # (vaddr, filesz, offset) of each PT_LOAD
         self.tags = tags
         self._first = dict(reversed(tags))  # the first entry of each tag wins
+        self._steps = 0
+
+    def _step(self, kind: str) -> None:
+        self._steps += 1
+        if self._steps > MAX_CHAIN:
+            raise ElfError(f"{kind} hash chains longer than {MAX_CHAIN} entries in all")
 
     def first(self, tag: _DT) -> int | None:
         return self._first.get(tag)
@@ -302,14 +308,14 @@ class _Dynamic:
             if index < symoffset:
                 return []
             found: list[int] = []
-            for _ in range(MAX_CHAIN):
+            while True:
+                self._step("GNU")
                 (value,) = self.lay.unpack("I", self.src.get(chain_at + (index - symoffset) * 4, 4))
                 if value | 1 == h | 1:
                     found.append(index)
                 if value & 1:
                     return found
                 index += 1
-            raise ElfError(f"GNU hash chain longer than {MAX_CHAIN} for {name!r}")
 
         return candidates
 
@@ -323,14 +329,14 @@ class _Dynamic:
         def candidates(name: bytes) -> list[int]:
             index = buckets[sysv_hash(name) % nbucket]
             found: list[int] = []
-            for _ in range(MAX_CHAIN):
+            while True:
+                self._step("SysV")
                 if index == 0:  # STN_UNDEF ends the chain
                     return found
                 if index >= nchain:
                     raise ElfError(f"hash chain index {index} beyond nchain {nchain}")
                 found.append(index)
                 (index,) = self.lay.unpack("I", self.src.get(chain_at + index * 4, 4))
-            raise ElfError(f"hash chain longer than {MAX_CHAIN} for {name!r}")
 
         return candidates
 

@@ -153,7 +153,7 @@ def test_gnu_hash_chain_without_end_is_bounded() -> None:
     chain = bucket + 4
     into_zeros = (len(built.data) - padding - chain) // 4 + 1  # symoffset is 1
     data = built.patch(bucket, "I", 1 + into_zeros)
-    with pytest.raises(ElfError, match="GNU hash chain longer than 4096"):
+    with pytest.raises(ElfError, match=r"^GNU hash chains longer than 4096 entries in all$"):
         parse(_Counting(data), ("Py_BytesMain",))
 
 
@@ -162,7 +162,7 @@ def test_sysv_hash_chain_loop_is_bounded() -> None:
     built = build_elf(exports=("a", "b"), hash="sysv")
     chain = built.hash + 8 + 4  # nbucket = 1
     data = built.patch(chain + 4 * 1, "I", 1)  # chain[1] = 1
-    with pytest.raises(ElfError, match="hash chain longer than 4096"):
+    with pytest.raises(ElfError, match=r"^SysV hash chains longer than 4096 entries in all$"):
         parse(_Counting(data), ("Py_BytesMain",))
 
 
