@@ -29,6 +29,7 @@ import os
 import struct
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = [
     "EIClass",
@@ -140,8 +141,14 @@ class _Budget:
             raise ElfError(f"read of {size} bytes at offset {offset} out of range")
         if size == 0:
             return b""
+        first, start = divmod(offset, _BLOCK)
+        if start + size <= _BLOCK:  # within one block: the common case
+            part = (self._blocks.get(first) or self._block(first))[start : start + size]
+            if len(part) < size:
+                raise ElfError(f"{size} bytes at offset {offset} run past the end of the file")
+            return part
         parts = []
-        first, last = offset // _BLOCK, (offset + size - 1) // _BLOCK
+        last = (offset + size - 1) // _BLOCK
         for index in range(first, last + 1):
             block = self._block(index)
             start = offset - index * _BLOCK if index == first else 0
@@ -192,7 +199,6 @@ def _text(data: bytes) -> str:
     return data.decode("utf-8", "surrogateescape")
 
 
-@functools.lru_cache(maxsize=256)
 def gnu_hash(name: bytes) -> int:
     """The GNU symbol hash (Bernstein's, modulo 2**32)."""
     h = 5381
@@ -201,7 +207,6 @@ def gnu_hash(name: bytes) -> int:
     return h
 
 
-@functools.lru_cache(maxsize=256)
 def sysv_hash(name: bytes) -> int:
     """The System V ABI's ``elf_hash``."""
     h = 0
@@ -212,6 +217,20 @@ def sysv_hash(name: bytes) -> int:
             h ^= g >> 24
         h &= ~g & 0xFFFFFFFF
     return h
+
+
+class _Key(NamedTuple):
+    name: str
+    key: bytes
+    gnu: int
+    sysv: int
+
+
+@functools.lru_cache(maxsize=16)
+def _keys(names: tuple[str, ...]) -> tuple[_Key, ...]:
+    """``names`` with their encodings and both hashes, computed once per set of names."""
+    encoded = [name.encode() for name in names]
+    return tuple(_Key(n, k, gnu_hash(k), sysv_hash(k)) for n, k in zip(names, encoded, strict=True))
 
 
 class _Dynamic:
@@ -262,26 +281,26 @@ class _Dynamic:
         syment = 24 if self.lay.c64 else 16
         if self.first(_DT.SYMENT) not in (None, syment):
             raise ElfError(f"DT_SYMENT {self.first(_DT.SYMENT)} is not {syment}")
+        keys = _keys(tuple(names))
         gnu, sysv = self.first(_DT.GNU_HASH), self.first(_DT.HASH)
         if gnu is not None:
-            candidates = self._gnu_candidates(self.offset(gnu, "DT_GNU_HASH"))
+            candidates = self._gnu_candidates(self.offset(gnu, "DT_GNU_HASH"), keys)
         elif sysv is not None:
-            candidates = self._sysv_candidates(self.offset(sysv, "DT_HASH"))
+            candidates = self._sysv_candidates(self.offset(sysv, "DT_HASH"), keys)
         else:
             return frozenset()
         found: set[str] = set()
-        for name in names:
-            key = name.encode()
-            for index in candidates(key):
-                entry = self.src.get(symtab + index * syment, syment)
-                if self.lay.c64:
-                    st_name, _, _, shndx = self.lay.unpack("IBBH", entry)
-                else:
-                    st_name, _, _, _, _, shndx = self.lay.unpack("IIIBBH", entry)
-                # SHN_UNDEF (0): an import, not a definition.
-                if shndx != 0 and self.src.string(strtab + st_name) == key:
-                    found.add(name)
-                    break
+        for name, key, index in candidates:
+            if name in found:
+                continue
+            entry = self.src.get(symtab + index * syment, syment)
+            if self.lay.c64:
+                st_name, _, _, shndx = self.lay.unpack("IBBH", entry)
+            else:
+                st_name, _, _, _, _, shndx = self.lay.unpack("IIIBBH", entry)
+            # SHN_UNDEF (0): an import, not a definition.
+            if shndx != 0 and self.src.string(strtab + st_name) == key:
+                found.add(name)
         return frozenset(found)
 
     def _array(self, offset: int, count: int, size: int) -> tuple[int, ...]:
@@ -289,56 +308,59 @@ class _Dynamic:
         code = "Q" if size == 8 else "I"
         return self.lay.unpack(f"{count}{code}", self.src.get(offset, count * size))
 
-    def _gnu_candidates(self, table: int) -> Callable[[bytes], list[int]]:
+    def _gnu_candidates(self, table: int, keys: tuple[_Key, ...]) -> list[tuple[str, bytes, int]]:
+        """``(name, key, symbol index)`` of every symbol the GNU hash table offers for ``keys``."""
         nbuckets, symoffset, bloom_size, shift = self.lay.unpack("4I", self.src.get(table, 16))
         if not 0 < nbuckets <= MAX_BUCKETS or not 0 < bloom_size <= MAX_BLOOM_WORDS:
             raise ElfError(f"GNU hash table of {nbuckets} buckets, {bloom_size} bloom words")
         bits = 64 if self.lay.c64 else 32
         bloom = self._array(table + 16, bloom_size, bits // 8)
         buckets_at = table + 16 + bloom_size * bits // 8
-        buckets = self._array(buckets_at, nbuckets, 4)
         chain_at = buckets_at + nbuckets * 4
-
-        def candidates(name: bytes) -> list[int]:
-            h = gnu_hash(name)
-            mask = (1 << (h % bits)) | (1 << ((h >> shift) % bits))
-            if bloom[(h // bits) % bloom_size] & mask != mask:
-                return []
-            index = buckets[h % nbuckets]
+        # The Bloom filter answers "certainly absent" for most names without the buckets.
+        passing = [
+            k
+            for k in keys
+            if bloom[(k.gnu // bits) % bloom_size] >> (k.gnu % bits) & 1
+            and bloom[(k.gnu // bits) % bloom_size] >> ((k.gnu >> shift) % bits) & 1
+        ]
+        found: list[tuple[str, bytes, int]] = []
+        if not passing:
+            return found
+        buckets = self._array(buckets_at, nbuckets, 4)
+        for k in passing:
+            index = buckets[k.gnu % nbuckets]
             if index < symoffset:
-                return []
-            found: list[int] = []
+                continue
             while True:
                 self._step("GNU")
                 (value,) = self.lay.unpack("I", self.src.get(chain_at + (index - symoffset) * 4, 4))
-                if value | 1 == h | 1:
-                    found.append(index)
+                if value | 1 == k.gnu | 1:
+                    found.append((k.name, k.key, index))
                 if value & 1:
-                    return found
+                    break
                 index += 1
+        return found
 
-        return candidates
-
-    def _sysv_candidates(self, table: int) -> Callable[[bytes], list[int]]:
+    def _sysv_candidates(self, table: int, keys: tuple[_Key, ...]) -> list[tuple[str, bytes, int]]:
+        """``(name, key, symbol index)`` of every symbol the SysV hash table offers for ``keys``."""
         nbucket, nchain = self.lay.unpack("2I", self.src.get(table, 8))
         if not 0 < nbucket <= MAX_BUCKETS:
             raise ElfError(f"hash table of {nbucket} buckets")
         buckets = self._array(table + 8, nbucket, 4)
         chain_at = table + 8 + nbucket * 4
-
-        def candidates(name: bytes) -> list[int]:
-            index = buckets[sysv_hash(name) % nbucket]
-            found: list[int] = []
+        found: list[tuple[str, bytes, int]] = []
+        for k in keys:
+            index = buckets[k.sysv % nbucket]
             while True:
                 self._step("SysV")
                 if index == 0:  # STN_UNDEF ends the chain
-                    return found
+                    break
                 if index >= nchain:
                     raise ElfError(f"hash chain index {index} beyond nchain {nchain}")
-                found.append(index)
+                found.append((k.name, k.key, index))
                 (index,) = self.lay.unpack("I", self.src.get(chain_at + index * 4, 4))
-
-        return candidates
+        return found
 
 
 def parse(read: Read, symbols: Collection[str] = ()) -> ElfFacts:
