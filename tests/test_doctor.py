@@ -234,6 +234,25 @@ def test_capable_loader_and_python_copies(tree: Path, capsys: pytest.CaptureFixt
     assert code == ExitStatus.DRIFT
 
 
+def test_allowed_interpreter_is_only_a_warning(
+    tree: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An entry that says allow_interpreter = true keeps the warning, not the error."""
+    python = tree / "tool"
+    shutil.copyfile("/usr/bin/python3.11", python)
+    python.chmod(0o755)
+    setcap("cap_net_raw=ep", python)
+    state = tree / "state.toml"
+    state.write_text(
+        f'[[binary]]\npath = "{python}"\ncaps = "cap_net_raw=ep"\nallow_interpreter = true\n'
+    )
+    code, out, _ = doctor_cli(["--state", str(state), "doctor", "--json"], capsys)
+    (found,) = [r for r in map(json.loads, out.splitlines()) if r["check"] == "interpreter"]
+    assert found["severity"] == "warning"
+    assert "setcap -r" not in found["fix"]
+    assert code == ExitStatus.DRIFT
+
+
 def test_declared_set_problems(tree: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Inheritable nobody holds, and +e beyond a typical bounding set, are warned about."""
     tool = make_binary(tree / "tool")
