@@ -7,6 +7,7 @@ read within the budget: the tests count the bytes the parser asks for.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -155,6 +156,22 @@ def test_gnu_hash_chain_without_end_is_bounded() -> None:
     data = built.patch(bucket, "I", 1 + into_zeros)
     with pytest.raises(ElfError, match=r"^GNU hash chains longer than 4096 entries in all$"):
         parse(_Counting(data), ("Py_BytesMain",))
+
+
+def test_chain_budget_is_shared_by_all_lookups() -> None:
+    """Chains of 200 entries pass for 10 names but not for 28: the budget is per file."""
+    padding = 64 << 10
+    built = build_elf(exports=("a",), padding=padding)
+    bloom, bucket = built.hash + 16, built.hash + 16 + 8
+    chain = bucket + 4
+    start = (len(built.data) - padding - chain) // 4 + 1  # the first all-zero chain entry
+    built = dataclasses.replace(built, data=built.patch(bloom, "Q", (1 << 64) - 1))  # all pass
+    built = dataclasses.replace(built, data=built.patch(bucket, "I", 1 + start))
+    data = built.patch(chain + (start + 200) * 4, "I", 1)  # the stop bit, 200 entries on
+    names = tuple(f"name{i}" for i in range(28))
+    assert parse(_Counting(data), names[:10]).exports == frozenset()
+    with pytest.raises(ElfError, match=r"^GNU hash chains longer than 4096 entries in all$"):
+        parse(_Counting(data), names)
 
 
 def test_sysv_hash_chain_loop_is_bounded() -> None:
