@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 # System tools the test suite drives for real (reference tools and deploy tools),
 # and systemd for the throwaway-systemd tests.
 APT_PACKAGES := libcap2-bin attr rsync inotify-tools dpkg tar coreutils util-linux netcat-openbsd \
+                gcc libc6-dev python3.11-dev valgrind gdb iputils-ping \
                 e2fsprogs systemd python3-venv
 DEMO_DIR := /var/tmp/capkeeper-demo
 

@@ -53,10 +53,11 @@ from capkeeper.capabilities import (
 )
 from capkeeper.errors import CapkeeperError, InvalidCapabilityData, StateNotFound, printable
 from capkeeper.files import XATTR_NAME, Kind, Observation, observe
+from capkeeper.interpreters import runs_other_code
 from capkeeper.mounts import NETWORK_FS, PSEUDO_FS, MountInfo, MountTable, mount_id, read_mounts
 from capkeeper.reconcile import Status, decide, describe
 from capkeeper.state import Entry, State, load_state
-from capkeeper.trust import INTERPRETER, Refusal, assess
+from capkeeper.trust import Refusal, assess
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -650,6 +651,7 @@ _RULE_WEIGHTS: Mapping[str, int] = {
     "regular": 10,
 }
 _IGNORED_RULES = frozenset({"sha256", "inheritable", "kernel"})  # not about the file
+_RUNS_CODE = 60  # a loader or interpreter with capabilities: critical whatever it holds
 
 
 def rate(
@@ -676,15 +678,15 @@ def rate(
     if problem is not None:
         score += 10
         reasons.append(f"{problem}; the kernel may still honour it at exec")
-    if observation is not None and observation.kind is Kind.ELF:
+    capable = (caps is not None and not caps.is_empty) or problem is not None
+    if capable and observation is not None and observation.kind is Kind.ELF:
         name = posixpath.basename(observation.resolved)
-        if INTERPRETER.fullmatch(name):
-            score += 40
-            reasons.append(
-                f"{name} is an interpreter: every script it runs gets these capabilities"
-            )
+        runs = runs_other_code(name, observation.elf)
+        if runs is not None:
+            score += _RUNS_CODE
+            reasons.append(f"{name} {runs} gets these capabilities")
     for refusal in refusals:
-        if refusal.rule in _IGNORED_RULES:
+        if refusal.rule in _IGNORED_RULES or refusal.rule == "interpreter":  # rated above
             continue
         score += _RULE_WEIGHTS.get(refusal.rule, 5)
         reasons.append(refusal.message)
@@ -701,7 +703,7 @@ class Finding:
     problem: str | None
     verdict: Verdict
     entry: Entry | None = None
-    rating: Rating | None = None  # unmanaged files only
+    rating: Rating | None = None  # unmanaged files, and refused ones that run other code
     note: str = ""
 
     @property
@@ -799,8 +801,18 @@ def classify(
     decision = decide(entry, observation, last_cap=last_cap)
     if decision.status is Status.REFUSED:
         reasons = "; ".join(str(r) for r in decision.refusals)
+        # A declared loader or interpreter that already carries capabilities is as
+        # exposed as an unmanaged one: rate it so it ranks with the worst.
+        runs_code = any(r.rule == "interpreter" for r in decision.refusals)
         return Finding(
-            raw.path, display, caps, problem, Verdict.REFUSED, entry, note=note or reasons
+            raw.path,
+            display,
+            caps,
+            problem,
+            Verdict.REFUSED,
+            entry,
+            rating=rate(caps, problem, observation, decision.refusals) if runs_code else None,
+            note=note or reasons,
         )
     verdict = Verdict.IN_SYNC if decision.status is Status.IN_SYNC else Verdict.DRIFTED
     if verdict is Verdict.DRIFTED and decision.extra:
@@ -820,7 +832,7 @@ class AuditReport:
 
     @property
     def worst(self) -> Finding | None:
-        """The unmanaged finding with the highest score."""
+        """The rated finding with the highest score."""
         rated = [f for f in self.findings if f.rating is not None]
         return max(rated, key=lambda f: f.rating.score if f.rating else 0, default=None)
 
@@ -902,12 +914,13 @@ _VERDICT_ORDER = {Verdict.UNMANAGED: 0, Verdict.DRIFTED: 1, Verdict.REFUSED: 2, 
 
 
 def _ordered(findings: Iterable[Finding]) -> list[Finding]:
-    """Worst first: unmanaged by falling score, then drifted, refused, in sync; then by path."""
+    """Worst first: rated findings by falling score, then unmanaged, drifted, refused,
+    in sync; then by path."""
     return sorted(
         findings,
         key=lambda f: (
-            _VERDICT_ORDER[f.verdict],
             -(f.rating.score if f.rating is not None else 0),
+            _VERDICT_ORDER[f.verdict],
             f.path,
         ),
     )

@@ -22,7 +22,9 @@ from enum import StrEnum
 import xattr
 
 from capkeeper.capabilities import CapSet, decode, encode
+from capkeeper.elf import ElfFacts, inspect_fd
 from capkeeper.errors import FileAccessError, InvalidCapabilityData
+from capkeeper.interpreters import MARKER_SYMBOLS
 
 XATTR_NAME = "security.capability"
 NO_XATTR = (
@@ -75,6 +77,7 @@ class Observation:
     sha256: str | None  # computed only when asked
     nlink: int = 1
     xattr_supported: bool = True  # False: the file system has no extended attributes
+    elf: ElfFacts | None = None  # for ELF files whose headers could be read
 
 
 def _oserror(exc: OSError, path: str, action: str) -> FileAccessError:
@@ -244,6 +247,7 @@ def observe_fd(path: str, fd: int, hops: list[Hop], resolved: str, *, hash: bool
     try:
         st = os.fstat(fd)
         kind, interpreter = _kind(fd, st.st_mode)
+        elf = inspect_fd(fd, MARKER_SYMBOLS) if kind is Kind.ELF else None
         regular = kind is not Kind.NOT_REGULAR
         caps, problem, supported = None, None, True
         if regular:
@@ -272,6 +276,7 @@ def observe_fd(path: str, fd: int, hops: list[Hop], resolved: str, *, hash: bool
         sha256=digest,
         nlink=st.st_nlink,
         xattr_supported=supported,
+        elf=elf,
     )
 
 

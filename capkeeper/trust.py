@@ -8,7 +8,6 @@ written, returns every reason to refuse (an empty tuple means trusted).
 from __future__ import annotations
 
 import posixpath
-import re
 import stat
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING
 from capkeeper.capabilities import capability_name
 from capkeeper.errors import printable
 from capkeeper.files import Hop, Kind, Observation
+from capkeeper.interpreters import runs_other_code
 
 if TYPE_CHECKING:  # state imports this module to trust-walk the state files
     from capkeeper.state import Entry
@@ -28,14 +28,6 @@ def open_to_others(uid: int, mode: int) -> bool:
     """Whether users other than root can create and remove names in a directory with
     this owner and mode (and so raise any number of inotify events in it)."""
     return uid != 0 or bool(mode & _WRITABLE_BY_OTHERS)
-
-
-INTERPRETER = re.compile(
-    r"(?:python|perl|ruby|node|nodejs|php|lua|luajit|tclsh|wish|bash|sh|dash|zsh|ksh|mksh|"
-    r"csh|tcsh|fish|busybox|awk|gawk|mawk|nawk|java|jshell|guile|Rscript|julia|erl|escript|"
-    r"pwsh|deno|bun|expect|gdb|vim?|emacs)[0-9.\-]*"
-)
-"""Basenames of programs that run code they are given: their capabilities go to any script."""
 
 
 ROUTE_RULES = frozenset(
@@ -220,11 +212,13 @@ def assess(entry: Entry, observation: Observation, *, last_cap: int) -> tuple[Re
         )
     elif observation.kind is Kind.OTHER:
         refusals.append(Refusal("elf", f"{path} is not an ELF executable"))
-    elif INTERPRETER.fullmatch(posixpath.basename(path)) and not entry.allow_interpreter:
+    elif not entry.allow_interpreter and (
+        runs := runs_other_code(posixpath.basename(path), observation.elf)
+    ):
         refusals.append(
             Refusal(
                 "interpreter",
-                f"{path} is an interpreter: every script it runs would get these capabilities",
+                f"{path} {runs} would get these capabilities",
                 "give the one service that needs them AmbientCapabilities= in its unit, or "
                 "declare allow_interpreter = true if you really mean it",
             )

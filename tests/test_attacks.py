@@ -203,16 +203,66 @@ def apply_many(
     return {int(code): count for code, count in data["codes"].items()}, data["granted"]
 
 
-def capkeeper(*argv: str) -> subprocess.CompletedProcess[str]:
+def capkeeper(*argv: str | Path) -> subprocess.CompletedProcess[str]:
     """``python -m capkeeper ARGV`` as root; output captured."""
     return subprocess.run(
-        [sys.executable, "-m", "capkeeper", *argv],
+        [sys.executable, "-m", "capkeeper", *map(str, argv)],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
+
+
+def run_as_attacker(*argv: str | Path) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` as the unprivileged :data:`ATTACKER` uid, with no supplementary groups."""
+    setpriv = require_tool("setpriv")
+    return subprocess.run(
+        [
+            setpriv,
+            f"--reuid={ATTACKER}",
+            f"--regid={ATTACKER}",
+            "--clear-groups",
+            "--",
+            *map(str, argv),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+@pytest.fixture
+def attacker_dir() -> Iterator[Path]:
+    """A directory owned by the attacker, below a root-owned 0755 directory in /tmp.
+
+    Not below pytest's tmp_path: its ``pytest-of-root`` parent is mode 0700,
+    which the attacker could not traverse.
+    """
+    require_root()
+    base = Path(tempfile.mkdtemp(prefix="capkeeper-attack-"))
+    try:
+        os.chmod(base, 0o755)
+        home = base / "home"
+        home.mkdir(mode=0o755)
+        os.chown(home, ATTACKER, ATTACKER)
+        yield home
+    finally:
+        shutil.rmtree(base)
+
+
+def _hidden(text: str) -> list[str]:
+    """Control and format characters, separators and undecodable bytes in ``text``."""
+    return [ch for ch in text if unicodedata.category(ch) in {"Cc", "Cf", "Cs", "Zl", "Zp"}]
+
+
+def _lines(text: str) -> list[str]:
+    """``text`` split at its newlines only, each line checked to hide nothing."""
+    lines = text.split("\n")
+    for line in lines:
+        assert not _hidden(line), f"output line carries {_hidden(line)!r}: {line!r}"
+    return [line for line in lines if line]
 
 
 # -- item 1: state file swapped through an untrusted ancestor -------------------------------
@@ -465,47 +515,52 @@ def test_declared_target_reached_through_attacker_route_does_not_fight(
     assert len(restores) <= 1, restores
 
 
-def run_as_attacker(*argv: str) -> subprocess.CompletedProcess[str]:
-    """Run ``argv`` as the unprivileged :data:`ATTACKER` uid, with no supplementary groups."""
-    setpriv = require_tool("setpriv")
-    return subprocess.run(
-        [setpriv, f"--reuid={ATTACKER}", f"--regid={ATTACKER}", "--clear-groups", "--", *argv],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+# -- item 3: programs that run other code --
 
 
-@pytest.fixture
-def attacker_dir() -> Iterator[Path]:
-    """A directory owned by the attacker, below a root-owned 0755 directory in /tmp.
+def test_loader_copy_declared_with_dac_read_search_gives_nobody_a_root_only_file(
+    arena: Path,
+) -> None:
+    """uid 4242 runs its own cat through a copy of ld.so declared with cap_dac_read_search+ep.
 
-    Not below pytest's tmp_path: its ``pytest-of-root`` parent is mode 0700,
-    which the attacker could not traverse.
+    Must not happen: capkeeper grants the copy anything, or the attacker reads
+    the root-only 0600 file. The last step shows the attack is real on this
+    kernel: once root puts the capability there by hand, the same command reads it.
     """
-    require_root()
-    base = Path(tempfile.mkdtemp(prefix="capkeeper-attack-"))
-    try:
-        os.chmod(base, 0o755)
-        home = base / "home"
-        home.mkdir(mode=0o755)
-        os.chown(home, ATTACKER, ATTACKER)
-        yield home
-    finally:
-        shutil.rmtree(base)
+    secret = arena / "secret"
+    secret.write_text("root only\n")
+    secret.chmod(0o600)
+    reader = arena / "reader"
+    shutil.copyfile("/lib64/ld-linux-x86-64.so.2", reader)
+    reader.chmod(0o755)
+    home = arena / "home"
+    home.mkdir(mode=0o755)
+    cat = home / "mycat"
+    shutil.copyfile(shutil.which("cat") or "/bin/cat", cat)
+    cat.chmod(0o755)
+    os.chown(home, ATTACKER, ATTACKER)
+    os.chown(cat, ATTACKER, ATTACKER)
+    state = arena / "state.toml"
+    state.write_text(f'[[binary]]\npath = "{reader}"\ncaps = "cap_dac_read_search+ep"\n')
 
+    before = run_as_attacker(reader, cat, secret)
+    assert before.returncode != 0, "precondition: the attacker cannot read it directly"
+    assert "Permission denied" in before.stderr
 
-def _hidden(text: str) -> list[str]:
-    """Control and format characters, separators and undecodable bytes in ``text``."""
-    return [ch for ch in text if unicodedata.category(ch) in {"Cc", "Cf", "Cs", "Zl", "Zp"}]
+    applied = capkeeper("--state", state, "apply")
+    assert applied.returncode == 2, applied.stdout + applied.stderr
+    assert "runs other code: it is the dynamic loader" in applied.stdout + applied.stderr
+    assert "Traceback" not in applied.stderr
+    assert getcap(reader) == ""
 
+    after = run_as_attacker(reader, cat, secret)
+    assert after.returncode != 0
+    assert "root only" not in after.stdout
+    assert "Permission denied" in after.stderr
 
-def _lines(text: str) -> list[str]:
-    """``text`` split at its newlines only, each line checked to hide nothing."""
-    lines = text.split("\n")
-    for line in lines:
-        assert not _hidden(line), f"output line carries {_hidden(line)!r}: {line!r}"
-    return [line for line in lines if line]
+    setcap("cap_dac_read_search+ep", reader)  # what the old code did
+    granted = run_as_attacker(reader, cat, secret)
+    assert granted.stdout == "root only\n", "the attack path itself works on this kernel"
 
 
 # -- item 4: output forged with newlines --

@@ -269,7 +269,8 @@ def test_interpreter_is_refused_unless_allowed(tree: Path) -> None:
     """Capabilities on an interpreter go to every script it runs: refused by default."""
     python = make_binary(tree / "python3.11")
     assert _refused(_entry(python)) == (
-        f"{python} is an interpreter: every script it runs would get these capabilities "
+        f"{python} runs other code: its name looks like an interpreter; every script it runs "
+        "would get these capabilities "
         "(hint: give the one service that needs them AmbientCapabilities= in its unit, or "
         "declare allow_interpreter = true if you really mean it)"
     )
