@@ -1,5 +1,4 @@
 #!/usr/bin/python
-# -*- coding: utf-8 -*-
 # Copyright: capkeeper contributors
 # MIT License (see https://opensource.org/licenses/MIT)
 
@@ -53,10 +52,12 @@ options:
     type: path
 attributes:
   check_mode:
-    description: Can run in check_mode and return changed status prediction without modifying target.
+    description:
+      - Can run in check_mode and return changed status prediction without modifying target.
     support: full
   diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check_mode).
+    description:
+      - Will return details on what has changed (or possibly needs changing in check_mode).
     support: none
   platform:
     description: Target OS/families that can be operated against.
@@ -144,14 +145,14 @@ LEVELS = ("none", "low", "medium", "high", "critical")
 
 def main():
     module = AnsibleModule(
-        argument_spec=dict(
-            roots=dict(type="list", elements="path", default=["/"]),
-            one_file_system=dict(type="bool", default=False),
-            include_fs=dict(type="list", elements="str", default=[]),
-            max_rating=dict(type="str", choices=list(LEVELS), default="medium"),
-            state_file=dict(type="path", default="/etc/capkeeper/state.toml"),
-            executable=dict(type="path"),
-        ),
+        argument_spec={
+            "roots": {"type": "list", "elements": "path", "default": ["/"]},
+            "one_file_system": {"type": "bool", "default": False},
+            "include_fs": {"type": "list", "elements": "str", "default": []},
+            "max_rating": {"type": "str", "choices": list(LEVELS), "default": "medium"},
+            "state_file": {"type": "path", "default": "/etc/capkeeper/state.toml"},
+            "executable": {"type": "path"},
+        },
         supports_check_mode=True,
     )
     params = module.params
@@ -174,7 +175,7 @@ def main():
     summary = next((r for r in records if r.get("type") == "summary"), None)
     # 0 clean, 1 findings, 2 walk errors only: all three are an audit that ran.
     if rc not in (0, 1, 2) or summary is None:
-        module.fail_json(msg=err.strip() or "capkeeper audit failed (exit status %d)" % rc, rc=rc)
+        module.fail_json(msg=err.strip() or f"capkeeper audit failed (exit status {rc})", rc=rc)
     findings = [r for r in records if r.get("type") == "finding"]
     worst = max((LEVELS.index(f["rating"]) for f in findings if f.get("rating")), default=0)
     limit = LEVELS.index(params["max_rating"])

@@ -1,5 +1,4 @@
 #!/usr/bin/python
-# -*- coding: utf-8 -*-
 # Copyright: capkeeper contributors
 # MIT License (see https://opensource.org/licenses/MIT)
 
@@ -78,10 +77,12 @@ options:
     type: path
 attributes:
   check_mode:
-    description: Can run in check_mode and return changed status prediction without modifying target.
+    description:
+      - Can run in check_mode and return changed status prediction without modifying target.
     support: full
   diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check_mode).
+    description:
+      - Will return details on what has changed (or possibly needs changing in check_mode).
     support: full
   platform:
     description: Target OS/families that can be operated against.
@@ -168,7 +169,9 @@ from hashlib import sha256 as _sha256
 
 from ansible.module_utils.basic import AnsibleModule
 
-HEADER = "# Managed by Ansible (capkeeper.capkeeper.capkeeper_binary): local edits are overwritten.\n"
+HEADER = (
+    "# Managed by Ansible (capkeeper.capkeeper.capkeeper_binary): local edits are overwritten.\n"
+)
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 EX_CONFIG = 78
 
@@ -177,7 +180,7 @@ def declaration_name(path):
     """A stable file name for the declaration of ``path``: readable, and unique by its hash."""
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", path.strip("/"))[:64].strip("._-") or "root"
     digest = _sha256(path.encode("utf-8", "surrogateescape")).hexdigest()[:10]
-    return "ansible-%s-%s.toml" % (slug, digest)
+    return f"ansible-{slug}-{digest}.toml"
 
 
 def toml_string(value):
@@ -189,23 +192,23 @@ def toml_string(value):
         elif char in "\b\t\n\f\r":
             out.append({"\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}[char])
         elif ord(char) < 0x20 or ord(char) == 0x7F:
-            out.append("\\u%04x" % ord(char))
+            out.append(f"\\u{ord(char):04x}")
         else:
             out.append(char)
-    return '"%s"' % "".join(out)
+    return '"{}"'.format("".join(out))
 
 
 def render(params):
     """The declaration file's text."""
     lines = [HEADER, "[[binary]]\n"]
-    lines.append("path = %s\n" % toml_string(params["path"]))
-    lines.append("caps = %s\n" % toml_string(params["caps"]))
+    lines.append("path = {}\n".format(toml_string(params["path"])))
+    lines.append("caps = {}\n".format(toml_string(params["caps"])))
     for key in ("sha256", "owner"):
         if params[key] is not None:
-            lines.append("%s = %s\n" % (key, toml_string(params[key])))
+            lines.append(f"{key} = {toml_string(params[key])}\n")
     for key in ("allow_inheritable", "allow_interpreter"):
         if params[key]:
-            lines.append("%s = true\n" % key)
+            lines.append(f"{key} = true\n")
     return "".join(lines)
 
 
@@ -220,7 +223,7 @@ def read_text(path):
 def write_atomically(directory, name, text):
     """Replace ``directory/name`` with ``text``: a temporary file, fsync, rename, fsync."""
     # The temporary name does not end in .toml: capkeeper only reads state.d/*.toml.
-    fd, temp = tempfile.mkstemp(prefix=".%s." % name, suffix=".tmp", dir=directory)
+    fd, temp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
     try:
         os.fchmod(fd, 0o644)
         with os.fdopen(fd, "wb") as handle:
@@ -239,7 +242,7 @@ def write_atomically(directory, name, text):
         os.close(dir_fd)
 
 
-class Capkeeper(object):
+class Capkeeper:
     """The capkeeper command on the managed host."""
 
     def __init__(self, module, executable):
@@ -267,7 +270,7 @@ class Capkeeper(object):
         return rc, record, err.strip()
 
 
-class Candidate(object):
+class Candidate:
     """A private copy of the host's state with one declaration file replaced or removed.
 
     The copy lives in a root-owned mode 0700 directory beside the main state file: capkeeper
@@ -319,7 +322,7 @@ def validate(module, capkeeper, candidate, path, result):
         return
     if rc == EX_CONFIG:
         module.fail_json(msg=err or "capkeeper rejected the state (exit status 78)", **result)
-    ours = "state.d/%s:" % candidate.name
+    ours = f"state.d/{candidate.name}:"
     problems = []
     for line in out.splitlines():
         try:
@@ -329,15 +332,15 @@ def validate(module, capkeeper, candidate, path, result):
         if not isinstance(record, dict) or record.get("kind") != "problem":
             continue
         where = str(record.get("entry", ""))
-        text = "%s: %s" % (where, record.get("message", ""))
-        if where.startswith(ours) or where.endswith("(%s)" % path):
+        text = "{}: {}".format(where, record.get("message", ""))
+        if where.startswith(ours) or where.endswith(f"({path})"):
             problems.append(text)
         else:
-            module.warn("capkeeper validate: %s" % text)
+            module.warn(f"capkeeper validate: {text}")
     if problems:
-        module.fail_json(msg="capkeeper refuses %s: %s" % (path, "; ".join(problems)), **result)
+        module.fail_json(msg="capkeeper refuses {}: {}".format(path, "; ".join(problems)), **result)
     if rc not in (0, 2):
-        module.fail_json(msg=err or "capkeeper validate failed (exit status %d)" % rc, **result)
+        module.fail_json(msg=err or f"capkeeper validate failed (exit status {rc})", **result)
 
 
 def report(record, result):
@@ -352,17 +355,17 @@ def report(record, result):
 
 def main():
     module = AnsibleModule(
-        argument_spec=dict(
-            path=dict(type="path", required=True),
-            caps=dict(type="str"),
-            sha256=dict(type="str"),
-            owner=dict(type="str"),
-            allow_inheritable=dict(type="bool", default=False),
-            allow_interpreter=dict(type="bool", default=False),
-            state=dict(type="str", choices=["present", "absent"], default="present"),
-            state_file=dict(type="path", default="/etc/capkeeper/state.toml"),
-            executable=dict(type="path"),
-        ),
+        argument_spec={
+            "path": {"type": "path", "required": True},
+            "caps": {"type": "str"},
+            "sha256": {"type": "str"},
+            "owner": {"type": "str"},
+            "allow_inheritable": {"type": "bool", "default": False},
+            "allow_interpreter": {"type": "bool", "default": False},
+            "state": {"type": "str", "choices": ["present", "absent"], "default": "present"},
+            "state_file": {"type": "path", "default": "/etc/capkeeper/state.toml"},
+            "executable": {"type": "path"},
+        },
         required_if=[("state", "present", ("caps",))],
         supports_check_mode=True,
     )
@@ -372,12 +375,12 @@ def main():
     name = declaration_name(path)
     dropin = os.path.join(os.path.dirname(state_file), "state.d")
     target = os.path.join(dropin, name)
-    result = dict(changed=False, declaration=target, declaration_changed=False)
+    result = {"changed": False, "declaration": target, "declaration_changed": False}
 
     if not os.path.isfile(state_file):
         module.fail_json(
-            msg="capkeeper's state file %s does not exist: install capkeeper first "
-            "(the capkeeper.capkeeper.capkeeper role does)" % state_file,
+            msg=f"capkeeper's state file {state_file} does not exist: install capkeeper first "
+            "(the capkeeper.capkeeper.capkeeper role does)",
             **result,
         )
     executable = params["executable"] or module.get_bin_path(
@@ -388,12 +391,12 @@ def main():
     wanted = render(params) if params["state"] == "present" else None
     result["declaration_changed"] = current != wanted
     if module._diff and current != wanted:
-        result["diff"] = dict(
-            before_header=target,
-            after_header=target,
-            before=current or "",
-            after=wanted or "",
-        )
+        result["diff"] = {
+            "before_header": target,
+            "after_header": target,
+            "before": current or "",
+            "after": wanted or "",
+        }
 
     if params["state"] == "absent":
         if current is not None:
@@ -408,7 +411,9 @@ def main():
             if module.check_mode:
                 rc, record, err = capkeeper.verdict("check", candidate.main, path)
                 if record is None:
-                    module.fail_json(msg=err or "capkeeper check failed (%d)" % rc, **result)
+                    module.fail_json(
+                        msg=err or f"capkeeper check failed (exit status {rc})", **result
+                    )
                 report(record, result)
                 result["changed"] = result["declaration_changed"] or result["restored"]
                 module.exit_json(**result)
@@ -418,12 +423,14 @@ def main():
 
     rc, record, err = capkeeper.verdict("apply", state_file, path)
     if record is None:
-        module.fail_json(msg=err or "capkeeper apply failed (exit status %d)" % rc, **result)
+        module.fail_json(msg=err or f"capkeeper apply failed (exit status {rc})", **result)
     report(record, result)
     result["changed"] = result["declaration_changed"] or result["restored"]
     if record.get("status") in ("refused", "failed"):
         module.fail_json(
-            msg="capkeeper could not apply %s: %s" % (path, record.get("reason", record["status"])),
+            msg="capkeeper could not apply {}: {}".format(
+                path, record.get("reason", record["status"])
+            ),
             **result,
         )
     module.exit_json(**result)
