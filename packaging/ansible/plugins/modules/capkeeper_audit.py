@@ -149,7 +149,11 @@ def main():
             "roots": {"type": "list", "elements": "path", "default": ["/"]},
             "one_file_system": {"type": "bool", "default": False},
             "include_fs": {"type": "list", "elements": "str", "default": []},
-            "max_rating": {"type": "str", "choices": list(LEVELS), "default": "medium"},
+            "max_rating": {
+                "type": "str",
+                "choices": ["none", "low", "medium", "high", "critical"],
+                "default": "medium",
+            },
             "state_file": {"type": "path", "default": "/etc/capkeeper/state.toml"},
             "executable": {"type": "path"},
         },

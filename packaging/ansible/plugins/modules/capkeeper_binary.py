@@ -98,7 +98,7 @@ requirements:
     P(capkeeper.capkeeper.capkeeper#role) role).
 seealso:
   - module: community.general.capabilities
-  - role: capkeeper.capkeeper.capkeeper
+  - module: capkeeper.capkeeper.capkeeper_audit
 author:
   - capkeeper contributors (@capkeeper)
 """
