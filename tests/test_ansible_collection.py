@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 ANSIBLE_BIN = REPO / ".venv-ansible" / "bin"
 PLAYS = REPO / "tests" / "ansible"
 COLLECTION = REPO / "packaging" / "ansible"
+PROMTOOL = REPO / ".cache" / "prometheus" / "usr" / "bin" / "promtool"
 WORK = "/root/fleet"  # inside the sandbox
 REPORT = f"{WORK}/audit.txt"
 STATE_DIR = "/etc/capkeeper"
@@ -244,6 +245,48 @@ def test_deploy_over_a_declared_binary_is_repaired_by_the_service(converged: Fle
         "MESSAGE_ID=5aaaaf94bc4b4066b6c2dd65cc94600a", f"CAPKEEPER_PATH={TOOL}"
     )
     assert any(entry.get("_SYSTEMD_UNIT") == "capkeeper.service" for entry in restored)
+
+
+def test_metrics_dropin_from_the_readme_feeds_the_alert_rules(converged: Fleet) -> None:
+    """README's metrics drop-in: the service writes a lint-clean textfile that outlives it."""
+    fleet = converged
+    if not PROMTOOL.is_file():
+        pytest.skip(f"needs promtool at {PROMTOOL} (make promtool)")
+    readme = (REPO / "README.md").read_text()
+    match = re.search(r"```ini\n# (/etc/systemd/system/\S+\.conf)\n(.*?)```", readme, re.DOTALL)
+    assert match is not None
+    target, text = match.groups()
+    fleet.sandbox.path(Path(target).parent).mkdir(parents=True, exist_ok=True)
+    fleet.sandbox.path(target).write_text(text)
+    fleet.run("systemctl", "daemon-reload")
+    fleet.run("systemctl", "reset-failed", "capkeeper.service", check=False)
+    fleet.run("systemctl", "restart", "capkeeper.service")
+    metrics = fleet.sandbox.path("/var/lib/capkeeper/capkeeper.prom")
+    started = time.time()
+    deadline = time.monotonic() + 15
+    while not (metrics.is_file() and f'path="{TOOL}",status="in-sync"' in metrics.read_text()):
+        assert time.monotonic() < deadline, "no metrics file from the service"
+        time.sleep(0.1)
+    lines = metrics.read_text().splitlines()
+    for path in (APP, TOOL):
+        assert f'capkeeper_entry_status{{path="{path}",status="in-sync"}} 1' in lines
+        assert f'capkeeper_entry_in_sync{{path="{path}"}} 1' in lines
+    assert "capkeeper_rescan_interval_seconds 300" in lines
+    (stamp,) = (line.split()[1] for line in lines if line.startswith("capkeeper_metrics_time"))
+    assert started - 5 <= float(stamp) <= time.time() + 5  # the sandbox shares the clock
+    lint = subprocess.run(
+        [str(PROMTOOL), "check", "metrics"],
+        input=metrics.read_text(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    # Stopped, the daemon leaves its last file behind: the stale alert can fire.
+    fleet.run("systemctl", "stop", "capkeeper.service")
+    assert metrics.is_file()
+    fleet.run("systemctl", "start", "capkeeper.service")
 
 
 def test_fleet_audit_reports_every_host_and_fails_on_a_planted_binary(converged: Fleet) -> None:
