@@ -26,7 +26,6 @@ from typing import Any
 import pytest
 
 from tests.sandbox import SystemdSandbox, unavailable_reason
-from tests.sandbox_fixture import _dirs_outside_root_fs
 from tests.test_systemd_service import make_capkeeper_venv
 
 pytestmark = pytest.mark.sandbox
@@ -132,6 +131,9 @@ def fleet() -> Iterator[Fleet]:
         pytest.skip(reason)
     if not (ANSIBLE_BIN / "ansible-playbook").exists():
         pytest.skip(f"needs the pinned ansible-core in {ANSIBLE_BIN.parent} (make ansible)")
+    # Imported here: other modules load it as a pytest plugin, which must import it first.
+    from tests.sandbox_fixture import _dirs_outside_root_fs
+
     sandbox = SystemdSandbox(binds=_dirs_outside_root_fs())
     try:
         sandbox.boot()
