@@ -42,6 +42,8 @@ DROPIN_DIR = f"{STATE_DIR}/state.d"
 APP = "/usr/local/bin/fleet-app"
 TOOL = "/usr/local/bin/fleet-tool"
 PLANTED = "/usr/local/sbin/fleet-planted"
+NEW = "/usr/local/bin/fleet-new"
+NEW_CAPS = "cap_net_admin=ep"
 APP_CAPS = "cap_net_bind_service=ep"
 TOOL_CAPS = "cap_net_raw=ep"
 
@@ -247,6 +249,22 @@ def test_deploy_over_a_declared_binary_is_repaired_by_the_service(converged: Fle
         "MESSAGE_ID=5aaaaf94bc4b4066b6c2dd65cc94600a", f"CAPKEEPER_PATH={TOOL}"
     )
     assert any(entry.get("_SYSTEMD_UNIT") == "capkeeper.service" for entry in restored)
+
+
+def test_a_new_declaration_reloads_the_running_service(converged: Fleet) -> None:
+    """A binary added in a watched directory: SIGHUP reload (same PID), then it is kept."""
+    fleet = converged
+    fleet.run("install", "-m", "0755", "/bin/true", NEW)
+    pid = fleet.run("systemctl", "show", "-p", "MainPID", "--value", "capkeeper.service")
+    more = {"fleet_more": [{"path": NEW, "caps": NEW_CAPS}]}
+    result = fleet.play(str(PLAYS / "site.yml"), "-e", json.dumps(more))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "RUNNING HANDLER [capkeeper.capkeeper.capkeeper : Reload capkeeper]" in result.stdout
+    assert "Restart capkeeper" not in result.stdout  # the drop-in already lists the directory
+    assert [r["status"] for r in results_of(result)["role"]] == ["in-sync", "restored"]
+    assert fleet.run("systemctl", "show", "-p", "MainPID", "--value", "capkeeper.service") == pid
+    fleet.run("cp", "/bin/true", NEW)
+    wait_for_caps(fleet, NEW, NEW_CAPS)
 
 
 def test_metrics_dropin_from_the_readme_feeds_the_alert_rules(converged: Fleet) -> None:
