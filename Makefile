@@ -9,8 +9,13 @@ APT_PACKAGES := libcap2-bin attr rsync inotify-tools dpkg tar coreutils util-lin
                 gcc libc6-dev python3.11-dev valgrind gdb iputils-ping \
                 e2fsprogs systemd python3-venv
 DEMO_DIR := /var/tmp/capkeeper-demo
+# The pinned ansible-core the collection's tests drive, in its own venv (not capkeeper's deps).
+ANSIBLE_VENV := .venv-ansible
+# promtool for the alert-rule tests, unpacked from Debian's prometheus package into the
+# checkout: installing that package would add a prometheus.service to every booted sandbox.
+PROMTOOL := .cache/prometheus/usr/bin/promtool
 
-.PHONY: deps venv run test lint typecheck pytest bench clean
+.PHONY: deps venv ansible promtool run test lint typecheck pytest bench clean
 
 deps:
 	@missing=""; for p in $(APT_PACKAGES); do \
@@ -32,6 +37,23 @@ $(BIN)/.installed: pyproject.toml
 
 venv: $(BIN)/.installed
 
+$(ANSIBLE_VENV)/.installed: packaging/ansible/requirements-test.txt
+	$(PYTHON) -m venv $(ANSIBLE_VENV)
+	$(ANSIBLE_VENV)/bin/pip install -q -r packaging/ansible/requirements-test.txt
+	touch $@
+
+ansible: $(ANSIBLE_VENV)/.installed
+
+$(PROMTOOL):
+	mkdir -p .cache/prometheus
+	cd .cache/prometheus && rm -f prometheus_*.deb && \
+	  { apt-get -o APT::Sandbox::User=root download prometheus || { apt-get update -qq && apt-get -o APT::Sandbox::User=root download prometheus; }; }
+	dpkg-deb --fsys-tarfile .cache/prometheus/prometheus_*.deb | tar -x -C .cache/prometheus ./usr/bin/promtool
+	rm -f .cache/prometheus/prometheus_*.deb
+	touch $@
+
+promtool: $(PROMTOOL)
+
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -39,7 +61,7 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy
 
-pytest: deps venv
+pytest: deps venv ansible promtool
 	$(BIN)/pytest
 
 test: deps venv lint typecheck pytest
@@ -68,4 +90,4 @@ bench: venv
 	$(BIN)/python bench/bench_restore.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info
+	rm -rf $(VENV) $(ANSIBLE_VENV) .cache .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info

@@ -169,7 +169,7 @@ class Daemon:
         self._next_ping = clock() if interval else math.inf
         self._last_drift: _Drift | None = None
         self._rejected: tuple[str, list[str]] | None = None
-        self._book = StatusBook()
+        self._book = StatusBook(rescan_interval=settings.rescan_interval)
         self._published_status = ""
         self._status_written = -math.inf
         self._dirty_since: float | None = None

@@ -57,6 +57,7 @@ class StatusBook:
     reloads: int = 0
     rejected_reloads: int = 0
     watches: int = 0
+    rescan_interval: float | None = None  # the daemon's; the metrics are rewritten this often
     last_drift: dict[str, Any] | None = None
     last_error: str | None = None
     dirty: bool = field(default=True, compare=False)
@@ -273,9 +274,19 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def metrics_text(book: StatusBook) -> str:
-    """A Prometheus textfile-collector snapshot of the book."""
+def metrics_text(book: StatusBook, *, now: float | None = None) -> str:
+    """A Prometheus textfile-collector snapshot of the book, written at ``now``.
+
+    The daemon rewrites the file whenever something changed and at least once
+    per periodic rescan, so ``capkeeper_metrics_timestamp_seconds`` older than
+    ``capkeeper_rescan_interval_seconds`` (plus slack) means the daemon stopped
+    or hangs (``packaging/prometheus/capkeeper.rules.yml``).
+    """
+    stamp = time.time() if now is None else now
     out = [
+        "# HELP capkeeper_metrics_timestamp_seconds When the daemon wrote this file (unix time).",
+        "# TYPE capkeeper_metrics_timestamp_seconds gauge",
+        f"capkeeper_metrics_timestamp_seconds {stamp:.3f}",
         "# HELP capkeeper_restores_total Capabilities re-applied to declared binaries.",
         "# TYPE capkeeper_restores_total counter",
         f"capkeeper_restores_total {book.restores}",
@@ -294,6 +305,14 @@ def metrics_text(book: StatusBook) -> str:
         "# HELP capkeeper_inotify_watches inotify watches in use.",
         "# TYPE capkeeper_inotify_watches gauge",
         f"capkeeper_inotify_watches {book.watches}",
+    ]
+    if book.rescan_interval is not None:
+        out += [
+            "# HELP capkeeper_rescan_interval_seconds Seconds between the daemon's full rescans.",
+            "# TYPE capkeeper_rescan_interval_seconds gauge",
+            f"capkeeper_rescan_interval_seconds {book.rescan_interval:g}",
+        ]
+    out += [
         "# HELP capkeeper_last_drift_timestamp_seconds Last restore of a binary (unix time).",
         "# TYPE capkeeper_last_drift_timestamp_seconds gauge",
     ]
@@ -310,8 +329,25 @@ def metrics_text(book: StatusBook) -> str:
     for record in book.entries.values():
         ok = 1 if record.status == str(Status.IN_SYNC) else 0
         out.append(f'capkeeper_entry_in_sync{{path="{_label(record.path)}"}} {ok}')
+    out += [
+        "# HELP capkeeper_entry_status The declared binary's current status (the label), always 1.",
+        "# TYPE capkeeper_entry_status gauge",
+    ]
+    for record in book.entries.values():
+        out.append(
+            f'capkeeper_entry_status{{path="{_label(record.path)}",'
+            f'status="{_label(record.status)}"}} 1'
+        )
+    out += [
+        "# HELP capkeeper_entry_restores_total Capabilities re-applied to this declared binary.",
+        "# TYPE capkeeper_entry_restores_total counter",
+    ]
+    for record in book.entries.values():
+        out.append(
+            f'capkeeper_entry_restores_total{{path="{_label(record.path)}"}} {record.restores}'
+        )
     return "\n".join(out) + "\n"
 
 
-def write_metrics(path: Path, book: StatusBook) -> None:
-    write_atomically(path, metrics_text(book))
+def write_metrics(path: Path, book: StatusBook, *, now: float | None = None) -> None:
+    write_atomically(path, metrics_text(book, now=now))

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import tempfile
+import time
 import unicodedata
 from pathlib import Path
 from typing import Any
@@ -92,14 +93,39 @@ def test_metrics_textfile(tree: Path) -> None:
     book.record(reconcile(good, write=True), cause="startup", now=1234.5)
     book.rescans = 2
     target = tree / "capkeeper.prom"
-    write_metrics(target, book)
+    write_metrics(target, book, now=2000.25)
     lines = target.read_text().splitlines()
     assert "capkeeper_restores_total 1" in lines
     assert "capkeeper_rescans_total 2" in lines
     assert "capkeeper_watched_entries 1" in lines
     assert f'capkeeper_last_drift_timestamp_seconds{{path="{good.path}"}} 1234.500' in lines
     assert f'capkeeper_entry_in_sync{{path="{good.path}"}} 1' in lines
-    assert target.read_text() == metrics_text(book)
+    assert f'capkeeper_entry_status{{path="{good.path}",status="in-sync"}} 1' in lines
+    assert f'capkeeper_entry_restores_total{{path="{good.path}"}} 1' in lines
+    assert "capkeeper_metrics_timestamp_seconds 2000.250" in lines
+    assert not any(line.startswith("capkeeper_rescan_interval_seconds") for line in lines)
+    assert target.read_text() == metrics_text(book, now=2000.25)
+
+
+def test_metrics_per_entry_status_and_freshness(tree: Path) -> None:
+    """Alerts need each entry's status and restores by path, and when the daemon wrote them."""
+    good = _entry(make_binary(tree / "good"))
+    bad = _entry(make_binary(tree / "bad", mode=0o777))
+    book = StatusBook(rescan_interval=300.0)
+    book.load({good.path: good.caps_text, bad.path: bad.caps_text}, ["state.toml"])
+    for _ in range(3):
+        make_binary(tree / "good")  # a deploy: capabilities gone
+        book.record(reconcile(good, write=True), cause="inotify", now=100.0)
+    book.record(reconcile(bad, write=True), cause="startup", now=100.0)
+    before = time.time()
+    lines = metrics_text(book).splitlines()
+    assert f'capkeeper_entry_restores_total{{path="{good.path}"}} 3' in lines
+    assert f'capkeeper_entry_restores_total{{path="{bad.path}"}} 0' in lines
+    assert f'capkeeper_entry_status{{path="{bad.path}",status="refused"}} 1' in lines
+    assert f'capkeeper_entry_status{{path="{good.path}",status="in-sync"}} 1' in lines
+    assert "capkeeper_rescan_interval_seconds 300" in lines
+    (stamp,) = (line.split()[1] for line in lines if "metrics_timestamp" in line and line[0] != "#")
+    assert before - 0.001 <= float(stamp) <= time.time() + 0.001  # printed to the millisecond
 
 
 @pytest.mark.parametrize("content", ["[1]", '{"entries": [{}]}', "{}", "not json"])
