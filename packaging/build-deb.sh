@@ -16,9 +16,7 @@ version=${DEB_VERSION:-$(dpkg-parsechangelog -l "$src/packaging/debian/changelog
 tree=$build/capkeeper-$version
 rm -rf "$build"
 mkdir -p "$tree"
-(cd "$src" && tar -c --exclude=__pycache__ capkeeper pyproject.toml README.md CHANGELOG.md \
-    systemd man packaging/install-tree.sh packaging/libexec packaging/state.toml) |
-    tar -x -C "$tree"
+sh "$src/packaging/copy-sources.sh" "$tree"
 cp -R "$src/packaging/debian" "$tree/debian"
 if [ -n "${DEB_VERSION:-}" ]; then
     { printf 'capkeeper (%s) unstable; urgency=medium\n\n  * Build of version %s.\n\n' \

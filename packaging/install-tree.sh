@@ -5,6 +5,7 @@
 #                               offline from the pinned WHEELHOUSE
 #   /usr/bin/capkeeper          runs it in isolated mode (-I)
 #   UNITDIR/                    capkeeper.service, capkeeper-dropin.{path,service}
+#   UNITDIR/../system-preset/   50-capkeeper.preset (enable both)
 #   /usr/lib/sysusers.d/capkeeper.conf, /usr/lib/systemd/catalog/capkeeper.catalog
 #   /usr/libexec/capkeeper/     the package-trigger and drop-in helpers
 #   /etc/capkeeper/state.toml   commented examples; /etc/capkeeper/state.d/
@@ -59,6 +60,8 @@ for f in "$target"/bin/*; do
     fi
 done
 sed -i '/^command = /d' "$target/pyvenv.cfg"
+# Relative, as Debian policy wants (dh_link would do it for the .deb only).
+ln -sfn ../../../bin/python3.11 "$target/bin/python3.11"
 for record in "$target"/lib/python3.11/site-packages/*.dist-info/RECORD; do
     sed -i '/direct_url\.json,/d' "$record"
 done
@@ -77,6 +80,8 @@ chmod 0755 "$destdir/usr/bin/capkeeper"
 
 install -D -m 0644 -t "$destdir$unitdir" "$src/systemd/capkeeper.service" \
     "$src/systemd/capkeeper-dropin.path" "$src/systemd/capkeeper-dropin.service"
+install -D -m 0644 "$src/systemd/50-capkeeper.preset" \
+    "$destdir$(dirname "$unitdir")/system-preset/50-capkeeper.preset"
 install -D -m 0644 "$src/systemd/capkeeper.sysusers" "$destdir/usr/lib/sysusers.d/capkeeper.conf"
 install -D -m 0644 "$src/systemd/capkeeper.catalog" \
     "$destdir/usr/lib/systemd/catalog/capkeeper.catalog"
@@ -88,9 +93,4 @@ install -D -m 0644 "$src/man/capkeeper.8" "$destdir/usr/share/man/man8/capkeeper
 install -D -m 0644 "$src/man/capkeeper-state.5" "$destdir/usr/share/man/man5/capkeeper-state.5"
 
 # Nothing may point back at the build: it would not exist on the target host.
-leaks=$(grep -rlF -e "$destdir" -e "$src" -e "$wheelhouse" -e "$work" "$destdir" || true)
-if [ -n "$leaks" ]; then
-    echo "install-tree.sh: the build directory leaks into the package:" >&2
-    echo "$leaks" >&2
-    exit 1
-fi
+sh "$src/packaging/check-leaks.sh" "$destdir" "$destdir" "$src" "$wheelhouse" "$work"
