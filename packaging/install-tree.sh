@@ -62,10 +62,26 @@ done
 sed -i '/^command = /d' "$target/pyvenv.cfg"
 # Relative, as Debian policy wants (dh_link would do it for the .deb only).
 ln -sfn ../../../bin/python3.11 "$target/bin/python3.11"
-for record in "$target"/lib/python3.11/site-packages/*.dist-info/RECORD; do
-    sed -i '/direct_url\.json,/d' "$record"
-done
 rm -f "$target"/lib/python3.11/site-packages/*.dist-info/direct_url.json
+# RECORD: drop direct_url.json, and give the rewritten scripts their new hash
+# and size (the old ones were of the build path; two builds must not differ).
+$python - "$target/lib/python3.11/site-packages" <<'EOF2'
+import base64, hashlib, pathlib, sys
+
+site = pathlib.Path(sys.argv[1])
+for record in site.glob("*.dist-info/RECORD"):
+    lines = []
+    for line in record.read_text().splitlines():
+        path = line.split(",")[0]
+        if path.endswith("/direct_url.json"):
+            continue
+        if path.startswith("../../../bin/"):
+            data = (site / path).read_bytes()
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=")
+            line = f"{path},sha256={digest.decode()},{len(data)}"
+        lines.append(line)
+    record.write_text("".join(f"{line}\n" for line in lines))
+EOF2
 find "$target" -name __pycache__ -type d -prune -exec rm -rf {} +
 # Same permissions whatever the build host's umask did to unpacked files.
 chmod -R u+rwX,go+rX,go-w "$target"
