@@ -63,12 +63,22 @@ sed -i '/^command = /d' "$target/pyvenv.cfg"
 # Relative, as Debian policy wants (dh_link would do it for the .deb only).
 ln -sfn ../../../bin/python3.11 "$target/bin/python3.11"
 rm -f "$target"/lib/python3.11/site-packages/*.dist-info/direct_url.json
+# A build path too long for a shebang makes pip write a /bin/sh trampoline
+# (#!/bin/sh, then an exec line, then a quote line) instead: give those scripts
+# a plain shebang too.
 # RECORD: drop direct_url.json, and give the rewritten scripts their new hash
 # and size (the old ones were of the build path; two builds must not differ).
-$python - "$target/lib/python3.11/site-packages" <<'EOF2'
+$python - "$target/lib/python3.11/site-packages" "$venv" <<'EOF2'
 import base64, hashlib, pathlib, sys
 
 site = pathlib.Path(sys.argv[1])
+quotes = b"'" * 3
+for script in (site.parents[2] / "bin").iterdir():
+    if script.is_file() and not script.is_symlink():
+        data = script.read_bytes()
+        if data.startswith(b"#!/bin/sh\n" + quotes + b"exec' "):
+            body = data.split(b"\n' " + quotes + b"\n", 1)[1]
+            script.write_bytes(f"#!{sys.argv[2]}/bin/python\n".encode() + body)
 for record in site.glob("*.dist-info/RECORD"):
     lines = []
     for line in record.read_text().splitlines():
