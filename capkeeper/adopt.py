@@ -32,7 +32,7 @@ from capkeeper.audit import (
     walk_options,
 )
 from capkeeper.capabilities import CapSet, format_text, kernel_last_cap
-from capkeeper.errors import CapkeeperError
+from capkeeper.errors import CapkeeperError, needs_escape, printable
 from capkeeper.files import Kind, Observation, observe
 from capkeeper.state import Entry
 from capkeeper.trust import Refusal, assess
@@ -99,8 +99,8 @@ def adopt_observation(path: str, observation: Observation, *, last_cap: int) -> 
         path.encode("utf-8")
     except UnicodeEncodeError:
         return "its path is not valid UTF-8, which a TOML state cannot hold"
-    if not path.isprintable():
-        return "its path contains control characters, which the state refuses"
+    if needs_escape(path):
+        return "its path contains control or format characters, which the state refuses"
     owner = "root" if observation.uid == 0 else _owner_name(observation.uid)
     entry = Entry(
         path=path,
@@ -197,22 +197,26 @@ def cmd_adopt(args: argparse.Namespace, settings: Settings, out: TextIO) -> Exit
         try:
             observation = observe(path, hash=args.pin)
         except CapkeeperError as exc:
-            err.write(f"capkeeper: adopt: {exc}\n")
+            err.write(f"capkeeper: adopt: {printable(str(exc))}\n")
             failed = True
             continue
         declared = _declared(observation, index)
         if declared is not None:
-            err.write(f"capkeeper: adopt: {path}: already declared in {declared.source}\n")
+            err.write(
+                f"capkeeper: adopt: {printable(path)}: already declared in {declared.source}\n"
+            )
             continue
         adoption = adopt_observation(path, observation, last_cap=limit)
         if isinstance(adoption, str):
-            err.write(f"capkeeper: adopt: {path}: not adopted: {adoption}\n")
+            err.write(f"capkeeper: adopt: {printable(path)}: not adopted: {adoption}\n")
             failed = True
             continue
         if not adoption.trusted:
             reasons = "; ".join(str(r) for r in adoption.refusals)
-            err.write(f"capkeeper: adopt: {path}: commented out, the trust policy refuses it: ")
-            err.write(f"{reasons}\n")
+            err.write(
+                f"capkeeper: adopt: {printable(path)}: commented out, the trust policy "
+                f"refuses it: {reasons}\n"
+            )
             failed = True
         adoptions.append(adoption)
     out.write(render(adoptions, last_cap=limit))

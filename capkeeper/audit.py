@@ -51,12 +51,13 @@ from capkeeper.capabilities import (
     format_text,
     kernel_last_cap,
 )
-from capkeeper.errors import CapkeeperError, InvalidCapabilityData
+from capkeeper.errors import CapkeeperError, InvalidCapabilityData, StateNotFound, printable
 from capkeeper.files import XATTR_NAME, Kind, Observation, observe
+from capkeeper.interpreters import runs_other_code
 from capkeeper.mounts import NETWORK_FS, PSEUDO_FS, MountInfo, MountTable, mount_id, read_mounts
 from capkeeper.reconcile import Status, decide, describe
 from capkeeper.state import Entry, State, load_state
-from capkeeper.trust import INTERPRETER, Refusal, assess
+from capkeeper.trust import Refusal, assess
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -650,6 +651,7 @@ _RULE_WEIGHTS: Mapping[str, int] = {
     "regular": 10,
 }
 _IGNORED_RULES = frozenset({"sha256", "inheritable", "kernel"})  # not about the file
+_RUNS_CODE = 60  # a loader or interpreter with capabilities: critical whatever it holds
 
 
 def rate(
@@ -676,15 +678,15 @@ def rate(
     if problem is not None:
         score += 10
         reasons.append(f"{problem}; the kernel may still honour it at exec")
-    if observation is not None and observation.kind is Kind.ELF:
+    capable = (caps is not None and not caps.is_empty) or problem is not None
+    if capable and observation is not None and observation.kind is Kind.ELF:
         name = posixpath.basename(observation.resolved)
-        if INTERPRETER.fullmatch(name):
-            score += 40
-            reasons.append(
-                f"{name} is an interpreter: every script it runs gets these capabilities"
-            )
+        runs = runs_other_code(name, observation.elf)
+        if runs is not None:
+            score += _RUNS_CODE
+            reasons.append(f"{name} {runs} gets these capabilities")
     for refusal in refusals:
-        if refusal.rule in _IGNORED_RULES:
+        if refusal.rule in _IGNORED_RULES or refusal.rule == "interpreter":  # rated above
             continue
         score += _RULE_WEIGHTS.get(refusal.rule, 5)
         reasons.append(refusal.message)
@@ -701,7 +703,7 @@ class Finding:
     problem: str | None
     verdict: Verdict
     entry: Entry | None = None
-    rating: Rating | None = None  # unmanaged files only
+    rating: Rating | None = None  # unmanaged files, and refused ones that run other code
     note: str = ""
 
     @property
@@ -799,8 +801,18 @@ def classify(
     decision = decide(entry, observation, last_cap=last_cap)
     if decision.status is Status.REFUSED:
         reasons = "; ".join(str(r) for r in decision.refusals)
+        # A declared loader or interpreter that already carries capabilities is as
+        # exposed as an unmanaged one: rate it so it ranks with the worst.
+        runs_code = any(r.rule == "interpreter" for r in decision.refusals)
         return Finding(
-            raw.path, display, caps, problem, Verdict.REFUSED, entry, note=note or reasons
+            raw.path,
+            display,
+            caps,
+            problem,
+            Verdict.REFUSED,
+            entry,
+            rating=rate(caps, problem, observation, decision.refusals) if runs_code else None,
+            note=note or reasons,
         )
     verdict = Verdict.IN_SYNC if decision.status is Status.IN_SYNC else Verdict.DRIFTED
     if verdict is Verdict.DRIFTED and decision.extra:
@@ -820,7 +832,7 @@ class AuditReport:
 
     @property
     def worst(self) -> Finding | None:
-        """The unmanaged finding with the highest score."""
+        """The rated finding with the highest score."""
         rated = [f for f in self.findings if f.rating is not None]
         return max(rated, key=lambda f: f.rating.score if f.rating else 0, default=None)
 
@@ -902,12 +914,13 @@ _VERDICT_ORDER = {Verdict.UNMANAGED: 0, Verdict.DRIFTED: 1, Verdict.REFUSED: 2, 
 
 
 def _ordered(findings: Iterable[Finding]) -> list[Finding]:
-    """Worst first: unmanaged by falling score, then drifted, refused, in sync; then by path."""
+    """Worst first: rated findings by falling score, then unmanaged, drifted, refused,
+    in sync; then by path."""
     return sorted(
         findings,
         key=lambda f: (
-            _VERDICT_ORDER[f.verdict],
             -(f.rating.score if f.rating is not None else 0),
+            _VERDICT_ORDER[f.verdict],
             f.path,
         ),
     )
@@ -916,15 +929,16 @@ def _ordered(findings: Iterable[Finding]) -> list[Finding]:
 # -- output ---------------------------------------------------------------------------
 
 
-def _printable(path: str) -> str:
-    """A path that can be written to a text stream (undecodable bytes shown as \\xNN)."""
-    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
 def render_getcap(report: AuditReport) -> list[str]:
-    """The lines ``getcap -r`` prints on stdout for the same tree (sorted by path)."""
+    """The lines ``getcap -r`` prints on stdout for the same tree (sorted by path).
+
+    A name is printed as getcap prints it unless it holds a control or format
+    character or an undecodable byte: then it is escaped (:func:`printable`),
+    so one file is always one line. getcap itself writes such a name raw, and
+    a newline in it reads as a second file.
+    """
     return [
-        f"{_printable(f.display)} {format_text(f.caps)}"
+        f"{printable(f.display)} {format_text(f.caps)}"
         for f in sorted(report.findings, key=lambda f: f.path)
         if f.caps is not None
     ]
@@ -938,11 +952,11 @@ def render_table(report: AuditReport) -> list[str]:
         caps = finding.caps_text
         if finding.entry is not None and finding.verdict is not Verdict.IN_SYNC:
             caps += f" (declared {finding.entry.caps_text})"
-        lines.append(f"{level:<9} {finding.verdict:<10} {_printable(finding.path)}  {caps}")
+        lines.append(f"{level:<9} {finding.verdict:<10} {printable(finding.path)}  {caps}")
         reasons = list(finding.rating.reasons) if finding.rating is not None else []
         if finding.note:
             reasons.append(finding.note)
-        lines.extend(f"{'':<20} - {reason}" for reason in reasons)
+        lines.extend(f"{'':<20} - {printable(reason)}" for reason in reasons)
     return lines
 
 
@@ -961,7 +975,7 @@ def summary(report: AuditReport) -> str:
     if walked.skipped:
         types = sorted({s.fstype for s in walked.skipped})
         text += f"; skipped {len(walked.skipped)} mount(s) ({', '.join(types)})"
-    return text
+    return printable(text)
 
 
 def _exit_status(report: AuditReport) -> ExitStatus:
@@ -980,9 +994,10 @@ def load_state_or_empty(path: Path) -> tuple[State, str | None]:
     An audit is how an unmanaged host is first looked at, so a missing state
     is not an error: every finding is then unmanaged. An invalid state is.
     """
-    if not path.exists():
+    try:
+        return load_state(path), None
+    except StateNotFound:
         return State(entries=(), files=()), f"no state at {path}: every finding is unmanaged"
-    return load_state(path), None
 
 
 def _jobs(text: str) -> int:
@@ -1020,7 +1035,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--format",
         choices=("table", "json", "getcap"),
         default="table",
-        help="table (default), JSON lines, or exactly what 'getcap -r' prints",
+        help="table (default), JSON lines, or what 'getcap -r' prints (a name with control "
+        "or format characters escaped, so one file is one line; getcap prints it raw)",
     )
     output.add_argument(
         "--json", dest="format", action="store_const", const="json", help="--format json"
@@ -1040,7 +1056,7 @@ def walk_options(args: argparse.Namespace) -> WalkOptions:
 def report_walk_problems(result: WalkResult, err: TextIO) -> None:
     """Print what the walk could not read on stderr."""
     for error in result.errors:
-        err.write(f"capkeeper: audit: {_printable(error.path)}: {error.message}\n")
+        err.write(f"capkeeper: audit: {printable(error.path)}: {printable(error.message)}\n")
 
 
 def cmd_audit(args: argparse.Namespace, settings: Settings, out: TextIO) -> ExitStatus:
@@ -1048,14 +1064,14 @@ def cmd_audit(args: argparse.Namespace, settings: Settings, out: TextIO) -> Exit
     err = sys.stderr
     state, note = load_state_or_empty(settings.state)
     if note and args.format != "getcap":
-        err.write(f"capkeeper: audit: {note}\n")
+        err.write(f"capkeeper: audit: {printable(note)}\n")
     report = audit(args.roots or ["/"], state, walk_options(args), progress=err)
     report_walk_problems(report.walk, err)
     if args.format == "getcap":
         for finding in report.findings:
             if finding.caps is None and finding.problem is not None:
                 err.write(
-                    f"Failed to get capabilities of file '{_printable(finding.display)}' "
+                    f"Failed to get capabilities of file '{printable(finding.display)}' "
                     f"({finding.problem})\n"
                 )
         out.writelines(line + "\n" for line in render_getcap(report))

@@ -18,16 +18,22 @@ from pydantic import ValidationError
 
 from capkeeper import __version__, adopt, audit, doctor
 from capkeeper.capabilities import decode_revision, format_text, kernel_last_cap
-from capkeeper.errors import CapkeeperError, FileAccessError, StateError, UsageError
-from capkeeper.files import observe, read_path_caps
+from capkeeper.errors import CapkeeperError, FileAccessError, StateError, UsageError, printable
+from capkeeper.files import NO_XATTR, observe, read_path_caps
 from capkeeper.log import LEVELS, configure, get_logger
 from capkeeper.reconcile import Outcome, Status, log_outcome, reconcile
 from capkeeper.settings import RESCAN_INTERVAL, SETTLE_TIME, Settings
 from capkeeper.state import Entry, State, load_state
-from capkeeper.status import read_status
+from capkeeper.status import StatusFileError, parse_status, read_status
 from capkeeper.status import render as render_status
-from capkeeper.systemd import DROPIN, HIDDEN_FROM_SERVICE, dropin_text, write_atomically
-from capkeeper.trust import assess
+from capkeeper.systemd import (
+    DROPIN,
+    HIDDEN_FROM_SERVICE,
+    dropin_refusals,
+    dropin_text,
+    write_atomically,
+)
+from capkeeper.trust import FLOOD_HINT, assess, exposed_directory, flood_warning
 
 
 class ExitStatus(IntEnum):
@@ -166,7 +172,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _emit(out: TextIO, as_json: bool, record: dict[str, Any], human: str) -> None:
-    out.write((json.dumps(record) if as_json else human) + "\n")
+    out.write((json.dumps(record) if as_json else printable(human)) + "\n")
 
 
 def _outcome_line(outcome: Outcome) -> str:
@@ -227,14 +233,14 @@ def cmd_show(args: argparse.Namespace, settings: Settings, out: TextIO) -> ExitS
         try:
             caps, raw = read_path_caps(path)
         except CapkeeperError as exc:
-            sys.stderr.write(f"capkeeper: {exc}\n")
+            sys.stderr.write(f"capkeeper: {printable(str(exc))}\n")
             status = ExitStatus.FAILED
             continue
         if caps is None or raw is None:
             if args.json:
                 _emit(out, True, {"path": path, "caps": None}, "")
             elif args.verbose:
-                out.write(f"{path} (no capabilities)\n")
+                out.write(f"{printable(path)} (no capabilities)\n")
             continue
         text = format_text(caps)
         revision = int(decode_revision(raw))
@@ -278,6 +284,9 @@ def cmd_validate(args: argparse.Namespace, settings: Settings, out: TextIO) -> E
                 report(where, "problem", str(exc))
             continue
         same_file.setdefault((observation.dev, observation.ino), []).append(entry)
+        if not observation.xattr_supported:
+            problems += 1
+            report(where, "problem", f"{observation.resolved}: {NO_XATTR}", "xattr")
         if entry.owner_uid != 0:
             report(
                 where,
@@ -285,9 +294,13 @@ def cmd_validate(args: argparse.Namespace, settings: Settings, out: TextIO) -> E
                 f"owner {entry.owner} can rewrite this binary through a shared mmap without "
                 f"losing its capabilities: that user effectively holds {entry.caps_text}",
             )
-        for refusal in assess(entry, observation, last_cap=kernel_last_cap()):
+        refusals = assess(entry, observation, last_cap=kernel_last_cap())
+        for refusal in refusals:
             problems += 1
             report(where, "problem", str(refusal), refusal.rule)
+        exposed = exposed_directory(observation)
+        if exposed is not None and not any(r.rule.startswith("directory") for r in refusals):
+            report(where, "warning", f"{flood_warning(exposed)} ({FLOOD_HINT})", "flood")
     # Two declared paths naming one file (a hard link, a symlink) with different
     # capabilities would be restored back and forth forever.
     for aliases in same_file.values():
@@ -305,17 +318,22 @@ def cmd_validate(args: argparse.Namespace, settings: Settings, out: TextIO) -> E
     if not args.json:
         files = ", ".join(str(f) for f in state.files)
         verdict = "no problems" if not problems else f"{problems} problem(s)"
-        out.write(f"{len(state.entries)} declared binaries in {files}: {verdict}\n")
+        out.write(printable(f"{len(state.entries)} declared binaries in {files}: {verdict}") + "\n")
     return ExitStatus.FAILED if problems else ExitStatus.OK
 
 
 def cmd_systemd_dropin(args: argparse.Namespace, settings: Settings, out: TextIO) -> ExitStatus:
     state = load_state(settings.state)
+    refusals = dropin_refusals(state)
+    if refusals:  # nothing is written, and --check cannot say "up to date" either
+        for refusal in refusals:
+            sys.stderr.write(f"capkeeper: error: {printable(refusal)}\n")
+        return ExitStatus.FAILED
     text = dropin_text(state)
     for entry in state.entries:
         if entry.path.startswith(HIDDEN_FROM_SERVICE):
             sys.stderr.write(
-                f"capkeeper: warning: {entry.path} is hidden from the service "
+                f"capkeeper: warning: {printable(entry.path)} is hidden from the service "
                 "(PrivateTmp=/ProtectHome= in capkeeper.service); keep managed binaries "
                 "elsewhere\n"
             )
@@ -326,13 +344,16 @@ def cmd_systemd_dropin(args: argparse.Namespace, settings: Settings, out: TextIO
     current = target.read_text() if target.is_file() else None
     if args.check:
         verdict = "up to date" if current == text else "out of date"
-        out.write(f"{target}: {verdict}\n")
+        out.write(f"{printable(str(target))}: {verdict}\n")
         return ExitStatus.OK if current == text else ExitStatus.DRIFT
     if current == text:
-        out.write(f"{target}: already up to date\n")
+        out.write(f"{printable(str(target))}: already up to date\n")
         return ExitStatus.OK
     write_atomically(target, text)
-    out.write(f"wrote {target}; now run: systemctl daemon-reload && systemctl restart capkeeper\n")
+    out.write(
+        f"wrote {printable(str(target))}; now run: systemctl daemon-reload && "
+        "systemctl restart capkeeper\n"
+    )
     return ExitStatus.OK
 
 
@@ -340,23 +361,19 @@ def cmd_status(args: argparse.Namespace, settings: Settings, out: TextIO) -> Exi
     path = Path(args.status_file) if args.status_file else settings.status_file
     try:
         data = read_status(path)
+        snapshot = parse_status(data)
     except FileNotFoundError:
         raise CapkeeperError(
             "no status file: the daemon is not running or writes it elsewhere",
             context=str(path),
             hint="systemctl status capkeeper; or pass --status-file",
         ) from None
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
         raise CapkeeperError(f"cannot read the status file: {exc}", context=str(path)) from exc
-    try:
-        text = json.dumps(data, indent=1) + "\n" if args.json else render_status(data)
-        bad = any(e["status"] not in ("in-sync", "unknown") for e in data["entries"])
-    except (KeyError, TypeError, AttributeError) as exc:
-        raise CapkeeperError(
-            f"not a capkeeper status file (missing or malformed {exc})", context=str(path)
-        ) from exc
-    out.write(text)
-    return ExitStatus.FAILED if bad else ExitStatus.OK
+    except StatusFileError as exc:
+        raise CapkeeperError(f"not a capkeeper status file: {exc}", context=str(path)) from None
+    out.write(json.dumps(data, indent=1) + "\n" if args.json else render_status(snapshot))
+    return ExitStatus.OK if snapshot.healthy else ExitStatus.FAILED
 
 
 def cmd_watch(args: argparse.Namespace, settings: Settings, out: TextIO) -> ExitStatus:
@@ -390,7 +407,7 @@ def _report(exc: CapkeeperError, err: TextIO) -> None:
     if isinstance(exc, StateError):
         err.write(f"capkeeper: {exc.message}\n")
         return
-    err.write(f"capkeeper: error: {exc}\n")
+    err.write(f"capkeeper: error: {printable(str(exc))}\n")
 
 
 def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int:
@@ -442,13 +459,13 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
             return int(ExitStatus.FAILED)
         if debug:
             raise
-        stderr.write(f"capkeeper: error: {exc}\n")
+        stderr.write(f"capkeeper: error: {printable(str(exc))}\n")
         return int(ExitStatus.FAILED)
     except Exception as exc:
         if debug:
             raise
         stderr.write(
-            f"capkeeper: internal error: {exc.__class__.__name__}: {exc} "
+            f"capkeeper: internal error: {exc.__class__.__name__}: {printable(str(exc))} "
             "(run with --debug for a traceback, and please report it)\n"
         )
         return int(ExitStatus.FAILED)

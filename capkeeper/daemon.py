@@ -44,8 +44,9 @@ from typing import Any
 
 from capkeeper.capabilities import kernel_last_cap
 from capkeeper.errors import CapkeeperError, StateError
-from capkeeper.files import Observation
+from capkeeper.files import Observation, posixjoin
 from capkeeper.log import get_logger
+from capkeeper.mounts import MountWatch
 from capkeeper.notify import Notifier
 from capkeeper.reconcile import Decision, Outcome, Status, log_outcome, reconcile
 from capkeeper.schedule import Brake, Identity, identity_of, retry_delay
@@ -80,6 +81,9 @@ _REPLAN_ROUNDS = 3  # directories vanishing while being watched: re-plan at most
 _STATUS_QUIET = 0.2
 _STATUS_EVERY = 1.0
 _STATUS_STALE = 5.0
+# Anyone can overflow the queue of a directory others can write to, as often as they
+# like: warn about it at most this often (seconds); the rescans it causes are cheap.
+_EXPOSED_OVERFLOW_WARN_EVERY = 60.0
 
 
 class PrivilegeError(CapkeeperError):
@@ -164,6 +168,9 @@ class Daemon:
         self._entries: dict[str, Entry] = {}
         self._plan = WatchPlan()
         self._watcher: Watcher | None = None
+        self._mounts: MountWatch | None = None
+        self._exposed_warned = -math.inf
+        self._exposed_overflows = 0  # since the last warning
         self._tracked: dict[str, _Tracked] = {}
         self._verdicts: Counter[Status] = Counter()  # entries per last verdict
         self._settle: dict[str, tuple[float, str]] = {}  # writes in progress: deadline, cause
@@ -178,7 +185,7 @@ class Daemon:
         self._next_ping = clock() if interval else math.inf
         self._last_drift: _Drift | None = None
         self._rejected: tuple[str, list[str]] | None = None
-        self._book = StatusBook()
+        self._book = StatusBook(rescan_interval=settings.rescan_interval)
         self._published_status = ""
         self._status_written = -math.inf
         self._dirty_since: float | None = None
@@ -238,6 +245,8 @@ class Daemon:
                 state = load_state(self._settings.state)  # StateError: the caller reports it
                 self._run(state)
         finally:
+            if self._mounts is not None:
+                self._mounts.close()
             os.close(self._wake_r)
             os.close(self._wake_w)
             if self._owns_notifier:
@@ -255,6 +264,7 @@ class Daemon:
                 self._write_status()
 
     def _start(self, state: State) -> None:
+        self._mounts = self._watch_mounts()  # before the first plan: no mount goes unseen
         self._install(state)
         self._log.info(
             "state_loaded", entries=len(state.entries), files=", ".join(map(str, state.files))
@@ -282,6 +292,10 @@ class Daemon:
         inotify_fd = watcher.fileno()
         poller.register(inotify_fd, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
+        mounts_fd = -1
+        if self._mounts is not None:
+            mounts_fd = self._mounts.fileno()
+            poller.register(mounts_fd, select.POLLPRI)  # see MountWatch: never POLLIN
         next_rescan = self._clock() + self._settings.rescan_interval
         while not self._stop:
             self._tick()
@@ -299,8 +313,10 @@ class Daemon:
                 self._reload = False
                 self._do_reload()
                 next_rescan = self._clock() + self._settings.rescan_interval
+            if mounts_fd in ready:
+                self._mounts_changed(woke)
             if inotify_fd in ready:
-                self._handle(watcher.read(), woke)
+                self._handle(watcher.read(self._plan.concerns), woke)
             self._run_due()
             if self._clock() >= next_rescan:
                 self._full_reconcile("periodic")
@@ -458,12 +474,15 @@ class Daemon:
     def _handle(self, events: list[WatchEvent], woke: float) -> None:
         """Coalesce one batch of events and reconcile every affected entry once."""
         watcher = self._active_watcher()
-        overflow = False
+        overflow = exposed_overflow = False
         replan: set[str] = set()
         ready: dict[str, str] = {}
         for event in events:
             if event.is_overflow:
-                overflow = True
+                if event.exposed:
+                    exposed_overflow = True
+                else:
+                    overflow = True
                 continue
             if event.is_directory_gone:
                 self._watcher_dirty |= watcher.invalidate(event.directory)
@@ -476,6 +495,9 @@ class Daemon:
                     replan.add(path)
                     if not link.final and event.is_namespace:
                         self._watcher_dirty |= watcher.invalidate(event.path)
+                    elif not link.final and event.is_attrib:
+                        # A new owner or mode may move the directory to the other queue.
+                        self._watcher_dirty |= bool(watcher.revalidate([event.path]))
                 self._note(path, link, event, woke, ready)
         if overflow:
             self._log.warning("queue_overflow", events=len(events))
@@ -486,11 +508,123 @@ class Daemon:
             self._full_reconcile("watch_failed", since=woke)
             return
         self._batch.clear()
+        if exposed_overflow:
+            for path in self._exposed_overflow(woke):
+                ready.pop(path, None)
         for path, cause in ready.items():
             self._check_or_defer(path, cause, woke)
             self._tick()
         if self._batch["deferred"] and not self._batch["checked"] and not replan:
             self._quiet_until = woke + _FIGHT_PACE
+
+    def _exposed_overflow(self, since: float) -> set[str]:
+        """The queue of the directories others can write to overflowed: rescan what it covers.
+
+        Only events on names inside those directories were lost. A declared
+        binary there is reconciled. A directory there is watched on its own
+        (on whichever queue suits it), so only its identity can have changed
+        unseen: it is re-validated. A symlink or missing name there is
+        re-planned. Returns the entries reconciled.
+        """
+        watcher = self._active_watcher()
+        now = self._clock()
+        self._book.overflows += 1
+        self._exposed_overflows += 1
+        if now - self._exposed_warned >= _EXPOSED_OVERFLOW_WARN_EVERY:
+            self._log.warning(
+                "queue_overflow",
+                queue="exposed",
+                overflows=self._exposed_overflows,
+                directories=", ".join(sorted(watcher.exposed_directories)),
+            )
+            self._exposed_warned, self._exposed_overflows = now, 0
+        check: set[str] = set()
+        replan: set[str] = set()
+        looks: set[str] = set(watcher.exposed_directories)
+        watched = watcher.directories
+        for directory in watcher.exposed_directories:
+            for path, link in self._plan.links_in(directory):
+                if link.final:
+                    check.add(path)
+                elif (child := posixjoin(directory, link.name)) in watched:
+                    looks.add(child)
+                else:
+                    replan.add(path)
+        for directory in watcher.revalidate(looks):
+            self._watcher_dirty = True
+            check |= self._plan.through(directory)
+        before = {path: self._plan.route(path) for path in replan}
+        if self._replan(replan | check):
+            self._full_reconcile("watch_failed", since=since)
+            return set(self._entries)
+        check |= {path for path, route in before.items() if self._plan.route(path) != route}
+        self._rescan(check, "overflow", since=since, scope="exposed")
+        return check
+
+    def _mounts_changed(self, since: float) -> None:
+        """The mount table changed: re-watch and reconcile the routes the change reaches.
+
+        inotify sees no mounts: a mount over a watched directory, or over one
+        of its parents, hides the watched inode (its watch then reports on
+        nothing anybody reaches), and an unmount reveals another directory.
+        Every route through a changed mount point is re-watched and its entry
+        reconciled; every watched directory is re-validated too (a mount id can
+        be reused for a new mount on the same point).
+        """
+        watcher = self._active_watcher()
+        if self._mounts is None:
+            return
+        try:
+            points = self._mounts.changed()
+        except (OSError, ValueError) as exc:
+            self._log.warning("mount_watch_failed", error=str(exc))
+            self._full_reconcile("mount", since=since)
+            return
+        affected: set[str] = set()
+        for point in points:
+            self._watcher_dirty |= watcher.invalidate(point)
+            affected |= self._plan.at_or_below(point)
+        for directory in watcher.revalidate():
+            self._watcher_dirty = True
+            affected |= self._plan.through(directory)
+        self._log.debug("mounts_changed", mount_points=sorted(points), entries=len(affected))
+        if not affected and not self._watcher_dirty:
+            return
+        if self._replan(affected):
+            self._full_reconcile("watch_failed", since=since)
+            return
+        self._rescan(affected, "mount", since=since, mount_points=", ".join(sorted(points)))
+
+    def _rescan(self, paths: Iterable[str], cause: str, *, since: float, **fields: Any) -> None:
+        """Reconcile ``paths`` (part of the state) and log one ``rescan`` event for them."""
+        started = self._clock()
+        counts: dict[str, int] = {}
+        todo = sorted(p for p in paths if p in self._entries)
+        for path in todo:
+            if self._stop:
+                break
+            outcome = self._check_entry(path, cause, since)
+            if outcome is not None:
+                counts[str(outcome.status)] = counts.get(str(outcome.status), 0) + 1
+            self._tick()
+        self._book.dirty = True
+        # Anyone can cause overflow rescans: log them above debug only when they found drift.
+        quiet = cause == "overflow" and set(counts) <= {str(Status.IN_SYNC)}
+        (self._log.debug if quiet else self._log.info)(
+            "rescan",
+            cause=cause,
+            entries=len(todo),
+            duration_ms=round((self._clock() - started) * 1000, 3),
+            **fields,
+            **{k.replace("-", "_"): v for k, v in counts.items()},
+        )
+
+    def _watch_mounts(self) -> MountWatch | None:
+        try:
+            return MountWatch()
+        except (OSError, ValueError) as exc:
+            self._log.warning("mount_watch_failed", error=str(exc))
+            return None
 
     def _note(
         self, path: str, link: Link | None, event: WatchEvent, woke: float, ready: dict[str, str]
@@ -557,6 +691,9 @@ class Daemon:
     def _full_reconcile(self, cause: str, *, since: float | None = None) -> None:
         started = self._clock()
         self._watcher_dirty = True  # also retries watches that failed before
+        # A watch on a directory hidden by a mount (or replaced unseen) keeps its path
+        # string: compare the inode it watches with what the path reaches now.
+        self._active_watcher().revalidate()
         self._replan(self._entries)
         self._deferred.clear()  # every entry is checked now; failed ones re-queue themselves
         counts: dict[str, int] = {}

@@ -40,12 +40,13 @@ from typing import TYPE_CHECKING, TextIO
 
 from capkeeper.audit import load_state_or_empty
 from capkeeper.capabilities import CapSet, capability_name, capability_number
-from capkeeper.errors import CapkeeperError, InvalidCapabilityText
+from capkeeper.errors import CapkeeperError, InvalidCapabilityText, printable
 from capkeeper.files import XATTR_NAME, Kind, Observation, observe
+from capkeeper.interpreters import runs_other_code
 from capkeeper.log import get_logger
 from capkeeper.mounts import MountInfo, mount_of
 from capkeeper.state import Entry, State, load_state
-from capkeeper.trust import INTERPRETER
+from capkeeper.trust import FLOOD_HINT, exposed_directory, flood_warning
 
 if TYPE_CHECKING:
     from capkeeper.cli import ExitStatus
@@ -153,7 +154,8 @@ UNIT_PROPERTIES: tuple[str, ...] = (
 
 
 class Severity(StrEnum):
-    """``error``: the capabilities will not work; ``warning``: they may not, or add risk."""
+    """``error``: the capabilities will not work, or already expose them to anyone (a loader
+    or interpreter carrying them); ``warning``: they may not work, or add risk."""
 
     ERROR = "error"
     WARNING = "warning"
@@ -168,6 +170,7 @@ class Problem:
     severity: Severity
     message: str
     fix: str
+    advisory: bool = False  # worth knowing, but no reason for a non-zero exit status
 
     def line(self) -> str:
         return f"{self.path}: {self.severity}: {self.message}"
@@ -190,6 +193,7 @@ class Target:
     caps: CapSet | None  # None: neither declared nor present
     declared: bool = True
     named: bool = False  # given on the command line (not taken from the state or the unit)
+    allow_interpreter: bool = False  # the entry accepts a program that runs other code
 
 
 @dataclass(frozen=True)
@@ -356,8 +360,14 @@ def check_mount(path: str, facts: Facts) -> list[Problem]:
     return problems
 
 
-def check_file(path: str, observation: Observation) -> list[Problem]:
-    """Problems of the file itself."""
+def check_file(
+    path: str, observation: Observation, *, allow_interpreter: bool = False
+) -> list[Problem]:
+    """Problems of the file itself.
+
+    A loader or interpreter that already carries capabilities is an error
+    unless its entry says ``allow_interpreter = true`` (then a warning).
+    """
     problems = []
     if observation.kind is Kind.SCRIPT:
         problems.append(
@@ -372,16 +382,20 @@ def check_file(path: str, observation: Observation) -> list[Problem]:
             )
         )
     elif observation.kind is Kind.ELF:
-        name = posixpath.basename(observation.resolved)
-        if INTERPRETER.fullmatch(name):
+        runs = runs_other_code(posixpath.basename(observation.resolved), observation.elf)
+        if runs is not None:
+            # Already capable: anyone who can run it holds its capabilities now.
+            capable = observation.caps is not None and not observation.caps.is_empty
+            exposed = capable and not allow_interpreter
             problems.append(
                 Problem(
                     path,
                     "interpreter",
-                    Severity.WARNING,
-                    f"is an interpreter ({name}): every script it runs gets these capabilities",
+                    Severity.ERROR if exposed else Severity.WARNING,
+                    f"{runs} gets these capabilities",
                     "use AmbientCapabilities= in the unit of the one service that needs them, "
-                    "or a dedicated compiled program",
+                    "or a dedicated compiled program"
+                    + (f"; remove them now: setcap -r {path}" if exposed else ""),
                 )
             )
     if observation.mode & (stat.S_ISUID | stat.S_ISGID):
@@ -397,6 +411,23 @@ def check_file(path: str, observation: Observation) -> list[Problem]:
             )
         )
     return problems
+
+
+def check_exposure(path: str, observation: Observation) -> list[Problem]:
+    """A binary in a directory others can write to: anyone there can delay its restores."""
+    directory = exposed_directory(observation)
+    if directory is None:
+        return []
+    return [
+        Problem(
+            path,
+            "flood-exposed",
+            Severity.WARNING,
+            flood_warning(directory),
+            FLOOD_HINT,
+            advisory=True,
+        )
+    ]
 
 
 def check_declared(path: str, caps: CapSet, unit: UnitProperties | None = None) -> list[Problem]:
@@ -540,7 +571,8 @@ def diagnose(target: Target, facts: Facts, unit: UnitProperties | None = None) -
             )
         ]
     problems = check_mount(path, facts)
-    problems += check_file(path, facts.observation)
+    problems += check_file(path, facts.observation, allow_interpreter=target.allow_interpreter)
+    problems += check_exposure(path, facts.observation)
     if target.caps is None:
         problems.append(
             Problem(
@@ -589,13 +621,17 @@ def targets(state: State, paths: Sequence[str]) -> list[Target]:
     A path that is not declared is checked with the capabilities it carries now.
     """
     if not paths:
-        return [Target(e.path, e.caps) for e in state.entries]
+        return [
+            Target(e.path, e.caps, allow_interpreter=e.allow_interpreter) for e in state.entries
+        ]
     declared: Mapping[str, Entry] = state.by_path()
     found: list[Target] = []
     for path in dict.fromkeys(_normal(p) for p in paths):
         entry = declared.get(path)
         if entry is not None:
-            found.append(Target(path, entry.caps, named=True))
+            found.append(
+                Target(path, entry.caps, named=True, allow_interpreter=entry.allow_interpreter)
+            )
             continue
         try:
             caps = observe(path).caps
@@ -666,15 +702,15 @@ def cmd_doctor(args: argparse.Namespace, settings: Settings, out: TextIO) -> Exi
     diagnosis = run_checks(targets(state, paths) if paths or not args.unit else [], unit)
     diagnosis.failures += failures
     for failure in diagnosis.failures:
-        sys.stderr.write(f"capkeeper: doctor: {failure}\n")
+        sys.stderr.write(f"capkeeper: doctor: {printable(failure)}\n")
     for target, problems in diagnosis.results:
         for problem in problems:
             if args.json:
                 out.write(json.dumps(problem.record()) + "\n")
             else:
-                out.write(f"{problem.line()}\n  fix: {problem.fix}\n")
+                out.write(f"{printable(problem.line())}\n  fix: {printable(problem.fix)}\n")
         if not problems and not args.json:
-            out.write(f"{target.path}: ok\n")
+            out.write(f"{printable(target.path)}: ok\n")
     if not args.json:
         problems = diagnosis.problems
         errors = sum(1 for p in problems if p.severity is Severity.ERROR)
@@ -684,7 +720,7 @@ def cmd_doctor(args: argparse.Namespace, settings: Settings, out: TextIO) -> Exi
         )
     if diagnosis.failures:
         return ExitStatus.FAILED
-    return ExitStatus.DRIFT if diagnosis.problems else ExitStatus.OK
+    return ExitStatus.DRIFT if any(not p.advisory for p in diagnosis.problems) else ExitStatus.OK
 
 
 def preflight(
@@ -706,16 +742,18 @@ def preflight(
         declared = state.by_path()
         run = [declared[p] for p in (unit.exec_paths if unit is not None else ()) if p in declared]
         entries = run or list(state.entries)
-        chosen = [Target(e.path, e.caps) for e in entries]
+        chosen = [Target(e.path, e.caps, allow_interpreter=e.allow_interpreter) for e in entries]
     diagnosis = run_checks(chosen, unit)
     logger = get_logger()
     for failure in failures:
-        out.write(f"warning   cannot check unit {unit_name}: {failure}\n")
+        out.write(printable(f"warning   cannot check unit {unit_name}: {failure}") + "\n")
         if log_events:
             logger.warning("unit_check_failed", unit=unit_name, reason=failure)
     problems = [p for p in diagnosis.problems if p.check != "missing"]
     for problem in problems:
-        out.write(f"warning   {problem.path}  {problem.message} (fix: {problem.fix})\n")
+        out.write(
+            printable(f"warning   {problem.path}  {problem.message} (fix: {problem.fix})") + "\n"
+        )
         if log_events:
             logger.warning(
                 "capability_ineffective",

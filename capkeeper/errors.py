@@ -1,17 +1,62 @@
-"""The one exception hierarchy of capkeeper.
+"""The one exception hierarchy of capkeeper, and the one escape for untrusted text.
 
 This module imports nothing from capkeeper, so every other module can use it.
 Each user-facing error carries a message, optional context (usually the path
-or file it concerns) and an optional hint telling the user what to do.
+or file it concerns) and an optional hint telling the user what to do. Every
+path or name printed for people goes through :func:`printable`.
 """
 
 from __future__ import annotations
 
+import unicodedata
+
+# The Unicode general categories that can forge or hide output: Cc (C0 and C1
+# controls and DEL: a newline starts a forged line, ESC drives the terminal),
+# Cf (format characters: bidi overrides reorder what is shown, zero-width
+# characters hide), Zl/Zp (U+2028/U+2029 break lines in some viewers) and Cs
+# (surrogates: bytes that were not UTF-8, decoded with surrogateescape).
+# Everything else, including non-ASCII letters and the no-break space, is shown.
+_HIDDEN = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
+_NAMED = {"\n": "\\n", "\t": "\\t", "\r": "\\r", "\\": "\\\\"}
+
+
+def needs_escape(text: str) -> bool:
+    """Whether :func:`printable` would change ``text``: it holds a control or
+    format character, a line or paragraph separator, or an undecodable byte."""
+    # isprintable() is False for every character of the categories above (and
+    # for some harmless ones, such as U+00A0): a fast path for ordinary text.
+    return not text.isprintable() and any(unicodedata.category(ch) in _HIDDEN for ch in text)
+
+
+def _escape(ch: str) -> str:
+    code = ord(ch)
+    if ch in _NAMED:
+        return _NAMED[ch]
+    if 0xDC80 <= code <= 0xDCFF:  # the byte surrogateescape decoded it from
+        return f"\\x{code - 0xDC00:02x}"
+    if code <= 0xFF:
+        return f"\\x{code:02x}"
+    if code <= 0xFFFF:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
 
 def printable(text: str) -> str:
-    """``text`` safe to show on one line: control characters (a newline in a file
-    name) and undecodable bytes escaped, so a name cannot forge output lines."""
-    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+    """``text`` safe to show on one line, so an untrusted name cannot forge or hide output.
+
+    Text that needs no escape (see :func:`needs_escape`) is returned unchanged,
+    non-ASCII letters and backslashes included. Otherwise each control or
+    format character, separator and undecodable byte is written as a Python
+    escape (``\\n``, ``\\x1b``, ``\\u202e``; an undecodable byte as ``\\xNN``),
+    and backslashes are doubled, so a backslash in such a name is not taken
+    for the start of an escape.
+    The result never needs escaping again: ``printable`` is idempotent.
+    """
+    if not needs_escape(text):
+        return text
+    return "".join(
+        _escape(ch) if ch == "\\" or unicodedata.category(ch) in _HIDDEN else ch for ch in text
+    )
 
 
 class CapkeeperError(Exception):
@@ -49,9 +94,13 @@ class StateError(CapkeeperError):
         count = len(problems)
         super().__init__(
             f"{count} problem{'s' if count != 1 else ''} in the state:\n"
-            + "\n".join(f"  {p}" for p in problems)
+            + "\n".join(f"  {printable(p)}" for p in problems)
         )
         self.problems = problems
+
+
+class StateNotFound(StateError):
+    """The main state file does not exist (an audit takes that as an empty state)."""
 
 
 class FileAccessError(CapkeeperError):

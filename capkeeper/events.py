@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import IntEnum
 
+from capkeeper.errors import printable
+
 
 class Priority(IntEnum):
     """syslog priorities as journald's ``PRIORITY=`` field uses them."""
@@ -132,20 +134,40 @@ EVENTS: dict[str, EventSpec] = {
             "rescan",
             "6a86ce47dbd84ddc85d39bee47910d00",
             Priority.INFO,
-            "full rescan ({cause}): {entries} entries checked",
-            "capkeeper rescanned every declared binary",
-            "A full reconcile of every declared binary ran (start-up, periodic backstop,\n"
-            "inotify queue overflow or a changed watch plan).",
+            "rescan ({cause}): {entries} entries checked",
+            "capkeeper rescanned declared binaries",
+            "capkeeper reconciled declared binaries outside the normal event path:\n"
+            "all of them at start-up, as the periodic backstop, after a reload, an\n"
+            "inotify queue overflow or a failed watch; only those reached through the\n"
+            "changed mount points after a mount or unmount (cause 'mount'), and only\n"
+            "those in directories others can write to after an overflow of their\n"
+            "queue (cause 'overflow', scope 'exposed').",
         ),
         EventSpec(
             "queue_overflow",
             "9a3185a30f5a4e8cb13ade626d63c371",
             Priority.WARNING,
-            "inotify queue overflowed; rescanning everything",
+            "inotify queue overflowed; rescanning what it covered",
             "capkeeper's inotify event queue overflowed",
             "More file system events arrived than the kernel queue holds\n"
             "(/proc/sys/fs/inotify/max_queued_events). Events were lost, so capkeeper\n"
-            "reconciled every declared binary. If this repeats, raise the limit.",
+            "reconciled what that queue covered. Directories that users other than\n"
+            "root can write to (/tmp, /var/tmp, group-writable directories) have a\n"
+            "queue of their own (CAPKEEPER_QUEUE=exposed): anyone can flood it, and\n"
+            "then only the binaries in those directories are rescanned; this warning\n"
+            "is then repeated at most once a minute. Keep privileged binaries in\n"
+            "directories only root can write. If the main queue overflows, raise the\n"
+            "limit.",
+        ),
+        EventSpec(
+            "mount_watch_failed",
+            "e0fd51bc6f0f4fb698dfcfba45235b93",
+            Priority.WARNING,
+            "cannot follow mount changes: {error}",
+            "capkeeper cannot follow mount changes",
+            "/proc/self/mountinfo could not be opened or read (@CAPKEEPER_ERROR@).\n"
+            "inotify does not see mounts: a file system mounted over a watched\n"
+            "directory is then only noticed by the periodic rescan.",
         ),
         EventSpec(
             "watch_failed",
@@ -258,9 +280,10 @@ class _Fields(dict[str, object]):
 
 
 def render_message(event: str, fields: dict[str, object]) -> str:
-    """A human sentence for ``event``; unregistered events read ``event k=v …``."""
+    """A human sentence for ``event`` on one line, untrusted names escaped
+    (:func:`~capkeeper.errors.printable`); unregistered events read ``event k=v …``."""
     spec = EVENTS.get(event)
     if spec is None:
         extras = " ".join(f"{k}={v}" for k, v in fields.items() if not k.startswith("_"))
-        return f"{event} {extras}".rstrip()
-    return spec.template.format_map(_Fields(fields))
+        return printable(f"{event} {extras}".rstrip())
+    return printable(spec.template.format_map(_Fields(fields)))

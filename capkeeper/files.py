@@ -22,13 +22,20 @@ from enum import StrEnum
 import xattr
 
 from capkeeper.capabilities import CapSet, decode, encode
+from capkeeper.elf import ElfFacts, inspect_fd
 from capkeeper.errors import FileAccessError, InvalidCapabilityData
+from capkeeper.interpreters import MARKER_SYMBOLS
 
 XATTR_NAME = "security.capability"
+NO_XATTR = (
+    "the file system does not support extended attributes, so it cannot keep "
+    "security.capability (hint: keep managed binaries on ext4, xfs, btrfs or tmpfs)"
+)
 _MAX_SYMLINKS = 40  # the kernel's MAXSYMLINKS
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+_LIST_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class Kind(StrEnum):
@@ -71,6 +78,8 @@ class Observation:
     nlink: int = 1
     size: int = 0
     mtime_ns: int = 0  # with size: content identity (ctime also moves with our own setxattr)
+    xattr_supported: bool = True  # False: the file system has no extended attributes
+    elf: ElfFacts | None = None  # for ELF files whose headers could be read
 
 
 def _oserror(exc: OSError, path: str, action: str) -> FileAccessError:
@@ -98,64 +107,93 @@ def _split(path: str) -> list[str]:
     return [part for part in path.split("/") if part not in ("", ".")]
 
 
+REPLACED = "replaced while opening"
+"""The reason given when the file changed between the walk and the open."""
+
+
 @contextmanager
-def open_declared(path: str) -> Iterator[tuple[int, list[Hop], str]]:
+def open_declared(path: str, *, directory: bool = False) -> Iterator[tuple[int, list[Hop], str]]:
     """Walk ``path`` safely and yield ``(fd, hops, resolved)`` for its final file.
 
-    Raises :class:`FileAccessError` (``errno`` ENOENT when the file is missing).
+    ``hops`` is the route to the final component (not the component itself).
+    With ``directory`` the final component must be a directory, opened for
+    reading (listing); otherwise a regular file is opened for reading and
+    anything else with ``O_PATH``.
+
+    Raises :class:`FileAccessError` (``errno`` ENOENT when the file is missing,
+    EAGAIN with :data:`REPLACED` when it was replaced between walk and open).
     """
-    hops: list[Hop] = []
     stack: list[tuple[int, str]] = []  # (fd, path) of directories, "/" first
     fd: int | None = None
     try:
-        root = os.open("/", _DIR_FLAGS)
-        stack.append((root, "/"))
-        st = os.fstat(root)
-        hops.append(Hop("/", st.st_uid, st.st_mode))
-        todo = _split(path)
-        links = 0
-        while todo:
-            name = todo.pop(0)
-            dir_fd, dir_path = stack[-1]
-            if name == "..":
-                if len(stack) > 1:
-                    os.close(stack.pop()[0])
-                continue
-            here = posixjoin(dir_path, name)
-            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-            if stat.S_ISLNK(st.st_mode):
-                links += 1
-                if links > _MAX_SYMLINKS:
-                    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
-                target = os.readlink(name, dir_fd=dir_fd)
-                hops.append(Hop(here, st.st_uid, st.st_mode, is_symlink=True, target=target))
-                if target.startswith("/"):
-                    while len(stack) > 1:
-                        os.close(stack.pop()[0])
-                todo[:0] = _split(target)
-                continue
-            if todo:  # an intermediate component must be a directory
-                sub = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
-                stack.append((sub, here))
-                st = os.fstat(sub)
-                hops.append(Hop(here, st.st_uid, st.st_mode))
-                continue
-            # Only regular files are opened for reading: opening a device or FIFO
-            # can have side effects. O_PATH suffices to describe anything else.
-            flags = _FILE_FLAGS if stat.S_ISREG(st.st_mode) else _PATH_FLAGS
-            fd = os.open(name, flags, dir_fd=dir_fd)
-            if (os.fstat(fd).st_ino, os.fstat(fd).st_dev) != (st.st_ino, st.st_dev):
-                raise OSError(errno.EAGAIN, "the file was replaced while being opened")
-            yield fd, hops, here
-            return
-        raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
-    except OSError as exc:
-        raise _oserror(exc, path, "open") from exc
+        try:
+            fd, hops, resolved = _walk(path, stack, directory=directory)
+        except OSError as exc:
+            raise _oserror(exc, path, "open") from exc
+        # Outside the try above: an error of the caller's is not an error opening.
+        yield fd, hops, resolved
     finally:
         if fd is not None:
             os.close(fd)
         for dir_fd, _ in stack:
             os.close(dir_fd)
+
+
+def _walk(
+    path: str, stack: list[tuple[int, str]], *, directory: bool
+) -> tuple[int, list[Hop], str]:
+    """The walk of :func:`open_declared`; directory descriptors are left on ``stack``."""
+    hops: list[Hop] = []
+    root = os.open("/", _DIR_FLAGS)
+    stack.append((root, "/"))
+    st = os.fstat(root)
+    hops.append(Hop("/", st.st_uid, st.st_mode))
+    todo = _split(path)
+    links = 0
+    while todo:
+        name = todo.pop(0)
+        dir_fd, dir_path = stack[-1]
+        if name == "..":
+            if len(stack) > 1:
+                os.close(stack.pop()[0])
+            continue
+        here = posixjoin(dir_path, name)
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if stat.S_ISLNK(st.st_mode):
+            links += 1
+            if links > _MAX_SYMLINKS:
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
+            target = os.readlink(name, dir_fd=dir_fd)
+            hops.append(Hop(here, st.st_uid, st.st_mode, is_symlink=True, target=target))
+            if target.startswith("/"):
+                while len(stack) > 1:
+                    os.close(stack.pop()[0])
+            todo[:0] = _split(target)
+            continue
+        if todo:  # an intermediate component must be a directory
+            sub = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+            stack.append((sub, here))
+            st = os.fstat(sub)
+            hops.append(Hop(here, st.st_uid, st.st_mode))
+            continue
+        if directory:
+            flags = _LIST_FLAGS
+        else:
+            # Only regular files are opened for reading: opening a device or FIFO
+            # can have side effects. O_PATH suffices to describe anything else.
+            flags = _FILE_FLAGS if stat.S_ISREG(st.st_mode) else _PATH_FLAGS
+        fd = os.open(name, flags, dir_fd=dir_fd)
+        opened = os.fstat(fd)
+        if (opened.st_ino, opened.st_dev) != (st.st_ino, st.st_dev):
+            os.close(fd)
+            raise FileAccessError(
+                f"{REPLACED}: it changed between the walk and the open; "
+                "the next event or retry looks again",
+                context=path,
+                errno=errno.EAGAIN,
+            )
+        return fd, hops, here
+    raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
 
 
 def posixjoin(directory: str, name: str) -> str:
@@ -164,7 +202,10 @@ def posixjoin(directory: str, name: str) -> str:
 
 def read_caps(fd: int) -> tuple[CapSet | None, str | None]:
     """The capabilities on ``fd``: ``(caps, None)``, ``(None, None)`` when absent,
-    or ``(None, problem)`` when a value is present but cannot be read."""
+    or ``(None, problem)`` when a value is present but cannot be read.
+
+    Raises :class:`OSError` otherwise, EOPNOTSUPP included (a file system
+    without extended attributes cannot keep capabilities at all)."""
     try:
         value = xattr.xattr(fd).get(XATTR_NAME)
     except OSError as exc:
@@ -175,9 +216,7 @@ def read_caps(fd: int) -> tuple[CapSet | None, str | None]:
             return None, "present but unreadable (legacy v1 or malformed value)"
         if exc.errno == errno.EOVERFLOW:
             return None, "present but owned by another user namespace (v3 rootid not mapped)"
-        if exc.errno == errno.EOPNOTSUPP:
-            return None, None
-        raise
+        raise  # EOPNOTSUPP included: no extended attributes at all is not "no capabilities"
     try:
         return decode(bytes(value)), None
     except InvalidCapabilityData as exc:
@@ -210,8 +249,16 @@ def observe_fd(path: str, fd: int, hops: list[Hop], resolved: str, *, hash: bool
     try:
         st = os.fstat(fd)
         kind, interpreter = _kind(fd, st.st_mode)
+        elf = inspect_fd(fd, MARKER_SYMBOLS) if kind is Kind.ELF else None
         regular = kind is not Kind.NOT_REGULAR
-        caps, problem = read_caps(fd) if regular else (None, None)
+        caps, problem, supported = None, None, True
+        if regular:
+            try:
+                caps, problem = read_caps(fd)
+            except OSError as exc:
+                if exc.errno != errno.EOPNOTSUPP:
+                    raise
+                supported = False
         # Size and mtime once more, after the capabilities: write(2) strips them before
         # it updates mtime (file_modified(): remove privs, then update time), so a strip
         # read here comes with the new mtime unless both reads fall between those two.
@@ -236,6 +283,8 @@ def observe_fd(path: str, fd: int, hops: list[Hop], resolved: str, *, hash: bool
         nlink=st.st_nlink,
         size=after.st_size,
         mtime_ns=after.st_mtime_ns,
+        xattr_supported=supported,
+        elf=elf,
     )
 
 

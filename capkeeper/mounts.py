@@ -19,6 +19,7 @@ __all__ = [
     "PSEUDO_FS",
     "MountInfo",
     "MountTable",
+    "MountWatch",
     "is_local",
     "mount_id",
     "mount_of",
@@ -234,3 +235,56 @@ def mount_of(
     if found is None:
         raise LookupError(f"{path}: mount id {ident} is not in the mount table")
     return found
+
+
+class MountWatch:
+    """This namespace's mount table, kept open to learn when it changes.
+
+    An open ``/proc/self/mountinfo`` is always readable (``POLLIN``) and reports
+    ``POLLPRI | POLLERR`` once after each change of the mount table, until the
+    next poll (``mounts_poll`` in ``fs/proc_namespace.c``): register it for
+    ``POLLPRI`` only, then an idle mount table never wakes the poller.
+    """
+
+    def __init__(self, path: str = "/proc/self/mountinfo") -> None:
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self.table = self._read()
+        except (OSError, ValueError):
+            os.close(self._fd)
+            raise
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def _read(self) -> MountTable:
+        os.lseek(self._fd, 0, os.SEEK_SET)
+        chunks = []
+        while chunk := os.read(self._fd, 65536):
+            chunks.append(chunk)
+        text = b"".join(chunks).decode("utf-8", errors="surrogateescape")
+        return MountTable(parse_mountinfo(text))
+
+    def changed(self) -> frozenset[str]:
+        """Re-read the table; return the mount points of every mount added or removed.
+
+        A mount is known by its id, parent, device, root and mount point: ids
+        are reused, so a new mount on the same point with the same id still
+        differs in another field unless it is the very same file system
+        directory again. Raises :class:`OSError` or :class:`ValueError` when
+        the table cannot be read.
+        """
+        new = self._read()
+        before = {_identity(m) for m in self.table.mounts}
+        after = {_identity(m) for m in new.mounts}
+        self.table = new
+        return frozenset(key[-1] for key in before ^ after)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _identity(mount: MountInfo) -> tuple[int, int, tuple[int, int], str, str]:
+    return (mount.mount_id, mount.parent_id, mount.device, mount.root, mount.mount_point)

@@ -16,7 +16,14 @@ from typing import Any
 
 from capkeeper.capabilities import CapSet, format_text, kernel_last_cap
 from capkeeper.errors import FileAccessError
-from capkeeper.files import Observation, observe_fd, open_declared, remove_caps, write_caps
+from capkeeper.files import (
+    NO_XATTR,
+    Observation,
+    observe_fd,
+    open_declared,
+    remove_caps,
+    write_caps,
+)
 from capkeeper.state import Entry
 from capkeeper.trust import Refusal, assess
 
@@ -68,6 +75,7 @@ class Outcome:
     extra: bool = False
     observation: Observation | None = None  # what the verdict was made on
     held: bool = False  # ``hold`` said wait: nothing decided, nothing written
+    transient: bool = False  # a race (replaced while opening): the next look may succeed
 
     @property
     def expected(self) -> str:
@@ -111,6 +119,9 @@ def decide(entry: Entry, observation: Observation, *, last_cap: int) -> Decision
     return Decision(Status.DRIFT, found, extra=extra)
 
 
+_ATTEMPTS = 3  # walks tried when the file keeps being replaced while it is opened
+
+
 def reconcile(
     entry: Entry,
     *,
@@ -122,57 +133,106 @@ def reconcile(
 
     When ``hold`` returns True for the observation and verdict (the daemon: a
     write may be in progress), nothing is written: the outcome is ``held``.
+    A file replaced between the walk and the open is walked again (a deploy
+    renaming a new build into place); after a few such races in a row the
+    outcome is a transient failure that the next event or retry looks at again.
     """
     limit = kernel_last_cap() if last_cap is None else last_cap
-    try:
-        with open_declared(entry.path) as (fd, hops, resolved):
-            observation = observe_fd(entry.path, fd, hops, resolved, hash=entry.sha256 is not None)
-            decision = decide(entry, observation, last_cap=limit)
-            if hold is not None and hold(observation, decision):
-                return Outcome(
-                    entry,
-                    decision.status,
-                    decision.found,
-                    resolved,
-                    observation=observation,
-                    held=True,
-                )
-            if decision.status is Status.REFUSED:
-                reason = "; ".join(str(r) for r in decision.refusals)
-                if write and (observation.caps is not None or observation.caps_problem):
-                    # Fail closed: capabilities left on a file we no longer trust (its
-                    # directory loosened, its pinned content changed through a shared
-                    # mmap, which keeps them) would still be granted at every exec.
-                    try:
-                        remove_caps(fd, path=entry.path)
-                        reason += f"; its capabilities ({decision.found}) were removed"
-                    except FileAccessError as exc:
-                        reason += f"; its capabilities could not be removed: {exc}"
-                return Outcome(
-                    entry, Status.REFUSED, decision.found, resolved, reason, observation=observation
-                )
-            if decision.status is Status.IN_SYNC or not write:
-                return Outcome(
-                    entry,
-                    decision.status,
-                    decision.found,
-                    resolved,
-                    extra=decision.extra,
-                    observation=observation,
-                )
-            write_caps(fd, entry.caps, path=entry.path)
+    attempt = 1
+    while True:
+        try:
+            return _reconcile_once(entry, write=write, last_cap=limit, hold=hold)
+        except FileAccessError as exc:
+            if exc.errno == errno.ENOENT:
+                return Outcome(entry, Status.MISSING, "none", reason="file does not exist")
+            if exc.errno == errno.EAGAIN and attempt < _ATTEMPTS:
+                attempt += 1
+                continue
+            transient = exc.errno == errno.EAGAIN
+            return Outcome(entry, Status.FAILED, "unknown", reason=str(exc), transient=transient)
+
+
+def _reconcile_once(
+    entry: Entry,
+    *,
+    write: bool,
+    last_cap: int,
+    hold: Callable[[Observation, Decision], bool] | None,
+) -> Outcome:
+    with open_declared(entry.path) as (fd, hops, resolved):
+        observation = observe_fd(entry.path, fd, hops, resolved, hash=entry.sha256 is not None)
+        decision = decide(entry, observation, last_cap=last_cap)
+        if hold is not None and hold(observation, decision):
             return Outcome(
                 entry,
-                Status.RESTORED,
+                decision.status,
+                decision.found,
+                resolved,
+                observation=observation,
+                held=True,
+            )
+        if decision.status is Status.REFUSED:
+            return _refuse(entry, fd, observation, decision, write=write)
+        if not observation.xattr_supported:
+            reason = f"{resolved}: {NO_XATTR}"
+            return Outcome(
+                entry,
+                Status.FAILED,
+                decision.found,
+                resolved,
+                reason=reason,
+                observation=observation,
+            )
+        if decision.status is Status.IN_SYNC or not write:
+            return Outcome(
+                entry,
+                decision.status,
                 decision.found,
                 resolved,
                 extra=decision.extra,
                 observation=observation,
             )
-    except FileAccessError as exc:
-        if exc.errno == errno.ENOENT:
-            return Outcome(entry, Status.MISSING, "none", reason="file does not exist")
-        return Outcome(entry, Status.FAILED, "unknown", reason=str(exc))
+        write_caps(fd, entry.caps, path=entry.path)
+        return Outcome(
+            entry,
+            Status.RESTORED,
+            decision.found,
+            resolved,
+            extra=decision.extra,
+            observation=observation,
+        )
+
+
+def _refuse(
+    entry: Entry, fd: int, observation: Observation, decision: Decision, *, write: bool
+) -> Outcome:
+    reason = "; ".join(str(r) for r in decision.refusals)
+    if any(refusal.about_route for refusal in decision.refusals):
+        # Whoever controls an untrusted route chose the file it reaches: it may be
+        # any binary on the host, so nothing is changed on it.
+        if write and (observation.caps is not None or observation.caps_problem):
+            reason += (
+                f"; nothing was changed on {observation.resolved} (it keeps {decision.found}): "
+                "the route to it is not trusted"
+            )
+    elif write and (observation.caps is not None or observation.caps_problem):
+        # Fail closed: capabilities left on a file we no longer trust (its mode
+        # loosened, its pinned content changed through a shared mmap, which keeps
+        # them) would still be granted at every exec. The route is trusted, so this
+        # is the very file the declared path names.
+        try:
+            remove_caps(fd, path=entry.path)
+            reason += f"; its capabilities ({decision.found}) were removed"
+        except FileAccessError as exc:
+            reason += f"; its capabilities could not be removed: {exc}"
+    return Outcome(
+        entry,
+        Status.REFUSED,
+        decision.found,
+        observation.resolved,
+        reason,
+        observation=observation,
+    )
 
 
 def event_for(outcome: Outcome) -> tuple[str, str]:
@@ -180,6 +240,8 @@ def event_for(outcome: Outcome) -> tuple[str, str]:
     status = outcome.status
     if status in (Status.RESTORED, Status.DRIFT) and outcome.extra:
         return "capability_tampering", "critical"
+    if status is Status.FAILED and outcome.transient:
+        return "restore_failed", "warning"
     return {
         Status.RESTORED: ("capability_restored", "warning"),
         Status.DRIFT: ("capability_drift", "warning"),

@@ -9,6 +9,7 @@ naming its file and entry.
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 import pwd
@@ -23,7 +24,17 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from capkeeper.capabilities import CapSet, capability_name, format_text, kernel_last_cap, parse
-from capkeeper.errors import CapkeeperError, StateError, UsageError, printable
+from capkeeper.errors import (
+    CapkeeperError,
+    FileAccessError,
+    StateError,
+    StateNotFound,
+    UsageError,
+    needs_escape,
+    printable,
+)
+from capkeeper.files import REPLACED, Hop, open_declared
+from capkeeper.trust import route_refusals
 
 DEFAULT_STATE = Path("/etc/capkeeper/state.toml")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -46,8 +57,8 @@ class _BinaryTable(BaseModel):
     def _absolute(cls, value: str) -> str:
         if not value.startswith("/"):
             raise ValueError(f"must be an absolute path, got {value!r}")
-        if not value.isprintable():
-            raise ValueError("must not contain control characters")
+        if needs_escape(value):
+            raise ValueError("must not contain control or format characters")
         # normpath keeps a leading "//" (POSIX leaves it implementation-defined);
         # Linux treats it as "/", and so must duplicate detection.
         normal = "/" + posixpath.normpath(value).lstrip("/")
@@ -124,44 +135,210 @@ def _uid_of(owner: str) -> int:
         raise KeyError(owner) from None
 
 
-def state_files(main: Path) -> list[Path]:
-    """The main file followed by ``state.d/*.toml`` beside it, in name order."""
-    dropin = main.parent / "state.d"
-    extra = sorted(p for p in dropin.glob("*.toml") if p.is_file()) if dropin.is_dir() else []
-    return [main, *extra]
+_WHY = "whoever can edit the state can grant capabilities"
+_STATE_FIX = {
+    "directory-owner": "chown root {}",
+    "directory-writable": "chmod go-w {}",
+    "symlink": "make it root's: chown -h root {}",
+    "hardlink": "keep the state in a directory only root can write",
+    "pseudo-fs": "point --state at the real file",
+}
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+_KINDS = (
+    (stat.S_ISDIR, "directory"),
+    (stat.S_ISFIFO, "FIFO"),
+    (stat.S_ISSOCK, "socket"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+)
 
 
-def _writable_by_others(path: Path) -> str | None:
-    """Why someone besides root (or us) could change ``path``, or None.
+def _kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "special file")
 
-    Whoever can edit the state can grant any capability, so the state files and
-    the directories holding them get the same ownership rule as binaries.
+
+@dataclass
+class _Reader:
+    """Reads the state files through checked descriptors, collecting every problem.
+
+    Whoever can change the state, or any directory or symlink on the way to it,
+    can grant any capability: each file and ``state.d/`` is reached by the same
+    ``O_NOFOLLOW`` walk from ``/`` as a binary (:func:`capkeeper.files.open_declared`),
+    its route judged by :func:`capkeeper.trust.route_refusals`, and its content read
+    from the very descriptor whose owner and mode were checked.
     """
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        return f"cannot check: {exc.strerror}"
-    if st.st_uid not in (0, os.geteuid()):
-        return (
-            f"owned by uid {st.st_uid}: whoever can edit the state can grant capabilities "
-            f"(chown root {path})"
-        )
-    sticky_root_dir = stat.S_ISDIR(st.st_mode) and st.st_uid == 0 and st.st_mode & stat.S_ISVTX
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not sticky_root_dir:
-        return (
-            f"writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}): whoever can "
-            f"edit the state can grant capabilities (chmod go-w {path})"
-        )
-    return None
+
+    main: Path  # absolute
+    problems: list[str] = field(default_factory=list)
+    documents: list[tuple[Path, str, bytes]] = field(default_factory=list)
+
+    def _shown(self, path: str) -> str:
+        """How problems and entry sources name ``path`` (a file name may hold anything)."""
+        return printable(_display(Path(path), self.main))
+
+    def _route(self, hops: list[Hop], declared: str, resolved: str, st: os.stat_result) -> None:
+        euid = os.geteuid()
+        for refusal in route_refusals(
+            hops,
+            declared=declared,
+            resolved=resolved,
+            uid=st.st_uid,
+            nlink=st.st_nlink,
+            owners=(0, euid),
+            owner="root" if euid == 0 else f"root or uid {euid}",
+        ):
+            fix = _STATE_FIX.get(refusal.rule, "{}").format(refusal.component)
+            self.problems.append(printable(f"{refusal.message}: {_WHY} ({fix})"))
+
+    def _own(self, shown: str, resolved: str, st: os.stat_result) -> None:
+        """The owner and mode rule for a state file or ``state.d`` itself."""
+        if st.st_uid not in (0, os.geteuid()):
+            self.problems.append(
+                printable(f"{shown}: owned by uid {st.st_uid}: {_WHY} (chown root {resolved})")
+            )
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            # No sticky exception here: in a sticky state.d anyone could add a file.
+            mode = stat.S_IMODE(st.st_mode)
+            self.problems.append(
+                printable(
+                    f"{shown}: writable by group or others (mode {mode:04o}): {_WHY} "
+                    f"(chmod go-w {resolved})"
+                )
+            )
+
+    def _read(self, fd: int, shown: str, declared: str) -> None:
+        chunks: list[bytes] = []
+        try:
+            while chunk := os.read(fd, 1 << 16):
+                chunks.append(chunk)
+        except OSError as exc:
+            self.problems.append(printable(f"{shown}: cannot read: {exc.strerror}"))
+            return
+        self.documents.append((Path(declared), shown, b"".join(chunks)))
+
+    def main_file(self) -> None:
+        """Read the main file; a missing or non-regular one is the only problem reported."""
+        declared = str(self.main)
+        shown = self._shown(declared)
+        try:
+            with open_declared(declared) as (fd, hops, resolved):
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise StateError(
+                        [
+                            f"{printable(declared)}: not a regular file (create it, or point "
+                            "--state / CAPKEEPER_STATE at another file)"
+                        ]
+                    )
+                self._route(hops, declared, resolved, st)
+                self._own(shown, resolved, st)
+                self._read(fd, shown, declared)
+        except FileAccessError as exc:
+            if exc.errno == errno.ENOENT:
+                raise StateNotFound(
+                    [
+                        f"{printable(declared)}: not found (create it, or point --state / "
+                        "CAPKEEPER_STATE at another file)"
+                    ]
+                ) from None
+            raise StateError([printable(str(exc))]) from None
+
+    def dropins(self) -> None:
+        """Read ``state.d/*.toml`` beside the main file, in name order.
+
+        Hidden names (``.#web.toml``, an editor's lock) are skipped; anything
+        else named ``*.toml`` that cannot be read as a state file is a problem.
+        """
+        declared = posixpath.join(posixpath.dirname(str(self.main)), "state.d")
+        try:
+            with open_declared(declared, directory=True) as (dir_fd, hops, resolved):
+                st = os.fstat(dir_fd)
+                self._route(hops, declared, resolved, st)
+                self._own("state.d", resolved, st)
+                names = sorted(
+                    name
+                    for name in os.listdir(dir_fd)
+                    if name.endswith(".toml") and not name.startswith(".")
+                )
+                for name in names:
+                    self._dropin(dir_fd, declared, name)
+        except FileAccessError as exc:
+            if exc.errno == errno.ENOENT:
+                return
+            if exc.errno == errno.ENOTDIR:
+                self.problems.append(
+                    "state.d: not a directory: no drop-in is read (remove it, or make it a "
+                    "directory)"
+                )
+                return
+            self.problems.append(printable(f"state.d: {exc.message}"))
+        except OSError as exc:
+            self.problems.append(printable(f"state.d: cannot list: {exc.strerror}"))
+
+    def _dropin(self, dir_fd: int, directory: str, name: str) -> None:
+        declared = posixpath.join(directory, name)
+        shown = self._shown(declared)
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
+                self._linked_dropin(declared, shown, os.readlink(name, dir_fd=dir_fd))
+                return
+            if not stat.S_ISREG(st.st_mode):
+                self.problems.append(
+                    f"{printable(shown)}: is a {_kind(st.st_mode)}, not a regular file: not "
+                    "read (remove it, or rename it without .toml)"
+                )
+                return
+            # Opened relative to the checked state.d descriptor: a rename of the name
+            # after the listing cannot lead anywhere else.
+            fd = os.open(name, _READ_FLAGS, dir_fd=dir_fd)
+        except OSError as exc:
+            self.problems.append(printable(f"{shown}: cannot open: {exc.strerror}"))
+            return
+        try:
+            opened = os.fstat(fd)
+            if (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino):
+                self.problems.append(printable(f"{shown}: {REPLACED} (load the state again)"))
+                return
+            self._own(shown, declared, opened)
+            self._read(fd, shown, declared)
+        finally:
+            os.close(fd)
+
+    def _linked_dropin(self, declared: str, shown: str, target: str) -> None:
+        """A symlinked drop-in: walked from ``/`` like the main file, then checked."""
+        try:
+            with open_declared(declared) as (fd, hops, resolved):
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    self.problems.append(
+                        printable(
+                            f"{shown}: is a symlink to a {_kind(st.st_mode)} ({target}), not a "
+                            "regular file: not read (remove it, or rename it without .toml)"
+                        )
+                    )
+                    return
+                self._route(hops, declared, resolved, st)
+                self._own(shown, resolved, st)
+                self._read(fd, shown, declared)
+        except FileAccessError as exc:
+            if exc.errno == errno.ENOENT:
+                self.problems.append(
+                    printable(
+                        f"{shown}: dangling symlink to {target}: not read (remove it, or "
+                        "restore its target)"
+                    )
+                )
+                return
+            self.problems.append(printable(f"{shown}: {exc.message}"))
 
 
 def _display(path: Path, main: Path) -> str:
     try:
-        return str(path.relative_to(main.parent))
+        shown = str(path.relative_to(main.parent))
     except ValueError:
-        return str(path)
+        shown = str(path)
+    return shown if shown != "." else str(path)
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:
@@ -174,30 +351,28 @@ def load_state(
     last_cap: int | None = None,
     uid_of: Callable[[str], int] = _uid_of,
 ) -> State:
-    """Load and validate the state; raise :class:`StateError` listing every problem."""
+    """Load and validate the state; raise :class:`StateError` listing every problem.
+
+    This is the one way the state is read (one-shot commands, the daemon's
+    start and every SIGHUP reload): the main file, ``state.d/`` and each
+    drop-in pass the route and ownership rules and are read from the checked
+    descriptors, or the whole state is invalid.
+    """
     limit = kernel_last_cap() if last_cap is None else last_cap
-    if not main.is_file():
-        what = "not found" if not main.exists() else "not a regular file"
-        raise StateError(
-            [f"{main}: {what} (create it, or point --state / CAPKEEPER_STATE at another file)"]
-        )
-    problems: list[str] = []
+    reader = _Reader(Path(os.path.abspath(main)))
+    reader.main_file()
+    reader.dropins()
+    problems = list(dict.fromkeys(reader.problems))  # a shared ancestor is reported once
     entries: list[Entry] = []
     seen: dict[str, str] = {}
-    files = state_files(main)
-    for path in dict.fromkeys([main.parent, main.parent / "state.d", *files]):
-        problem = _writable_by_others(path)
-        if problem:
-            problems.append(f"{path if path == main.parent else _display(path, main)}: {problem}")
-    for path in files:
-        shown = _display(path, main)
+    for _, shown, data in reader.documents:
         try:
-            document = tomllib.loads(path.read_text(encoding="utf-8"))
+            document = tomllib.loads(data.decode("utf-8"))
         except tomllib.TOMLDecodeError as exc:
             problems.append(f"{shown}: invalid TOML: {exc}")
             continue
-        except (OSError, UnicodeDecodeError) as exc:
-            problems.append(f"{shown}: cannot read: {getattr(exc, 'strerror', None) or exc}")
+        except UnicodeDecodeError as exc:
+            problems.append(f"{shown}: cannot read: {exc}")
             continue
         unknown = sorted(set(document) - {"binary"})
         if unknown:
@@ -224,7 +399,7 @@ def load_state(
             entries.append(entry)
     if problems:
         raise StateError(problems)
-    return State(entries=tuple(entries), files=tuple(files))
+    return State(entries=tuple(entries), files=tuple(path for path, _, _ in reader.documents))
 
 
 def _entry(

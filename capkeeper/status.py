@@ -2,18 +2,23 @@
 
 The daemon keeps a :class:`StatusBook`, records every outcome in it, and
 writes a snapshot atomically (temp file + rename) to its runtime directory
-whenever something changed; ``capkeeper status`` reads it back.
+whenever something changed; ``capkeeper status`` reads it back, validated
+into a :class:`Snapshot` (anything else is "not a capkeeper status file").
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from capkeeper.errors import printable
 from capkeeper.reconcile import Outcome, Status
 from capkeeper.systemd import write_atomically
 
@@ -52,6 +57,7 @@ class StatusBook:
     reloads: int = 0
     rejected_reloads: int = 0
     watches: int = 0
+    rescan_interval: float | None = None  # the daemon's; the metrics are rewritten this often
     last_drift: dict[str, Any] | None = None
     last_error: str | None = None
     dirty: bool = field(default=True, compare=False)
@@ -117,9 +123,115 @@ def write_status(path: Path, book: StatusBook) -> None:
     book.dirty = False
 
 
+class StatusFileError(ValueError):
+    """The status file holds something the daemon does not write; says what, on one line."""
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise StatusFileError(f"{text} is not a finite number")
+    return value
+
+
+def _no_constant(name: str) -> float:
+    raise StatusFileError(f"{name} is not a number JSON allows")
+
+
 def read_status(path: Path) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(path.read_text())
+    """The JSON object in the status file at ``path``.
+
+    Raises :class:`OSError` when it cannot be read (``FileNotFoundError`` when
+    absent) and :class:`StatusFileError` when it is not JSON without
+    NaN/Infinity, or too deeply nested to be one of ours.
+    """
+    text = path.read_text(errors="surrogateescape")
+    try:
+        data = json.loads(text, parse_float=_finite, parse_constant=_no_constant)
+    except StatusFileError:
+        raise
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, > 4300 digits, nesting
+        raise StatusFileError(f"not JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise StatusFileError(f"a JSON {type(data).__name__}, not an object")
     return data
+
+
+# What the daemon can write: counters of a 64-bit process, a Linux pid
+# (PID_MAX_LIMIT is 2**22), unix times between 1970 and the year 9999, which
+# time.localtime() can convert on every 64-bit platform.
+_Count = Annotated[int, Field(ge=0, lt=2**63)]
+_Pid = Annotated[int, Field(ge=1, le=2**22)]
+_Time = Annotated[float, Field(ge=0, lt=253402300800, allow_inf_nan=False)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
+
+
+class DriftSnapshot(_Model):
+    """The last restore the daemon made."""
+
+    path: str
+    found: str
+    expected: str
+    cause: str
+    time: _Time
+
+
+class EntrySnapshot(_Model):
+    """What the daemon knows about one declared binary."""
+
+    path: str
+    expected: str
+    status: str
+    reason: str = ""
+    restores: _Count = 0
+    last_drift: _Time | None = None
+
+
+class Snapshot(_Model):
+    """A status file, validated: only what the daemon writes is accepted."""
+
+    pid: _Pid
+    started: _Time
+    written: _Time
+    state_files: list[str]
+    entries: list[EntrySnapshot]
+    watches: _Count
+    restores: _Count
+    refusals: _Count
+    failures: _Count
+    rescans: _Count
+    overflows: _Count
+    reloads: _Count
+    rejected_reloads: _Count
+    last_drift: DriftSnapshot | None = None
+    last_error: str | None = None
+
+    @property
+    def healthy(self) -> bool:
+        """Whether every entry is in sync (or not looked at yet)."""
+        return all(e.status in ("in-sync", "unknown") for e in self.entries)
+
+
+def _where(loc: tuple[int | str, ...]) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "the document"
+
+
+def parse_status(data: dict[str, Any]) -> Snapshot:
+    """``data`` as a :class:`Snapshot`; :class:`StatusFileError` names the first bad field."""
+    try:
+        return Snapshot.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False)
+        first = errors[0]
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        message = first["msg"].removeprefix("Value error, ").lower()
+        raise StatusFileError(f"{_where(first['loc'])}: {message}{more}") from None
 
 
 def _when(stamp: float | None) -> str:
@@ -128,42 +240,53 @@ def _when(stamp: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp))
 
 
-def render(data: dict[str, Any]) -> str:
-    """The status snapshot as text for people."""
+def render(snapshot: Snapshot) -> str:
+    """The status snapshot as text for people; untrusted names escaped."""
+    data = snapshot
     lines = [
-        f"capkeeper daemon pid {data['pid']}, up since {_when(data['started'])}, "
-        f"status written {_when(data['written'])}",
-        f"state: {', '.join(data['state_files']) or '-'}; {len(data['entries'])} declared, "
-        f"{data['watches']} inotify watches",
-        f"restores {data['restores']}, refusals {data['refusals']}, failures {data['failures']}, "
-        f"rescans {data['rescans']}, overflows {data['overflows']}, reloads {data['reloads']} "
-        f"({data['rejected_reloads']} rejected)",
+        f"capkeeper daemon pid {data.pid}, up since {_when(data.started)}, "
+        f"status written {_when(data.written)}",
+        f"state: {', '.join(data.state_files) or '-'}; {len(data.entries)} declared, "
+        f"{data.watches} inotify watches",
+        f"restores {data.restores}, refusals {data.refusals}, failures {data.failures}, "
+        f"rescans {data.rescans}, overflows {data.overflows}, reloads {data.reloads} "
+        f"({data.rejected_reloads} rejected)",
     ]
-    drift = data.get("last_drift")
-    if drift:
+    drift = data.last_drift
+    if drift is not None:
         lines.append(
-            f"last drift: {drift['path']} at {_when(drift['time'])}: found {drift['found']}, "
-            f"expected {drift['expected']} (cause: {drift['cause']})"
+            f"last drift: {drift.path} at {_when(drift.time)}: found {drift.found}, "
+            f"expected {drift.expected} (cause: {drift.cause})"
         )
-    if data.get("last_error"):
-        lines.append(f"last error: {data['last_error']}")
+    if data.last_error:
+        lines.append(f"last error: {data.last_error}")
     lines.append("")
-    for entry in data["entries"]:
-        detail = entry["reason"] or entry["expected"]
+    for entry in data.entries:
+        detail = entry.reason or entry.expected
         lines.append(
-            f"{entry['status']:<9} {entry['path']}  {detail}  "
-            f"(restores {entry['restores']}, last drift {_when(entry['last_drift'])})"
+            f"{entry.status:<9} {entry.path}  {detail}  "
+            f"(restores {entry.restores}, last drift {_when(entry.last_drift)})"
         )
-    return "\n".join(lines) + "\n"
+    return "".join(printable(line) + "\n" for line in lines)
 
 
 def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def metrics_text(book: StatusBook) -> str:
-    """A Prometheus textfile-collector snapshot of the book."""
+def metrics_text(book: StatusBook, *, now: float | None = None) -> str:
+    """A Prometheus textfile-collector snapshot of the book, written at ``now``.
+
+    The daemon rewrites the file whenever something changed and at least once
+    per periodic rescan, so ``capkeeper_metrics_timestamp_seconds`` older than
+    ``capkeeper_rescan_interval_seconds`` (plus slack) means the daemon stopped
+    or hangs (``packaging/prometheus/capkeeper.rules.yml``).
+    """
+    stamp = time.time() if now is None else now
     out = [
+        "# HELP capkeeper_metrics_timestamp_seconds When the daemon wrote this file (unix time).",
+        "# TYPE capkeeper_metrics_timestamp_seconds gauge",
+        f"capkeeper_metrics_timestamp_seconds {stamp:.3f}",
         "# HELP capkeeper_restores_total Capabilities re-applied to declared binaries.",
         "# TYPE capkeeper_restores_total counter",
         f"capkeeper_restores_total {book.restores}",
@@ -182,6 +305,14 @@ def metrics_text(book: StatusBook) -> str:
         "# HELP capkeeper_inotify_watches inotify watches in use.",
         "# TYPE capkeeper_inotify_watches gauge",
         f"capkeeper_inotify_watches {book.watches}",
+    ]
+    if book.rescan_interval is not None:
+        out += [
+            "# HELP capkeeper_rescan_interval_seconds Seconds between the daemon's full rescans.",
+            "# TYPE capkeeper_rescan_interval_seconds gauge",
+            f"capkeeper_rescan_interval_seconds {book.rescan_interval:g}",
+        ]
+    out += [
         "# HELP capkeeper_last_drift_timestamp_seconds Last restore of a binary (unix time).",
         "# TYPE capkeeper_last_drift_timestamp_seconds gauge",
     ]
@@ -198,8 +329,25 @@ def metrics_text(book: StatusBook) -> str:
     for record in book.entries.values():
         ok = 1 if record.status == str(Status.IN_SYNC) else 0
         out.append(f'capkeeper_entry_in_sync{{path="{_label(record.path)}"}} {ok}')
+    out += [
+        "# HELP capkeeper_entry_status The declared binary's current status (the label), always 1.",
+        "# TYPE capkeeper_entry_status gauge",
+    ]
+    for record in book.entries.values():
+        out.append(
+            f'capkeeper_entry_status{{path="{_label(record.path)}",'
+            f'status="{_label(record.status)}"}} 1'
+        )
+    out += [
+        "# HELP capkeeper_entry_restores_total Capabilities re-applied to this declared binary.",
+        "# TYPE capkeeper_entry_restores_total counter",
+    ]
+    for record in book.entries.values():
+        out.append(
+            f'capkeeper_entry_restores_total{{path="{_label(record.path)}"}} {record.restores}'
+        )
     return "\n".join(out) + "\n"
 
 
-def write_metrics(path: Path, book: StatusBook) -> None:
-    write_atomically(path, metrics_text(book))
+def write_metrics(path: Path, book: StatusBook, *, now: float | None = None) -> None:
+    write_atomically(path, metrics_text(book, now=now))

@@ -4,7 +4,8 @@ The shipped unit runs the daemon with ``ProtectSystem=strict``, which makes the
 whole file system read-only for it, so ``setxattr`` fails with EROFS unless the
 directory holding each declared binary is listed in ``ReadWritePaths=``.
 Directories, never files: a per-file bind mount disappears when the file is
-renamed over, which every upgrade does.
+renamed over, which every upgrade does. Never ``/`` or a whole system
+hierarchy such as ``/usr`` or ``/etc``: see :data:`SYSTEM_DIRECTORIES`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from capkeeper.errors import CapkeeperError
 from capkeeper.events import EVENTS
 from capkeeper.state import State
 
@@ -22,6 +24,29 @@ DROPIN = Path("/etc/systemd/system/capkeeper.service.d/50-capkeeper-paths.conf")
 # What the shipped unit's PrivateTmp=yes and ProtectHome=yes hide from the daemon
 # (prefixes to match, not files to use).
 HIDDEN_FROM_SERVICE = ("/tmp/", "/var/tmp/", "/home/", "/root/", "/run/user/")  # noqa: S108
+
+# ProtectSystem=strict is what confines the daemon's CAP_SETFCAP: the VFS leaves
+# security.* xattrs to the security modules (xattr_permission) and commoncap asks
+# only for CAP_SETFCAP, not for any permission on the file, so a compromised
+# daemon can give any file below a ReadWritePaths= directory any capability. "/" would
+# undo the sandbox outright; each directory below holds a whole hierarchy of
+# unrelated programs, libraries or configuration (the state itself in /etc),
+# and opening it would undo it for all of them. A binary whose directory is
+# one of these must move into a directory of its own.
+SYSTEM_DIRECTORIES = frozenset(
+    {
+        "/",
+        # The top-level directories of the file system hierarchy (and merged-/usr links).
+        "/bin", "/boot", "/dev", "/efi", "/etc", "/home", "/lib", "/lib32", "/lib64",
+        "/libx32", "/media", "/mnt", "/opt", "/proc", "/root", "/run", "/sbin", "/srv",
+        "/sys", "/tmp", "/usr", "/var",  # noqa: S108 - names to refuse, not files to use
+        # Whole hierarchies one level down: every library, the local /usr, all
+        # services' state (dpkg's database included).
+        "/usr/lib", "/usr/lib32", "/usr/lib64", "/usr/libx32", "/usr/local", "/usr/share",
+        "/var/lib",
+    }
+)  # fmt: skip
+"""Directories ``systemd-dropin`` never lists in ``ReadWritePaths=``."""
 
 
 def writable_directory(
@@ -59,8 +84,30 @@ def unit_word(word: str) -> str:
     return word
 
 
+def dropin_refusals(state: State) -> list[str]:
+    """Why the drop-in cannot be written: one sentence per entry whose writable
+    directory would be ``/`` or a whole system hierarchy; empty when it can."""
+    refusals = []
+    for entry in state.entries:
+        directory = writable_directory(entry.path)
+        if directory in SYSTEM_DIRECTORIES:
+            refusals.append(
+                f"{entry.source} ({entry.path}): refusing to write ReadWritePaths=-{directory}: "
+                f"it would let the service set capabilities on everything below {directory} "
+                "(hint: move the binary, or the release symlink on its path, into a directory "
+                "of its own such as /opt/NAME/bin/ and declare it there)"
+            )
+    return refusals
+
+
 def dropin_text(state: State) -> str:
-    """The drop-in that lists every declared binary's directory in ReadWritePaths=."""
+    """The drop-in that lists every declared binary's directory in ReadWritePaths=.
+
+    Raises :class:`CapkeeperError` when :func:`dropin_refusals` finds any.
+    """
+    refusals = dropin_refusals(state)
+    if refusals:
+        raise CapkeeperError("; ".join(refusals))
     directories = sorted({writable_directory(entry.path) for entry in state.entries})
     lines = [
         "# Written by 'capkeeper systemd-dropin' from the declared state; do not edit.",

@@ -8,23 +8,33 @@ written, returns every reason to refuse (an empty tuple means trusted).
 from __future__ import annotations
 
 import posixpath
-import re
 import stat
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from capkeeper.capabilities import capability_name
 from capkeeper.errors import printable
 from capkeeper.files import Hop, Kind, Observation
-from capkeeper.state import Entry
+from capkeeper.interpreters import runs_other_code
+
+if TYPE_CHECKING:  # state imports this module to trust-walk the state files
+    from capkeeper.state import Entry
 
 _WRITABLE_BY_OTHERS = stat.S_IWGRP | stat.S_IWOTH
 
-INTERPRETER = re.compile(
-    r"(?:python|perl|ruby|node|nodejs|php|lua|luajit|tclsh|wish|bash|sh|dash|zsh|ksh|mksh|"
-    r"csh|tcsh|fish|busybox|awk|gawk|mawk|nawk|java|jshell|guile|Rscript|julia|erl|escript|"
-    r"pwsh|deno|bun|expect|gdb|vim?|emacs)[0-9.\-]*"
+
+def open_to_others(uid: int, mode: int) -> bool:
+    """Whether users other than root can create and remove names in a directory with
+    this owner and mode (and so raise any number of inotify events in it)."""
+    return uid != 0 or bool(mode & _WRITABLE_BY_OTHERS)
+
+
+ROUTE_RULES = frozenset(
+    {"symlink", "directory-owner", "directory-writable", "hardlink", "pseudo-fs"}
 )
-"""Basenames of programs that run code they are given: their capabilities go to any script."""
+"""Rules about the route to the file rather than the file: when one fails, the file
+reached is not necessarily the one the declared path legitimately names."""
 
 
 @dataclass(frozen=True)
@@ -34,68 +44,109 @@ class Refusal:
     rule: str
     message: str
     hint: str | None = None
+    component: str = ""  # the directory or symlink at fault, for a route rule
+
+    @property
+    def about_route(self) -> bool:
+        """Whether the route is untrusted, so the file reached may be anybody's.
+
+        Then nothing may be changed on that file (not even removing its
+        capabilities): whoever controls the route chose it.
+        """
+        return self.rule in ROUTE_RULES
 
     def __str__(self) -> str:
         text = f"{self.message} (hint: {self.hint})" if self.hint else self.message
         return printable(text)
 
 
-def _owner_ok(uid: int, entry: Entry) -> bool:
-    return uid in (0, entry.owner_uid)
+def exposed_directory(observation: Observation) -> str | None:
+    """The directory holding the observed file, if users other than root can write to it.
+
+    Trusted or not, such a file's directory can be flooded with file events by
+    any of those users (create, close, unlink in a loop): the daemon's queue for
+    it overflows and restores there wait for the rescan that follows.
+    """
+    directory = posixpath.dirname(observation.resolved)
+    for hop in observation.hops:
+        if hop.path == directory and not hop.is_symlink:
+            return directory if open_to_others(hop.uid, hop.mode) else None
+    return None
 
 
-def _next_owner(hops: tuple[Hop, ...], index: int, observation: Observation) -> int:
+def flood_warning(directory: str) -> str:
+    """The warning ``validate`` and ``doctor`` give for a binary in ``directory``."""
+    return printable(
+        f"its directory {directory} can be written by users other than root: any of them "
+        "can flood it with file events, and restores there then wait for a rescan"
+    )
+
+
+FLOOD_HINT = "keep binaries with capabilities in a directory only root can write"
+
+
+def _next_owner(hops: Sequence[Hop], index: int, final_uid: int) -> int:
     """Owner of the component that directory ``hops[index]`` holds on the way."""
     directory = hops[index].path
     for hop in hops[index + 1 :]:
         if posixpath.dirname(hop.path) == directory:
             return hop.uid
-    return observation.uid
+    return final_uid
 
 
-def _holds_file(hops: tuple[Hop, ...], index: int, observation: Observation) -> bool:
-    """Whether directory ``hops[index]`` directly holds the observed file."""
-    return posixpath.dirname(observation.resolved) == hops[index].path
+def route_refusals(
+    hops: Sequence[Hop],
+    *,
+    declared: str,
+    resolved: str,
+    uid: int,
+    nlink: int,
+    owners: Collection[int],
+    owner: str,
+) -> list[Refusal]:
+    """Every reason the route ``hops`` from ``/`` to ``resolved`` is not trusted.
 
-
-def _check_hops(entry: Entry, observation: Observation) -> list[Refusal]:
+    ``uid`` and ``nlink`` are those of the file reached; ``owners`` may own the
+    directories and symlinks on the way besides root (``owner`` names them).
+    The one route rule, for binaries and for the state files alike.
+    """
     refusals: list[Refusal] = []
-    hops = observation.hops
     for index, hop in enumerate(hops):
         if hop.is_symlink:
-            if not _owner_ok(hop.uid, entry):
+            if hop.uid not in owners:
                 refusals.append(
                     Refusal(
                         "symlink",
                         f"symlink {hop.path} -> {hop.target} is owned by uid {hop.uid}, "
-                        f"not by {entry.owner}",
+                        f"not by {owner}",
                         "only root may own symlinks on the path to a privileged binary",
+                        component=hop.path,
                     )
                 )
             continue
-        if not _owner_ok(hop.uid, entry):
+        if hop.uid not in owners:
             refusals.append(
                 Refusal(
                     "directory-owner",
-                    f"directory {hop.path} is owned by uid {hop.uid}, not by {entry.owner}",
+                    f"directory {hop.path} is owned by uid {hop.uid}, not by {owner}",
                     "whoever owns a directory can replace the binary inside it",
+                    component=hop.path,
                 )
             )
         if hop.mode & _WRITABLE_BY_OTHERS:
             sticky_ok = (
-                hop.uid == 0
-                and hop.mode & stat.S_ISVTX
-                and _owner_ok(_next_owner(hops, index, observation), entry)
+                hop.uid == 0 and hop.mode & stat.S_ISVTX and _next_owner(hops, index, uid) in owners
             )
-            if sticky_ok and observation.nlink > 1 and _holds_file(hops, index, observation):
+            if sticky_ok and nlink > 1 and posixpath.dirname(resolved) == hop.path:
                 # With fs.protected_hardlinks=0 anyone may link a root-owned file into
                 # a sticky directory: the root-owned name proves nothing then.
                 refusals.append(
                     Refusal(
                         "hardlink",
-                        f"{observation.resolved} has {observation.nlink} hard links and sits in "
+                        f"{resolved} has {nlink} hard links and sits in "
                         f"world-writable {hop.path}, where anyone could have linked it",
                         "keep managed binaries in directories only root can write",
+                        component=hop.path,
                     )
                 )
             if not sticky_ok:
@@ -105,8 +156,21 @@ def _check_hops(entry: Entry, observation: Observation) -> list[Refusal]:
                         f"directory {hop.path} is writable by "
                         f"{_who(hop.mode)} (mode {stat.S_IMODE(hop.mode):04o})",
                         f"chmod go-w {hop.path}",
+                        component=hop.path,
                     )
                 )
+    # /proc/<pid>/root, /proc/self/fd/N and friends lead wherever some process is.
+    on_pseudo = [p for p in (*(hop.path for hop in hops), resolved) if _on_pseudo_fs(p)]
+    if on_pseudo:
+        refusals.append(
+            Refusal(
+                "pseudo-fs",
+                f"{declared} leads into /proc or /sys (resolved: {resolved}), "
+                "which hold no stable binary",
+                "declare the real path of the binary",
+                component=on_pseudo[0],
+            )
+        )
     return refusals
 
 
@@ -125,17 +189,16 @@ def _who(mode: int) -> str:
 
 def assess(entry: Entry, observation: Observation, *, last_cap: int) -> tuple[Refusal, ...]:
     """Every reason to refuse granting ``entry.caps`` to the observed file."""
-    refusals = _check_hops(entry, observation)
     path = observation.resolved
-    if any(_on_pseudo_fs(p) for p in (path, *(hop.path for hop in observation.hops))):
-        refusals.append(
-            Refusal(
-                "pseudo-fs",
-                f"{observation.path} leads into /proc or /sys (resolved: {path}), "
-                "which hold no stable binary",
-                "declare the real path of the binary",
-            )
-        )
+    refusals = route_refusals(
+        observation.hops,
+        declared=observation.path,
+        resolved=path,
+        uid=observation.uid,
+        nlink=observation.nlink,
+        owners=(0, entry.owner_uid),
+        owner=entry.owner,
+    )
     if observation.kind is Kind.NOT_REGULAR:
         refusals.append(Refusal("regular", f"{path} is not a regular file"))
     elif observation.kind is Kind.SCRIPT:
@@ -149,11 +212,13 @@ def assess(entry: Entry, observation: Observation, *, last_cap: int) -> tuple[Re
         )
     elif observation.kind is Kind.OTHER:
         refusals.append(Refusal("elf", f"{path} is not an ELF executable"))
-    elif INTERPRETER.fullmatch(posixpath.basename(path)) and not entry.allow_interpreter:
+    elif not entry.allow_interpreter and (
+        runs := runs_other_code(posixpath.basename(path), observation.elf)
+    ):
         refusals.append(
             Refusal(
                 "interpreter",
-                f"{path} is an interpreter: every script it runs would get these capabilities",
+                f"{path} {runs} would get these capabilities",
                 "give the one service that needs them AmbientCapabilities= in its unit, or "
                 "declare allow_interpreter = true if you really mean it",
             )

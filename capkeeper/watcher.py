@@ -10,9 +10,15 @@ next component of that entry's route. Events are decoded once into frozen
 
 Facts this relies on (inotify(7); shared/reference.md 4.2 and 7.1): a watch
 on the file itself dies with its inode when the file is renamed over, so only
-directories are watched; ``IN_Q_OVERFLOW`` has no watch descriptor and reaches
-pyinotify's ``default_proc_fun`` only; pyinotify reports a failed watch as a
-negative descriptor; a watch follows an inode, not a path.
+directories are watched; ``IN_Q_OVERFLOW`` has no watch descriptor, so it can
+only be told apart by the instance it arrives on; pyinotify reports a failed
+watch as a negative descriptor; a watch follows an inode, not a path, and
+inotify reports no mounts (a mount over a watched directory hides the watched
+inode without any event).
+
+pyinotify adds and removes the watches; the events are read from the
+descriptors directly (:func:`parse_events`), so that events on names no
+route cares about are dropped before any object is built.
 """
 
 from __future__ import annotations
@@ -22,19 +28,21 @@ import errno
 import fcntl
 import logging
 import os
+import posixpath
+import select
 import stat
 import struct
 import termios
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import IntFlag
-from typing import Any
 
 import pyinotify
 import structlog
 
 from capkeeper.errors import CapkeeperError
 from capkeeper.files import posixjoin
+from capkeeper.trust import open_to_others
 
 # Every directory on a route: replacements (IN_MOVED_TO, IN_CREATE), removals,
 # in-place writes (IN_MODIFY: a strip by write raises no IN_ATTRIB), xattr and
@@ -103,13 +111,15 @@ class WatchEvent:
     """One inotify event, decoded: ``name`` inside the watched ``directory``.
 
     ``name`` is empty when the event concerns the watched directory itself, and
-    ``directory`` is empty for a queue overflow.
+    ``directory`` is empty for a queue overflow; ``exposed`` tells which
+    instance (see :class:`Watcher`) it came from.
     """
 
     directory: str
     name: str
     changes: Change
     is_dir: bool = False
+    exposed: bool = False  # seen on the instance of directories others can write to
 
     @property
     def path(self) -> str:
@@ -163,9 +173,10 @@ class WatchEvent:
         return "inotify"
 
 
-def decode_event(mask: int, name: str, directory: str) -> WatchEvent:
+def decode_event(mask: int, name: str, directory: str, *, exposed: bool = False) -> WatchEvent:
     """Decode one raw event of a watch on ``directory`` into a :class:`WatchEvent`."""
-    return WatchEvent(directory, name, Change(mask & _KNOWN), bool(mask & pyinotify.IN_ISDIR))
+    changes = Change(mask & _KNOWN)
+    return WatchEvent(directory, name, changes, bool(mask & pyinotify.IN_ISDIR), exposed)
 
 
 def parse_events(data: bytes) -> Iterator[tuple[int, int, int, str]]:
@@ -341,6 +352,10 @@ class WatchPlan:
                 if not through:
                     del self._through[link.directory]
 
+    def concerns(self, directory: str, name: str) -> bool:
+        """Whether some route goes through ``name`` in ``directory``."""
+        return (directory, name) in self._index
+
     def lookup(self, directory: str, name: str) -> Mapping[str, Link]:
         """The entries whose route goes through ``name`` in ``directory``, with their link."""
         return self._index.get((directory, name), {})
@@ -348,6 +363,25 @@ class WatchPlan:
     def through(self, directory: str) -> frozenset[str]:
         """The entries whose route goes through ``directory``."""
         return frozenset(self._through.get(directory, ()))
+
+    def links_in(self, directory: str) -> Iterator[tuple[str, Link]]:
+        """Every ``(entry, link)`` whose link is a name inside ``directory``."""
+        for path in self._through.get(directory, ()):
+            for link in self._routes[path].links:
+                if link.directory == directory:
+                    yield path, link
+
+    def at_or_below(self, point: str) -> set[str]:
+        """The entries whose route goes through ``point`` or anything below it."""
+        prefix = point.rstrip("/") + "/"
+        found: set[str] = set()
+        for directory, paths in self._through.items():
+            if directory == point or directory.startswith(prefix):
+                found |= paths
+        parent, name = posixpath.split(point.rstrip("/") or "/")
+        if name:
+            found |= self._index.get((parent, name), {}).keys()
+        return found
 
 
 # -- the watcher ------------------------------------------------------------------------
@@ -418,77 +452,119 @@ class _ForwardHandler(logging.Handler):
         structlog.get_logger("capkeeper").debug("pyinotify_message", message=record.getMessage())
 
 
-class _Collector(pyinotify.ProcessEvent):  # type: ignore[misc]
-    """The ``default_proc_fun``: every event, ``IN_Q_OVERFLOW`` included, lands here.
+@dataclass(frozen=True, slots=True)
+class DirectoryIdentity:
+    """A watched directory as it was when its watch was added: its inode and who may write it.
 
-    pyinotify hands an overflow only to the notifier's default function (it has
-    no watch descriptor), so no per-watch ``proc_fun`` is ever installed.
+    A watch follows its inode, not the path: once the path leads elsewhere (a
+    mount over it or over a parent, an unmount revealing what was hidden, a
+    rename) the watch reports on a directory nobody reaches that way any more.
     """
 
-    def my_init(self, *, sink: Callable[[int, int, str], None]) -> None:
-        self._sink = sink
+    dev: int
+    ino: int
+    uid: int
+    mode: int
 
-    def __call__(self, event: Any) -> None:
-        self._sink(getattr(event, "wd", -1), int(event.mask), getattr(event, "name", "") or "")
+    @classmethod
+    def of(cls, st: os.stat_result) -> DirectoryIdentity:
+        return cls(st.st_dev, st.st_ino, st.st_uid, st.st_mode)
 
-
-class _Notifier(pyinotify.Notifier):  # type: ignore[misc]
-    """pyinotify's notifier, reading with :func:`parse_events` (fsdecoded names)."""
-
-    def read_events(self) -> None:
-        size = array.array("i", [0])
-        fcntl.ioctl(self._fd, termios.FIONREAD, size, True)
-        if size[0] <= 0:
-            return
-        data = os.read(self._fd, size[0])
-        for wd, mask, cookie, name in parse_events(data):
-            self._eventq.append(pyinotify._RawEvent(wd, mask, cookie, name))
+    @property
+    def exposed(self) -> bool:
+        """Users other than root can create names here, and so flood its watch."""
+        return open_to_others(self.uid, self.mode)
 
 
-class Watcher:
-    """One inotify instance watching a set of directories with :data:`DIRECTORY_MASK`."""
+class _Queue:
+    """One inotify instance and the directories its watch descriptors stand for."""
 
-    def __init__(self, *, mask: int = DIRECTORY_MASK) -> None:
-        _route_pyinotify_logs()
+    def __init__(self, *, exposed: bool) -> None:
         try:
-            self._wm = pyinotify.WatchManager()
+            self.wm = pyinotify.WatchManager()
         except (OSError, pyinotify.InotifyBindingNotFoundError) as exc:
             raise WatchError(
                 f"cannot start inotify: {exc}",
                 hint="raise fs.inotify.max_user_instances (now "
                 f"{_read_limit('max_user_instances')}) or stop other inotify users",
             ) from exc
-        fd = self._wm.get_fd()
-        fcntl.fcntl(fd, fcntl.F_SETFD, fcntl.fcntl(fd, fcntl.F_GETFD) | fcntl.FD_CLOEXEC)
+        self.fd = int(self.wm.get_fd())
+        # pyinotify opens the instance without IN_CLOEXEC and IN_NONBLOCK.
+        fcntl.fcntl(self.fd, fcntl.F_SETFD, fcntl.fcntl(self.fd, fcntl.F_GETFD) | fcntl.FD_CLOEXEC)
+        fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+        self.exposed = exposed
+        self.dirs_by_wd: dict[int, set[str]] = {}
+
+    def drain(self) -> bytes:
+        """Every event queued now (not those that arrive while reading: a flood never ends)."""
+        size = array.array("i", [0])
+        fcntl.ioctl(self.fd, termios.FIONREAD, size, True)
+        if size[0] <= 0:
+            return b""
+        try:
+            return os.read(self.fd, size[0])
+        except BlockingIOError:
+            return b""
+
+
+class Watcher:
+    """inotify watches on a set of directories with :data:`DIRECTORY_MASK`.
+
+    Directories that users other than root can write to (``/tmp``, ``/var/tmp``,
+    a group-writable release directory) are watched on a second inotify
+    instance: anyone can flood such a directory with events, and when its
+    queue overflows the overflow (which names no watch) concerns only the
+    directories of that instance. The trusted instance's queue is untouched
+    by the flood. :meth:`fileno` is one descriptor (an epoll set of both) that
+    is readable when either has events.
+    """
+
+    def __init__(self, *, mask: int = DIRECTORY_MASK) -> None:
+        _route_pyinotify_logs()
         self._mask = mask
-        self._raw: list[tuple[int, int, str]] = []
-        self._notifier = _Notifier(
-            self._wm, default_proc_fun=_Collector(sink=lambda *raw: self._raw.append(raw))
-        )
-        self._wd_by_dir: dict[str, int] = {}
-        self._dirs_by_wd: dict[int, set[str]] = {}
+        trusted = _Queue(exposed=False)
+        try:
+            exposed = _Queue(exposed=True)
+        except WatchError:
+            trusted.wm.close()
+            raise
+        self._queues = (trusted, exposed)
+        self._epoll = select.epoll()
+        for queue in self._queues:
+            self._epoll.register(queue.fd, select.EPOLLIN)
+        self._where: dict[str, tuple[_Queue, int]] = {}
+        self._identity: dict[str, DirectoryIdentity] = {}
         self._closed = False
 
     def fileno(self) -> int:
-        """The inotify descriptor, readable when events are queued."""
-        return int(self._wm.get_fd())
+        """A descriptor that is readable when events are queued on either instance."""
+        return self._epoll.fileno()
+
+    def inotify_fds(self) -> tuple[int, int]:
+        """The trusted and the exposed inotify descriptors."""
+        return (self._queues[0].fd, self._queues[1].fd)
 
     @property
     def directories(self) -> frozenset[str]:
-        return frozenset(self._wd_by_dir)
+        return frozenset(self._where)
+
+    @property
+    def exposed_directories(self) -> frozenset[str]:
+        """The watched directories that users other than root can write to."""
+        return frozenset(d for d, (queue, _) in self._where.items() if queue.exposed)
 
     @property
     def watch_count(self) -> int:
         """inotify watches in use (directories reached by two paths share one)."""
-        return len(self._dirs_by_wd)
+        return sum(len(queue.dirs_by_wd) for queue in self._queues)
 
     def sync(self, wanted: Iterable[str]) -> list[WatchFailure]:
         """Watch exactly ``wanted``: drop the others, add the missing ones, parents first."""
         target = set(wanted)
-        for directory in [d for d in self._wd_by_dir if d not in target]:
+        for directory in [d for d in self._where if d not in target]:
             self._drop(directory)
         failures = []
-        for directory in sorted(target - self._wd_by_dir.keys(), key=_depth_first):
+        for directory in sorted(target - self._where.keys(), key=_depth_first):
             failure = self._add(directory)
             if failure is not None:
                 failures.append(failure)
@@ -501,67 +577,135 @@ class Watcher:
         ``path`` must be watched anew; :meth:`sync` re-adds what is still wanted.
         """
         prefix = path.rstrip("/") + "/"
-        gone = [d for d in self._wd_by_dir if d == path or d.startswith(prefix)]
+        gone = [d for d in self._where if d == path or d.startswith(prefix)]
         for directory in gone:
             self._drop(directory)
         return bool(gone)
 
+    def revalidate(self, directories: Iterable[str] | None = None) -> list[str]:
+        """Drop the watches (of ``directories``, default all) that no longer watch their path.
+
+        A directory is stale when its path now reaches another inode (a mount
+        over it or over a parent, an unmount, a replacement whose event was
+        lost) or its owner or mode changed (which may move it to the other
+        instance). One ``lstat`` per directory. Returns the dropped
+        directories; :meth:`sync` re-adds those still wanted.
+        """
+        stale = []
+        for directory in list(self._where) if directories is None else directories:
+            known = self._identity.get(directory)
+            if known is None:
+                continue
+            try:
+                now: DirectoryIdentity | None = DirectoryIdentity.of(os.lstat(directory))
+            except (OSError, ValueError):
+                now = None
+            if now != known:
+                stale.append(directory)
+                self._drop(directory)
+        return stale
+
     def _add(self, directory: str) -> WatchFailure | None:
         try:
-            result = self._wm.add_watch(directory, self._mask, quiet=True)
+            before = os.lstat(directory)
+        except OSError as exc:
+            code = exc.errno or errno.EIO
+            return WatchFailure(directory, code, describe_watch_errno(code))
+        except (UnicodeEncodeError, ValueError):
+            return WatchFailure(directory, errno.EINVAL, "the path cannot be encoded")
+        if not stat.S_ISDIR(before.st_mode):
+            return WatchFailure(directory, errno.ENOTDIR, describe_watch_errno(errno.ENOTDIR))
+        identity = DirectoryIdentity.of(before)
+        queue = self._queues[identity.exposed]
+        try:
+            result = queue.wm.add_watch(directory, self._mask, quiet=True)
             wd = int(result.get(directory, -1))
         except UnicodeEncodeError:
             return WatchFailure(directory, errno.EINVAL, "the path cannot be encoded")
         if wd < 0:
-            code = self._wm._inotify_wrapper.get_errno() or errno.EIO
+            code = queue.wm._inotify_wrapper.get_errno() or errno.EIO
             return WatchFailure(directory, code, describe_watch_errno(code))
-        self._wd_by_dir[directory] = wd
-        self._dirs_by_wd.setdefault(wd, set()).add(directory)
+        self._where[directory] = (queue, wd)
+        self._identity[directory] = identity
+        queue.dirs_by_wd.setdefault(wd, set()).add(directory)
+        try:
+            after: DirectoryIdentity | None = DirectoryIdentity.of(os.lstat(directory))
+        except OSError:
+            after = None
+        if after != identity:
+            # Replaced (or mounted over) between the two looks: the watch may be on
+            # either inode. Report it vanished, so the routes through it are re-planned.
+            self._drop(directory)
+            return WatchFailure(directory, errno.ENOENT, "replaced while being watched")
         return None
 
     def _drop(self, directory: str) -> None:
-        wd = self._wd_by_dir.pop(directory, None)
-        if wd is None:
+        self._identity.pop(directory, None)
+        where = self._where.pop(directory, None)
+        if where is None:
             return
-        sharing = self._dirs_by_wd.get(wd, set())
+        queue, wd = where
+        sharing = queue.dirs_by_wd.get(wd, set())
         sharing.discard(directory)
         if not sharing:
-            self._dirs_by_wd.pop(wd, None)
+            queue.dirs_by_wd.pop(wd, None)
             # EINVAL when the kernel already ended the watch; nothing to undo then.
-            self._wm.rm_watch(wd, quiet=True)
+            queue.wm.rm_watch(wd, quiet=True)
 
-    def read(self) -> list[WatchEvent]:
+    def read(self, relevant: Callable[[str, str], bool] | None = None) -> list[WatchEvent]:
         """Read and decode every queued event (call when :meth:`fileno` is readable).
 
-        An event pyinotify cannot dispatch is reported as an overflow: the
-        caller then rescans everything rather than trusting a partial batch.
+        ``relevant(directory, name)`` filters events on names inside a watched
+        directory before any object is built (a flood of other names in a
+        shared directory then costs little); events on the directory itself,
+        ended watches and overflows are always returned. A queue that cannot
+        be read is reported as an overflow of that queue: the caller then
+        rescans rather than trusting a partial batch.
         """
-        try:
-            self._notifier.read_events()
-            self._notifier.process_events()
-        except (pyinotify.ProcessEventError, pyinotify.NotifierError, OSError):
-            self._raw.clear()
-            return [WatchEvent("", "", Change.Q_OVERFLOW)]
-        raw, self._raw = self._raw, []
         events: list[WatchEvent] = []
-        for wd, mask, name in raw:
-            if mask & pyinotify.IN_Q_OVERFLOW:
-                events.append(decode_event(mask, "", ""))
+        for queue in self._queues:
+            try:
+                data = queue.drain()
+            except OSError:
+                events.append(WatchEvent("", "", Change.Q_OVERFLOW, exposed=queue.exposed))
                 continue
-            directories = self._dirs_by_wd.get(wd)
+            if data:
+                self._decode(queue, data, relevant, events)
+        return events
+
+    def _decode(
+        self,
+        queue: _Queue,
+        data: bytes,
+        relevant: Callable[[str, str], bool] | None,
+        events: list[WatchEvent],
+    ) -> None:
+        dirs_by_wd = queue.dirs_by_wd
+        for wd, mask, _cookie, name in parse_events(data):
+            if mask & pyinotify.IN_Q_OVERFLOW:
+                events.append(WatchEvent("", "", Change.Q_OVERFLOW, exposed=queue.exposed))
+                continue
+            directories = dirs_by_wd.get(wd)
             if not directories:
                 continue  # a watch we dropped; its last events are stale
             if mask & pyinotify.IN_IGNORED:
-                self._dirs_by_wd.pop(wd, None)
+                dirs_by_wd.pop(wd, None)
+                queue.wm.del_watch(wd)
                 for directory in directories:
-                    self._wd_by_dir.pop(directory, None)
-            events.extend(decode_event(mask, name, d) for d in sorted(directories))
-        return events
+                    self._where.pop(directory, None)
+                    self._identity.pop(directory, None)
+            elif name and relevant is not None and not any(relevant(d, name) for d in directories):
+                continue
+            events.extend(
+                decode_event(mask, name, d, exposed=queue.exposed) for d in sorted(directories)
+            )
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._notifier.stop()
+            self._epoll.close()
+            for queue in self._queues:
+                queue.wm.close()
 
     def __enter__(self) -> Watcher:
         return self

@@ -14,6 +14,7 @@ import errno
 import io
 import json
 import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,6 +40,7 @@ from capkeeper.trust import Refusal
 from tests.conftest import make_binary, require_root, require_tool, setcap
 from tests.test_mounts import private_mount_namespace, run
 
+LOADER = "/lib64/ld-linux-x86-64.so.2"
 _libc = ctypes.CDLL(None, use_errno=True)
 _CAP_V3 = 0x20080522
 _DAC = (1 << 1) | (1 << 2)  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
@@ -473,14 +475,53 @@ def _observation(path: str, *, kind: Kind = Kind.ELF, mode: int = 0o100755) -> O
     )
 
 
-def test_rate_interpreter_is_high() -> None:
-    """Capabilities on an interpreter are rated high whatever they are."""
+def test_rate_interpreter_is_critical() -> None:
+    """Capabilities on an interpreter are rated critical whatever they are."""
     rating = rate(parse("cap_net_raw=ep"), None, _observation("/usr/bin/python3.11"))
     assert rating == Rating(
-        41, ("python3.11 is an interpreter: every script it runs gets these capabilities",)
+        61,
+        (
+            "python3.11 runs other code: its name looks like an interpreter; every script it "
+            "runs gets these capabilities",
+        ),
     )
-    assert rating.level is Level.HIGH
+    assert rating.level is Level.CRITICAL
     assert rate(parse("cap_net_raw=ep"), None, _observation("/usr/bin/pythonic")).score == 1
+
+
+def test_capable_loader_and_interpreter_are_the_worst(
+    tree: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A loader copy and a python copy that already carry capabilities, declared or not, are
+    critical: with a harmless capability they rank above a root-equivalent one on a plain binary
+    (whose capabilities only its own code uses)."""
+    loader, python, declared = tree / "myapp", tree / "tool", tree / "declared-loader"
+    for copy, source in ((loader, LOADER), (python, "/usr/bin/python3.11"), (declared, LOADER)):
+        shutil.copyfile(source, copy)
+        copy.chmod(0o755)
+        setcap("cap_net_raw=ep", copy)
+    setcap("cap_sys_admin=ep", make_binary(tree / "admin"))
+    state = tree / "state.toml"
+    state.write_text(f'[[binary]]\npath = "{declared}"\ncaps = "cap_net_raw=ep"\n')
+    code, out, _ = audit(["--state", str(state), "audit", "--json", str(tree)], capsys)
+    findings = [json.loads(line) for line in out.splitlines()]
+    findings = [f for f in findings if f["type"] == "finding"]
+    worst = {f["path"]: f for f in findings[:3]}
+    assert set(worst) == {str(loader), str(python), str(declared)}
+    assert all(f["rating"] == "critical" for f in worst.values())
+    loader_reason = (
+        "runs other code: it is the dynamic loader; every program it runs gets these capabilities"
+    )
+    assert worst[str(loader)]["reasons"] == [f"myapp {loader_reason}"]
+    assert worst[str(declared)]["verdict"] == "refused"
+    assert worst[str(declared)]["reasons"] == [f"declared-loader {loader_reason}"]
+    assert worst[str(python)]["reasons"] == [
+        "tool runs other code: it embeds a Python runtime (exports Py_BytesMain); every script "
+        "it runs gets these capabilities"
+    ]
+    assert findings[3]["path"] == str(tree / "admin")
+    assert findings[3]["rating"] == "high"
+    assert code == ExitStatus.DRIFT
 
 
 def test_rate_combines_reasons_into_levels() -> None:

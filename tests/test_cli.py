@@ -11,6 +11,8 @@ import pytest
 
 from capkeeper.cli import ExitStatus, main
 from tests.conftest import getcap, make_binary, setcap
+from tests.test_mounts import private_mount_namespace
+from tests.test_mounts import run as mount_command
 
 
 def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -306,3 +308,56 @@ def test_validate_warns_about_non_root_owner(
         "cap_net_raw=ep",
         f"1 declared binaries in {state}: no problems",
     ]
+
+
+def test_file_system_without_xattrs_is_a_failure_not_drift(
+    tree: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """On ramfs (no extended attributes at all) check and apply fail saying why, and
+    validate counts it as a problem, instead of 'drift' and 'no problems'."""
+    mnt = tree / "ram"
+    mnt.mkdir()
+    why = (
+        f"{mnt}/tool: the file system does not support extended attributes, so it cannot "
+        "keep security.capability (hint: keep managed binaries on ext4, xfs, btrfs or tmpfs)"
+    )
+    with private_mount_namespace():
+        mount_command("mount", "-t", "ramfs", "-o", "mode=0755", "ramfs", str(mnt))
+        tool = make_binary(mnt / "tool")
+        state = tree / "state.toml"
+        state.write_text(f'[[binary]]\npath = "{tool}"\ncaps = "cap_net_raw=ep"\n')
+        checked = run(["check", "--state", str(state)], capsys)
+        applied = run(["apply", "--state", str(state)], capsys)
+        validated = run(["validate", "--state", str(state)], capsys)
+    for code, out, _ in (checked, applied):
+        assert code == ExitStatus.FAILED
+        assert why in out.splitlines()[0]
+        assert out.splitlines()[-1] == "1 declared: 1 failed"
+    code, out, _ = validated
+    assert code == ExitStatus.FAILED
+    assert out.splitlines() == [
+        f"state.toml: entry 1 ({tool}): {why}",
+        f"1 declared binaries in {state}: 1 problem(s)",
+    ]
+
+
+def test_validate_warns_about_a_directory_others_can_write(
+    tree: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A binary in a sticky world-writable directory is trusted, with a warning that names
+    the directory: any user can flood it with file events. The exit status stays 0."""
+    public = tree / "public"
+    public.mkdir()
+    public.chmod(0o1777)
+    binary = make_binary(public / "app")
+    state = tree / "state.toml"
+    state.write_text(f'[[binary]]\npath = "{binary}"\ncaps = "cap_net_raw=ep"\n')
+    code, out, _ = run(["validate", "--state", str(state)], capsys)
+    assert out.splitlines() == [
+        f"state.toml: entry 1 ({binary}): warning: its directory {public} can be written by "
+        "users other than root: any of them can flood it with file events, and restores there "
+        "then wait for a rescan (keep binaries with capabilities in a directory only root can "
+        "write)",
+        f"1 declared binaries in {state}: no problems",
+    ]
+    assert code == ExitStatus.OK

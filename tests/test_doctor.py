@@ -35,6 +35,7 @@ from tests.test_mounts import private_mount_namespace, run
 pytest_plugins = ["tests.sandbox_fixture"]
 
 REPO = Path(__file__).resolve().parents[1]
+LOADER = "/lib64/ld-linux-x86-64.so.2"
 NET_RAW = 1 << 13
 
 
@@ -180,14 +181,75 @@ def test_setuid_with_capabilities(tree: Path, capsys: pytest.CaptureFixture[str]
 
 
 def test_interpreter(tree: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """Capabilities on an interpreter reach every script it runs."""
+    """Capabilities on an interpreter reach every script it runs: an error once it has them."""
     python = make_binary(tree / "python3.11")
     setcap("cap_net_raw=ep", python)
     code, out, _ = doctor_cli(["--state", "none.toml", "doctor", str(python)], capsys)
-    assert out.splitlines()[0] == (
-        f"{python}: warning: is an interpreter (python3.11): every script it runs gets these "
-        "capabilities"
+    assert out.splitlines()[:2] == [
+        f"{python}: error: runs other code: its name looks like an interpreter; every script it "
+        "runs gets these capabilities",
+        "  fix: use AmbientCapabilities= in the unit of the one service that needs them, or a "
+        f"dedicated compiled program; remove them now: setcap -r {python}",
+    ]
+    assert code == ExitStatus.DRIFT
+
+
+def test_capable_loader_and_python_copies(tree: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A loader copy and a python copy carrying capabilities are errors, found by content;
+    a loader copy only declared (no capabilities yet) is a warning."""
+    loader, python, declared = tree / "myapp", tree / "tool", tree / "later"
+    for copy, source in ((loader, LOADER), (python, "/usr/bin/python3.11"), (declared, LOADER)):
+        shutil.copyfile(source, copy)
+        copy.chmod(0o755)
+    setcap("cap_dac_read_search=ep", loader)
+    setcap("cap_net_raw=ep", python)
+    state = declare(tree, (declared, "cap_net_raw=ep"))
+    argv = ["--state", str(state), "doctor", "--json", str(loader), str(python), str(declared)]
+    code, out, _ = doctor_cli(argv, capsys)
+    found = {
+        (r["path"], r["severity"], r["message"])
+        for r in map(json.loads, out.splitlines())
+        if r["check"] == "interpreter"
+    }
+    assert found == {
+        (
+            str(loader),
+            "error",
+            "runs other code: it is the dynamic loader; every program it runs gets these "
+            "capabilities",
+        ),
+        (
+            str(python),
+            "error",
+            "runs other code: it embeds a Python runtime (exports Py_BytesMain); every script it "
+            "runs gets these capabilities",
+        ),
+        (
+            str(declared),
+            "warning",
+            "runs other code: it is the dynamic loader; every program it runs gets these "
+            "capabilities",
+        ),
+    }
+    assert code == ExitStatus.DRIFT
+
+
+def test_allowed_interpreter_is_only_a_warning(
+    tree: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An entry that says allow_interpreter = true keeps the warning, not the error."""
+    python = tree / "tool"
+    shutil.copyfile("/usr/bin/python3.11", python)
+    python.chmod(0o755)
+    setcap("cap_net_raw=ep", python)
+    state = tree / "state.toml"
+    state.write_text(
+        f'[[binary]]\npath = "{python}"\ncaps = "cap_net_raw=ep"\nallow_interpreter = true\n'
     )
+    code, out, _ = doctor_cli(["--state", str(state), "doctor", "--json"], capsys)
+    (found,) = [r for r in map(json.loads, out.splitlines()) if r["check"] == "interpreter"]
+    assert found["severity"] == "warning"
+    assert "setcap -r" not in found["fix"]
     assert code == ExitStatus.DRIFT
 
 
@@ -454,3 +516,27 @@ def test_apply_unit_in_exec_start_pre(systemd_sandbox: SystemdSandbox) -> None:
         ("no-new-privileges", grep)
     ]
     assert sandbox.run("getcap", grep).stdout.split() == [grep, "cap_net_raw=ep"]
+
+
+def test_binary_in_a_directory_others_can_write(
+    tree: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A declared binary in a sticky world-writable directory: a warning naming the
+    directory (anyone can flood it with events), and no change of the exit status."""
+    public = tree / "public"
+    public.mkdir()
+    public.chmod(0o1777)
+    tool = make_binary(public / "tool")
+    setcap("cap_net_raw=ep", tool)
+    state = declare(tree, (tool, "cap_net_raw=ep"))
+    code, out, _ = doctor_cli(["--state", str(state), "doctor"], capsys)
+    assert out.splitlines() == [
+        f"{tool}: warning: its directory {public} can be written by users other than root: "
+        "any of them can flood it with file events, and restores there then wait for a rescan",
+        "  fix: keep binaries with capabilities in a directory only root can write",
+        "1 binaries checked: 0 error(s), 1 warning(s)",
+    ]
+    assert code == ExitStatus.OK
+    public.chmod(0o755)
+    code, out, _ = doctor_cli(["--state", str(state), "doctor"], capsys)
+    assert out.splitlines()[0] == f"{tool}: ok"

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import structlog
 
-from capkeeper.events import EVENTS
+from capkeeper.events import EVENTS, render_message
 from capkeeper.journal import JournalRenderer
-from capkeeper.log import configure, get_logger
+from capkeeper.log import ConsoleRenderer, configure, get_logger
 
 
 @pytest.fixture
@@ -111,3 +111,21 @@ def test_configure_journal_format_sends_events(journal_socket: tuple[socket.sock
     )
     assert stream.getvalue() == ""
     configure("json", "info", stream=io.StringIO())
+
+
+def test_sentences_escape_untrusted_names(tmp_path: Path) -> None:
+    """Console lines and MESSAGE= show a name's newline escaped; CAPKEEPER_PATH keeps it exact."""
+    event = {
+        "event": "restore_refused",
+        "level": "critical",
+        "timestamp": "2026-11-28T12:34:56Z",
+        "path": "/opt/evil\nfake \u202e",
+        "reason": "r",
+    }
+    sentence = "refused to grant capabilities to /opt/evil\\nfake \\u202e: r"
+    assert ConsoleRenderer()(None, "critical", dict(event)) == f"12:34:56 critical {sentence}"
+    renderer = JournalRenderer(io.StringIO(), socket_path=str(tmp_path / "absent.sock"))
+    fields = dict(renderer.fields("critical", dict(event)))
+    assert fields["MESSAGE"] == sentence
+    assert fields["CAPKEEPER_PATH"] == "/opt/evil\nfake \u202e"
+    assert render_message("routine", {"path": "/a\nb"}) == "routine path=/a\\nb"

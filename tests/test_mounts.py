@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import select
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +19,7 @@ import pytest
 
 from capkeeper.mounts import (
     MountTable,
+    MountWatch,
     is_local,
     mount_id,
     mount_of,
@@ -213,3 +215,30 @@ def test_mount_of_symlink_follows_by_default(tmp_path: Path) -> None:
         (tmp_path / "link").symlink_to(tmp_path / "mnt" / "tool")
         assert mount_of(str(tmp_path / "link")).fstype == "tmpfs"
         assert mount_of(str(tmp_path / "link"), follow_symlinks=False).fstype != "tmpfs"
+
+
+def test_mount_watch_is_ready_once_per_change_and_names_the_mount_point(tmp_path: Path) -> None:
+    """The open mountinfo polls POLLPRI once after a mount or unmount, never while idle;
+    changed() names the mount point that came or went."""
+    target = tmp_path / "m"
+    target.mkdir()
+    with private_mount_namespace():
+        watch = MountWatch()
+        try:
+            poller = select.poll()
+            poller.register(watch, select.POLLPRI)
+            assert poller.poll(0) == []
+            assert watch.changed() == frozenset()
+            run("mount", "-t", "tmpfs", "capkeeper-test", str(target))
+            assert poller.poll(5000)[0][1] & select.POLLPRI
+            assert poller.poll(0) == [], "still ready after the change was polled"
+            assert watch.changed() == {str(target)}
+            assert watch.changed() == frozenset()
+            run("mount", "-t", "tmpfs", "capkeeper-test", str(target))  # stacked on top
+            run("umount", str(target))
+            assert poller.poll(5000)
+            assert watch.changed() == frozenset(), "the same mounts as before"
+            run("umount", str(target))
+            assert watch.changed() == {str(target)}
+        finally:
+            watch.close()

@@ -172,3 +172,53 @@ def test_filesystem_that_drops_the_value_is_reported(tree: Path) -> None:
         f"{binary}: the file system did not keep security.capability (read back nothing) "
         "(hint: use a file system with xattr support (ext4, xfs, btrfs, tmpfs))"
     )
+
+
+def _replace_before_open(binary: Path, times: int) -> tuple[mock.Mock, list[int]]:
+    """A wrapper of os.open that renames a new build over ``binary`` just before the
+    first ``times`` opens of its name: the race between the walk's stat and its open,
+    injected because the kernel will not lose it on demand. Returns the wrapper and
+    the list of inodes renamed in."""
+    real_open = os.open
+    renamed: list[int] = []
+
+    def racing_open(path: str, flags: int, *args: object, **kw: object) -> int:
+        if path == binary.name and kw.get("dir_fd") is not None and len(renamed) < times:
+            fresh = make_binary(binary.with_name(f".new{len(renamed)}"))
+            renamed.append(os.stat(fresh).st_ino)
+            os.rename(fresh, binary)
+        return real_open(path, flags, *args, **kw)  # type: ignore[arg-type]
+
+    return mock.Mock(side_effect=racing_open), renamed
+
+
+def test_file_replaced_while_opening_is_walked_again(tree: Path) -> None:
+    """A deploy renaming a new build in between the walk and the open: the new build is
+    walked again and restored, not reported as an error."""
+    binary = make_binary(tree / "app")
+    racing, renamed = _replace_before_open(binary, times=1)
+    with mock.patch("os.open", racing):
+        outcome = reconcile(_entry(binary), write=True)
+    assert outcome.status is Status.RESTORED
+    assert len(renamed) == 1
+    assert os.stat(binary).st_ino == renamed[0]
+    assert getcap(binary) == "cap_net_bind_service=ep"
+
+
+def test_file_replaced_on_every_open_is_a_transient_failure(tree: Path) -> None:
+    """A file replaced at every attempt is reported as 'replaced while opening' at warning
+    level (a race: the next event or retry looks again), not as EAGAIN's strerror."""
+    binary = make_binary(tree / "app")
+    racing, renamed = _replace_before_open(binary, times=100)
+    with mock.patch("os.open", racing):
+        outcome = reconcile(_entry(binary), write=True)
+    assert outcome.status is Status.FAILED
+    assert outcome.reason == (
+        f"{binary}: replaced while opening: it changed between the walk and the open; the "
+        "next event or retry looks again"
+    )
+    assert len(renamed) == 3
+    assert getcap(binary) == ""
+    with structlog.testing.capture_logs() as logs:
+        log_outcome(structlog.get_logger(), outcome)
+    assert [(e["event"], e["log_level"]) for e in logs] == [("restore_failed", "warning")]

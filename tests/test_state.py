@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -170,8 +171,41 @@ def test_paths_are_normalised_and_control_characters_refused(tmp_path: Path) -> 
     )
     assert _problems(main) == [
         "state.toml: entry 2 (/x): path: already declared in state.toml: entry 1",
-        "state.toml: entry 3 (/a\\nb): path: must not contain control characters",
+        "state.toml: entry 3 (/a\\nb): path: must not contain control or format characters",
     ]
+
+
+@pytest.mark.parametrize(
+    ("path", "escaped"),
+    [
+        ("/a\nb", "/a\\nb"),
+        ("/a\u202eb", "/a\\u202eb"),
+        ("/a\u2028b", "/a\\u2028b"),
+        ("/a\u200bb", "/a\\u200bb"),
+        ("/a\x7fb", "/a\\x7fb"),
+    ],
+)
+def test_path_with_what_printable_escapes_is_refused(
+    tmp_path: Path, path: str, escaped: str
+) -> None:
+    """The state refuses exactly the paths errors.printable would have to escape."""
+    # JSON's \\uXXXX escapes are valid in a TOML basic string.
+    main = _write(
+        tmp_path / "state.toml", f'[[binary]]\npath = {json.dumps(path)}\ncaps = "cap_chown=p"\n'
+    )
+    assert _problems(main) == [
+        f"state.toml: entry 1 ({escaped}): path: must not contain control or format characters"
+    ]
+
+
+def test_printable_non_ascii_paths_are_accepted(tmp_path: Path) -> None:
+    """Letters with accents, CJK and the no-break space are printable: such paths load."""
+    paths = ["/opt/café/bin", "/opt/ü/漢字", "/opt/a\u00a0b"]
+    main = _write(
+        tmp_path / "state.toml",
+        "".join(f'[[binary]]\npath = "{p}"\ncaps = "cap_chown=p"\n' for p in paths),
+    )
+    assert [e.path for e in load_state(main, last_cap=40).entries] == paths
 
 
 def test_owner_out_of_range_or_with_nul(tmp_path: Path) -> None:
@@ -196,3 +230,153 @@ def test_allow_interpreter_is_read(tmp_path: Path) -> None:
     )
     (entry,) = load_state(main, last_cap=40).entries
     assert entry.allow_interpreter
+
+
+def test_problems_are_printed_escaped(tmp_path: Path) -> None:
+    """A key with a newline cannot forge a line in the problem list."""
+    main = _write(
+        tmp_path / "state.toml",
+        '[[binary]]\npath = "/x"\ncaps = "cap_chown=p"\n"evil\\nfake" = 1\n"\\u202e" = 2\n',
+    )
+    with pytest.raises(StateError) as info:
+        load_state(main, last_cap=40)
+    assert info.value.message.split("\n") == [
+        "2 problems in the state:",
+        "  state.toml: entry 1 (/x): evil\\nfake: unknown key",
+        "  state.toml: entry 1 (/x): \\u202e: unknown key",
+    ]
+
+
+# -- the state files get the binaries' trust walk ----------------------------------------
+
+OTHER = 4242  # a uid that is not root (no passwd entry needed)
+
+
+def test_ancestor_owned_by_another_user_is_refused(tmp_path: Path) -> None:
+    """A directory above the state that another user owns could swap the state in."""
+    owned = tmp_path / "owned"
+    main = _write(owned / "etc" / "state.toml", '[[binary]]\npath = "/x"\ncaps = "cap_chown=p"\n')
+    os.chown(owned, OTHER, OTHER)
+    assert _problems(main) == [
+        f"directory {owned} is owned by uid {OTHER}, not by root: whoever can edit the state "
+        f"can grant capabilities (chown root {owned})"
+    ]
+
+
+def test_writable_ancestor_is_refused_but_root_sticky_one_is_not(tmp_path: Path) -> None:
+    """A group-writable ancestor is refused; a root-owned sticky one (like /tmp) is not."""
+    loose = tmp_path / "loose"
+    main = _write(loose / "etc" / "state.toml", '[[binary]]\npath = "/x"\ncaps = "cap_chown=p"\n')
+    os.chmod(loose, 0o775)
+    assert _problems(main) == [
+        f"directory {loose} is writable by group (mode 0775): whoever can edit the state can "
+        f"grant capabilities (chmod go-w {loose})"
+    ]
+    os.chmod(loose, 0o1777)
+    assert [e.path for e in load_state(main, last_cap=40).entries] == ["/x"]
+
+
+def test_symlink_owned_by_another_user_is_refused(tmp_path: Path) -> None:
+    """A symlink on the way to the state must be root's; a root-owned one is followed."""
+    _write(tmp_path / "real" / "state.toml", '[[binary]]\npath = "/x"\ncaps = "cap_chown=p"\n')
+    _write(
+        tmp_path / "real" / "state.d" / "10-y.toml",
+        '[[binary]]\npath = "/y"\ncaps = "cap_kill=p"\n',
+    )
+    link = tmp_path / "current"
+    link.symlink_to("real")
+    state = load_state(link / "state.toml", last_cap=40)
+    assert [e.path for e in state.entries] == ["/x", "/y"]
+    assert state.files == (link / "state.toml", link / "state.d" / "10-y.toml")
+    os.lchown(link, OTHER, OTHER)
+    assert _problems(link / "state.toml") == [
+        f"symlink {link} -> real is owned by uid {OTHER}, not by root: whoever can edit the "
+        f"state can grant capabilities (make it root's: chown -h root {link})"
+    ]
+
+
+def test_hard_linked_state_in_sticky_directory_is_refused(tmp_path: Path) -> None:
+    """In a sticky world-writable directory a hard link proves nothing about who put it there."""
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    os.chmod(sticky, 0o1777)
+    real = _write(tmp_path / "real.toml", '[[binary]]\npath = "/x"\ncaps = "cap_chown=p"\n')
+    os.link(real, sticky / "state.toml")
+    assert _problems(sticky / "state.toml") == [
+        f"{sticky}/state.toml has 2 hard links and sits in world-writable {sticky}, where "
+        "anyone could have linked it: whoever can edit the state can grant capabilities "
+        "(keep the state in a directory only root can write)"
+    ]
+
+
+def test_dropins_that_are_not_regular_files_are_reported(tmp_path: Path) -> None:
+    """A directory, FIFO or dangling symlink named *.toml in state.d is a problem, not skipped."""
+    main = _write(tmp_path / "state.toml", "")
+    dropin = tmp_path / "state.d"
+    (dropin / "a.toml").mkdir(parents=True)
+    os.mkfifo(dropin / "b.toml")
+    (dropin / "c.toml").symlink_to("gone.toml")
+    (dropin / "d.toml").symlink_to("b.toml")
+    (dropin / ".#e.toml").symlink_to("root@host.123")  # an editor's lock: hidden, skipped
+    assert _problems(main) == [
+        "state.d/a.toml: is a directory, not a regular file: not read (remove it, or rename "
+        "it without .toml)",
+        "state.d/b.toml: is a FIFO, not a regular file: not read (remove it, or rename it "
+        "without .toml)",
+        "state.d/c.toml: dangling symlink to gone.toml: not read (remove it, or restore its "
+        "target)",
+        "state.d/d.toml: is a symlink to a FIFO (b.toml), not a regular file: not read "
+        "(remove it, or rename it without .toml)",
+    ]
+
+
+def test_symlinked_dropin_is_walked_like_the_main_file(tmp_path: Path) -> None:
+    """A drop-in symlinked from elsewhere is read when its own route and file pass."""
+    main = _write(tmp_path / "state.toml", "")
+    shared = _write(
+        tmp_path / "shared" / "web.toml", '[[binary]]\npath = "/w"\ncaps = "cap_kill=p"\n'
+    )
+    (tmp_path / "state.d").mkdir()
+    (tmp_path / "state.d" / "web.toml").symlink_to(shared)
+    assert [e.path for e in load_state(main, last_cap=40).entries] == ["/w"]
+    os.chown(tmp_path / "shared", OTHER, OTHER)
+    assert _problems(main) == [
+        f"directory {tmp_path / 'shared'} is owned by uid {OTHER}, not by root: whoever can "
+        f"edit the state can grant capabilities (chown root {tmp_path / 'shared'})"
+    ]
+
+
+def test_state_d_that_is_not_a_directory(tmp_path: Path) -> None:
+    """A state.d that is a file is reported instead of silently reading no drop-in."""
+    main = _write(tmp_path / "state.toml", "")
+    _write(tmp_path / "state.d", "")
+    assert _problems(main) == [
+        "state.d: not a directory: no drop-in is read (remove it, or make it a directory)"
+    ]
+
+
+def test_main_state_that_is_a_directory(tmp_path: Path) -> None:
+    """A directory given as the state is reported as not a regular file."""
+    assert _problems(tmp_path) == [
+        f"{tmp_path}: not a regular file (create it, or point --state / CAPKEEPER_STATE at "
+        "another file)"
+    ]
+
+
+def test_relative_state_path_is_walked_from_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--state state.toml works and names its files as given relative to the working dir."""
+    _write(tmp_path / "state.toml", '[[binary]]\npath = "/x"\ncaps = "cap_chown=p"\n')
+    monkeypatch.chdir(tmp_path)
+    state = load_state(Path("state.toml"), last_cap=40)
+    assert [e.path for e in state.entries] == ["/x"]
+    assert state.files == (tmp_path / "state.toml",)
+
+
+def test_dropin_names_are_escaped(tmp_path: Path) -> None:
+    """A drop-in whose name holds a newline cannot forge a line in the problem list."""
+    main = _write(tmp_path / "state.toml", "")
+    _write(tmp_path / "state.d" / "a\nfake: ok.toml", "[[binary]\n")
+    (problem,) = _problems(main)
+    assert problem.startswith("state.d/a\\nfake: ok.toml: invalid TOML: ")

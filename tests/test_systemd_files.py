@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 
 from capkeeper.cli import ExitStatus, main
+from capkeeper.errors import CapkeeperError
 from capkeeper.events import EVENTS
-from capkeeper.systemd import catalog_text, unit_word, writable_directory
+from capkeeper.state import load_state
+from capkeeper.systemd import catalog_text, dropin_text, unit_word, writable_directory
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -97,3 +99,57 @@ def test_dropin_warns_about_paths_the_service_cannot_see(
         "capkeeper: warning: /home/app/bin/x is hidden from the service "
         "(PrivateTmp=/ProtectHome= in capkeeper.service); keep managed binaries elsewhere\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("binary", "directory"),
+    [
+        ("/tool", "/"),
+        ("/usr/tool", "/usr"),
+        ("/etc/tool", "/etc"),
+        ("/opt/tool", "/opt"),
+        ("/usr/local/tool", "/usr/local"),
+        ("/usr/lib/tool", "/usr/lib"),
+        ("/var/lib/tool", "/var/lib"),
+    ],
+)
+@pytest.mark.parametrize("mode", [[], ["--check"], ["--output", "-"]])
+def test_dropin_never_opens_a_system_directory(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    binary: str,
+    directory: str,
+    mode: list[str],
+) -> None:
+    """A binary directly in / or a system hierarchy is refused by name; nothing is written."""
+    state = tmp_path / "state.toml"
+    state.write_text(
+        '[[binary]]\npath = "/opt/app/bin/ok"\ncaps = "cap_chown=p"\n'
+        f'[[binary]]\npath = "{binary}"\ncaps = "cap_chown=p"\n'
+    )
+    target = tmp_path / "dropin" / "50-capkeeper-paths.conf"
+    output = mode if mode == ["--output", "-"] else ["--output", str(target), *mode]
+    argv = ["--log-format", "console", "systemd-dropin", "--state", str(state), *output]
+    out = io.StringIO()
+    assert main(argv, out=out) == ExitStatus.FAILED
+    assert out.getvalue() == ""
+    assert not target.parent.exists()
+    assert capsys.readouterr().err == (
+        f"capkeeper: error: state.toml: entry 2 ({binary}): refusing to write "
+        f"ReadWritePaths=-{directory}: it would let the service set capabilities on "
+        f"everything below {directory} (hint: move the binary, or the release symlink on its "
+        "path, into a directory of its own such as /opt/NAME/bin/ and declare it there)\n"
+    )
+
+
+def test_release_symlink_in_a_system_directory_is_refused(tmp_path: Path) -> None:
+    """A release symlink directly in /srv would open /srv: dropin_text refuses it too."""
+    links = {"/srv/current": "/srv/releases/v1"}
+    assert (
+        writable_directory("/srv/current/bin/app", islink=links.__contains__, realpath=lambda p: p)
+        == "/srv"
+    )
+    state = tmp_path / "state.toml"
+    state.write_text('[[binary]]\npath = "/tool"\ncaps = "cap_chown=p"\n')
+    with pytest.raises(CapkeeperError, match=r"refusing to write ReadWritePaths=-/: "):
+        dropin_text(load_state(state, last_cap=40))

@@ -146,6 +146,12 @@ def runtime_files() -> dict[str, Path]:
 
 def install_capkeeper(sandbox: SystemdSandbox) -> None:
     """Make ``/usr/lib/capkeeper`` a venv holding capkeeper, then run packaging/install.sh."""
+    make_capkeeper_venv(sandbox)
+    sandbox.run("sh", str(REPO / "packaging" / "install.sh"), "--venv", VENV)
+
+
+def make_capkeeper_venv(sandbox: SystemdSandbox) -> None:
+    """Make ``/usr/lib/capkeeper`` a venv holding this checkout's capkeeper (no network)."""
     sandbox.run("python3", "-m", "venv", "--without-pip", "--clear", VENV)
     purelib = sandbox.run(
         f"{VENV}/bin/python", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"
@@ -165,7 +171,6 @@ def install_capkeeper(sandbox: SystemdSandbox) -> None:
     # Readable by the unprivileged service user whatever this process's umask is.
     sandbox.run("chmod", "-R", "u=rwX,go=rX", VENV)
     sandbox.run(f"{VENV}/bin/python", "-m", "compileall", "-q", "-j", "0", purelib)
-    sandbox.run("sh", str(REPO / "packaging" / "install.sh"), "--venv", VENV)
 
 
 @dataclass

@@ -7,10 +7,11 @@ import os
 from pathlib import Path
 
 from capkeeper.capabilities import format_text, parse
-from capkeeper.files import XATTR_NAME
+from capkeeper.files import XATTR_NAME, Hop, Kind, Observation
 from capkeeper.reconcile import Status, reconcile
 from capkeeper.state import Entry
-from tests.conftest import make_binary
+from capkeeper.trust import assess
+from tests.conftest import getcap, make_binary, setcap
 
 NOBODY = 65534
 
@@ -197,17 +198,33 @@ def test_pinned_content_changed_by_mmap_loses_its_capabilities(tree: Path) -> No
     assert XATTR_NAME not in os.listxattr(binary)
 
 
-def test_loosened_directory_revokes_existing_capabilities(tree: Path) -> None:
-    """Capabilities granted before a directory became group-writable are taken away."""
+def test_loosened_file_revokes_existing_capabilities(tree: Path) -> None:
+    """Capabilities granted before the file became group-writable are taken away."""
+    binary = make_binary(tree / "app")
+    assert reconcile(_entry(binary), write=True).status is Status.RESTORED
+    os.chmod(binary, 0o775)
+    assert _refused(_entry(binary)) == (
+        f"{binary} is writable by group (mode 0775) (hint: chmod go-w {binary})"
+        "; its capabilities (cap_net_bind_service=ep) were removed"
+    )
+
+
+def test_loosened_directory_changes_nothing(tree: Path) -> None:
+    """Once a directory on the route is group-writable, the file there may be anybody's:
+    it is refused and left as it is (the group could have moved any capable binary in)."""
     directory = tree / "bin"
     directory.mkdir(mode=0o755)
     binary = make_binary(directory / "app")
     assert reconcile(_entry(binary), write=True).status is Status.RESTORED
     os.chmod(directory, 0o775)
-    assert _refused(_entry(binary)) == (
+    outcome = reconcile(_entry(binary), write=True)
+    assert outcome.status is Status.REFUSED
+    assert outcome.reason == (
         f"directory {directory} is writable by group (mode 0775) (hint: chmod go-w {directory})"
-        "; its capabilities (cap_net_bind_service=ep) were removed"
+        f"; nothing was changed on {binary} (it keeps cap_net_bind_service=ep): the route to "
+        "it is not trusted"
     )
+    assert getcap(binary) == "cap_net_bind_service=ep"
 
 
 def test_path_through_proc_is_refused(tree: Path) -> None:
@@ -230,13 +247,75 @@ def test_hard_linked_file_in_sticky_directory_is_refused(tree: Path) -> None:
     )
 
 
+def test_hard_link_in_sticky_directory_does_not_strip_the_linked_binary(tree: Path) -> None:
+    """With fs.protected_hardlinks=0 anyone could link any capable binary to a declared
+    name in a sticky directory: refused, and the linked binary keeps its capabilities."""
+    sticky = tree / "sticky"
+    sticky.mkdir()
+    os.chmod(sticky, 0o1777)
+    ping = make_binary(tree / "ping")
+    setcap("cap_net_raw=ep", ping)
+    os.link(ping, sticky / "app")  # as root: protected_hardlinks=1 stops users here
+    outcome = reconcile(_entry(sticky / "app"), write=True)
+    assert outcome.status is Status.REFUSED
+    assert outcome.reason.endswith(
+        f"; nothing was changed on {sticky / 'app'} (it keeps cap_net_raw=ep): the route to "
+        "it is not trusted"
+    )
+    assert getcap(ping) == "cap_net_raw=ep"
+
+
 def test_interpreter_is_refused_unless_allowed(tree: Path) -> None:
     """Capabilities on an interpreter go to every script it runs: refused by default."""
     python = make_binary(tree / "python3.11")
     assert _refused(_entry(python)) == (
-        f"{python} is an interpreter: every script it runs would get these capabilities "
+        f"{python} runs other code: its name looks like an interpreter; every script it runs "
+        "would get these capabilities "
         "(hint: give the one service that needs them AmbientCapabilities= in its unit, or "
         "declare allow_interpreter = true if you really mean it)"
     )
     allowed = _entry(python, allow_interpreter=True)
     assert reconcile(allowed, write=True).status is Status.RESTORED
+
+
+def test_each_refusal_knows_whether_it_is_about_the_route() -> None:
+    """Route rules (who controls the way there) and file rules (what is there) are told
+    apart by the refusal itself: only a file refusal lets reconcile fail closed."""
+    hops = (
+        Hop("/", 0, 0o40755),
+        Hop("/home", 0, 0o40777),  # writable by others, not sticky
+        Hop("/home/u", NOBODY, 0o40755),  # owned by a user
+        Hop("/home/u/link", NOBODY, 0o120777, is_symlink=True, target="/proc/1/root/x"),
+        Hop("/proc", 0, 0o40555),
+    )
+    observation = Observation(
+        path="/home/u/link",
+        resolved="/proc/1/root/x",
+        hops=hops,
+        uid=NOBODY,
+        gid=0,
+        mode=0o106777,  # setuid, setgid, world-writable
+        dev=1,
+        ino=2,
+        kind=Kind.SCRIPT,
+        interpreter="/bin/sh",
+        caps=None,
+        caps_problem=None,
+        sha256="1" * 64,
+    )
+    caps = parse("cap_net_raw=eip", last_cap=40)
+    entry = Entry("/home/u/link", caps, "cap_net_raw=eip", sha256="0" * 64)
+    refusals = assess(entry, observation, last_cap=12)
+    assert {r.rule: r.about_route for r in refusals} == {
+        "directory-writable": True,
+        "directory-owner": True,
+        "symlink": True,
+        "pseudo-fs": True,
+        "elf": False,
+        "setuid": False,
+        "owner": False,
+        "file-writable": False,
+        "sha256": False,
+        "kernel": False,
+        "inheritable": False,
+    }

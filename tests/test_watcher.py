@@ -6,6 +6,7 @@ import errno
 import os
 import select
 import struct
+import time
 from pathlib import Path
 
 import pyinotify
@@ -27,7 +28,7 @@ from capkeeper.watcher import (
 
 def _kernel_watches(watcher: Watcher) -> int:
     """inotify watches the kernel holds on the watcher's descriptor."""
-    info = Path(f"/proc/self/fdinfo/{watcher.fileno()}").read_text()
+    info = "".join(Path(f"/proc/self/fdinfo/{fd}").read_text() for fd in watcher.inotify_fds())
     return sum(1 for line in info.splitlines() if line.startswith("inotify wd:"))
 
 
@@ -331,3 +332,83 @@ def test_watcher_survives_non_utf8_names(tmp_path: Path) -> None:
         name = os.fsdecode(b"caf\xe9")
         events = _read_until(watcher, name)
     assert WatchEvent(str(tmp_path), name, Change.CREATE) in events
+
+
+def _queued(fd: int) -> int:
+    """Watches the kernel holds on one inotify descriptor."""
+    info = Path(f"/proc/self/fdinfo/{fd}").read_text()
+    return sum(1 for line in info.splitlines() if line.startswith("inotify wd:"))
+
+
+def test_directories_others_can_write_get_their_own_instance(tmp_path: Path) -> None:
+    """A root-owned 0755 directory goes on the trusted instance; a sticky 1777 one, a
+    group-writable one and one owned by another user on the exposed one."""
+    trusted, sticky, group, owned = (tmp_path / n for n in ("trusted", "sticky", "group", "owned"))
+    for directory in (trusted, sticky, group, owned):
+        directory.mkdir()
+    os.chmod(trusted, 0o755)
+    os.chmod(sticky, 0o1777)
+    os.chmod(group, 0o775)
+    os.chmod(owned, 0o755)
+    os.chown(owned, 4242, 4242)
+    with Watcher() as watcher:
+        assert watcher.sync(map(str, (trusted, sticky, group, owned))) == []
+        assert watcher.exposed_directories == {str(sticky), str(group), str(owned)}
+        main, exposed = watcher.inotify_fds()
+        assert (_queued(main), _queued(exposed)) == ((1, 3) if os.geteuid() == 0 else (0, 0))
+
+
+def test_overflow_of_the_exposed_instance_is_told_apart(tmp_path: Path) -> None:
+    """Flooding a world-writable directory overflows only the exposed instance's queue;
+    events of the trusted directory in the same read are intact."""
+    flooded, calm = tmp_path / "flooded", tmp_path / "calm"
+    flooded.mkdir()
+    calm.mkdir()
+    os.chmod(flooded, 0o1777)
+    limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+    with Watcher() as watcher:
+        watcher.sync([str(flooded), str(calm)])
+        for index in range(limit // 2 + 10):  # IN_CREATE + IN_CLOSE_WRITE each
+            (flooded / f"f{index}").write_bytes(b"")
+        (calm / "tool").write_bytes(b"x")
+        events = watcher.read()
+    overflows = [e for e in events if e.is_overflow]
+    assert len(overflows) == 1
+    assert overflows[0].exposed
+    assert [e.cause for e in events if e.name == "tool"] == [
+        "IN_CREATE",
+        "IN_MODIFY",
+        "IN_CLOSE_WRITE",
+    ]
+    assert not any(e.exposed for e in events if e.name == "tool")
+
+
+def test_read_filters_names_nobody_asked_about(tmp_path: Path) -> None:
+    """Events on other names are dropped before decoding; the directory's own are kept."""
+    (tmp_path / "bin").mkdir()
+    with Watcher() as watcher:
+        watcher.sync([str(tmp_path / "bin")])
+        for name in ("noise1", "tool", "noise2"):
+            (tmp_path / "bin" / name).write_bytes(b"")
+        os.chmod(tmp_path / "bin", 0o700)
+        time.sleep(0.05)
+        events = watcher.read(lambda directory, name: name == "tool")
+    assert {e.name for e in events} == {"tool", ""}
+
+
+def test_revalidate_drops_watches_on_directories_replaced_unseen(tmp_path: Path) -> None:
+    """A watch whose path now reaches another inode, or whose mode changed, is dropped;
+    an unchanged one is kept."""
+    for name in ("same", "replaced", "loosened"):
+        (tmp_path / name).mkdir(mode=0o755)
+    with Watcher() as watcher:
+        watcher.sync([str(tmp_path / n) for n in ("same", "replaced", "loosened")])
+        os.rename(tmp_path / "replaced", tmp_path / "old")
+        (tmp_path / "replaced").mkdir()
+        os.chmod(tmp_path / "loosened", 0o1777)
+        stale = watcher.revalidate()
+        assert sorted(stale) == [str(tmp_path / "loosened"), str(tmp_path / "replaced")]
+        assert watcher.directories == {str(tmp_path / "same")}
+        assert watcher.sync([str(tmp_path / n) for n in ("same", "replaced", "loosened")]) == []
+        assert watcher.exposed_directories == {str(tmp_path / "loosened")}
+        assert watcher.revalidate() == []

@@ -1,0 +1,467 @@
+"""Just enough of an ELF file to tell what kind of program it is.
+
+Reads the ELF header, the program headers (``PT_INTERP``, ``PT_DYNAMIC``,
+``PT_LOAD``), the dynamic section (``DT_NEEDED``, ``DT_SONAME``) and looks up a
+few exported dynamic symbols through the file's own hash table
+(``DT_GNU_HASH``, else ``DT_HASH``), the way the dynamic loader finds them.
+Section headers are never read: they are optional at run time (``sstrip``
+removes them) and say nothing the loader uses.
+
+Parsing is pure: :func:`parse` takes a ``read(offset, size)`` callable, so it
+runs the same on built bytes (:func:`inspect_bytes`) and on an open descriptor
+(:func:`inspect_fd`, ``os.pread``). Every read goes through a budget of 4 KiB
+blocks (at most 1 MiB per file), every count and loop is capped, and anything malformed raises the
+one domain error :class:`ElfError`, which the ``inspect_*`` helpers turn into
+``None``: "not recognised".
+
+Spec: the System V ABI, "Object Files" and "Program Loading and Dynamic
+Linking" (https://refspecs.linuxfoundation.org/elf/gabi4+/contents.html); the
+GNU hash table as documented in
+https://sourceware.org/legacy-ml/binutils/2006-10/msg00377.html.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import itertools
+import os
+import struct
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from typing import NamedTuple
+
+__all__ = [
+    "EIClass",
+    "EIData",
+    "ElfError",
+    "ElfFacts",
+    "ElfType",
+    "inspect_bytes",
+    "inspect_fd",
+    "parse",
+]
+
+Read = Callable[[int, int], bytes]
+"""``read(offset, size)``: up to ``size`` bytes at ``offset`` (fewer at end of file)."""
+
+MAX_READ_BYTES = 1 << 20  # a whole inspection never reads more than this, in 4 KiB blocks
+MAX_OFFSET = 1 << 47  # no file is this large; os.pread would overflow at 2**63
+MAX_PROGRAM_HEADERS = 256  # real programs have ~15; PN_XNUM (0xffff) is refused
+MAX_DYNAMIC_ENTRIES = 1024  # real programs have ~40
+MAX_NEEDED = 128
+MAX_NAME = 255  # longer library names and interpreter paths are not recognised
+MAX_CHAIN = 4096  # hash chain entries visited by all lookups of one file together
+MAX_BUCKETS = 1 << 20
+MAX_BLOOM_WORDS = 1 << 16
+_BLOCK = 4096
+
+
+class ElfError(Exception):
+    """The bytes are not an ELF file this module can read; the message shows the value."""
+
+
+class EIClass(enum.IntEnum):
+    C32 = 1
+    C64 = 2
+
+
+class EIData(enum.IntEnum):
+    LSB = 1
+    MSB = 2
+
+
+class ElfType(enum.IntEnum):
+    REL = 1
+    EXEC = 2
+    DYN = 3
+    CORE = 4
+
+
+class _PT(enum.IntEnum):
+    LOAD = 1
+    DYNAMIC = 2
+    INTERP = 3
+
+
+class _DT(enum.IntEnum):
+    NULL = 0
+    NEEDED = 1
+    HASH = 4
+    STRTAB = 5
+    SYMTAB = 6
+    STRSZ = 10
+    SYMENT = 11
+    SONAME = 14
+    GNU_HASH = 0x6FFFFEF5
+
+
+@dataclass(frozen=True)
+class ElfFacts:
+    """What an ELF file says about itself."""
+
+    elf_class: EIClass
+    data: EIData
+    type: int  # an ElfType value, or whatever else the file says
+    machine: int
+    interp: str | None  # PT_INTERP path; None: no PT_INTERP
+    dynamic: bool  # has PT_DYNAMIC
+    needed: tuple[str, ...] = ()
+    soname: str | None = None
+    exports: frozenset[str] = frozenset()  # the looked-up names it defines
+
+    @property
+    def is_shared_object(self) -> bool:
+        return self.type == ElfType.DYN
+
+
+class _Budget:
+    """Reads through ``read`` in 4 KiB blocks (each read once), counting every byte."""
+
+    def __init__(self, read: Read) -> None:
+        self._read = read
+        self._blocks: dict[int, bytes] = {}
+        self.bytes = 0
+
+    def _block(self, index: int) -> bytes:
+        block = self._blocks.get(index)
+        if block is None:
+            self.bytes += _BLOCK
+            if self.bytes > MAX_READ_BYTES:
+                raise ElfError(f"read budget of {MAX_READ_BYTES} bytes exceeded")
+            if index * _BLOCK >= MAX_OFFSET:
+                raise ElfError(f"offset {index * _BLOCK:#x} beyond any file")
+            block = self._read(index * _BLOCK, _BLOCK)
+            self._blocks[index] = block
+        return block
+
+    def get(self, offset: int, size: int) -> bytes:
+        """Exactly ``size`` bytes at ``offset``, or :class:`ElfError`."""
+        if offset < 0 or size < 0 or size > MAX_READ_BYTES:
+            raise ElfError(f"read of {size} bytes at offset {offset} out of range")
+        if size == 0:
+            return b""
+        first, start = divmod(offset, _BLOCK)
+        if start + size <= _BLOCK:  # within one block: the common case
+            part = (self._blocks.get(first) or self._block(first))[start : start + size]
+            if len(part) < size:
+                raise ElfError(f"{size} bytes at offset {offset} run past the end of the file")
+            return part
+        parts = []
+        last = (offset + size - 1) // _BLOCK
+        for index in range(first, last + 1):
+            block = self._block(index)
+            start = offset - index * _BLOCK if index == first else 0
+            end = offset + size - index * _BLOCK if index == last else _BLOCK
+            part = block[start:end]
+            parts.append(part)
+            if len(part) < end - start:
+                raise ElfError(f"{size} bytes at offset {offset} run past the end of the file")
+        return b"".join(parts)
+
+    def string(self, offset: int) -> bytes:
+        """The NUL-terminated string at ``offset`` (at most :data:`MAX_NAME` bytes)."""
+        if offset < 0:
+            raise ElfError(f"string offset {offset} out of range")
+        found = b""
+        while len(found) <= MAX_NAME:
+            index, start = divmod(offset + len(found), _BLOCK)
+            chunk = self._block(index)[start:]
+            if not chunk:
+                raise ElfError(f"string at offset {offset} runs past the end of the file")
+            end = chunk.find(b"\0")
+            if end >= 0:
+                found += chunk[:end]
+                break
+            found += chunk
+        if len(found) > MAX_NAME:
+            raise ElfError(f"string at offset {offset} is longer than {MAX_NAME} bytes")
+        return found
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """The struct formats of one ELF class and byte order."""
+
+    order: str
+    c64: bool
+
+    def unpack(self, fmt: str, data: bytes, offset: int = 0) -> tuple[int, ...]:
+        return struct.unpack_from(self.order + fmt, data, offset)
+
+    @property
+    def word(self) -> str:  # Elf_Addr / Elf_Off / Elf_Xword / d_tag
+        return "Q" if self.c64 else "I"
+
+
+def _text(data: bytes) -> str:
+    # Names are bytes to the kernel and the loader; undecodable ones keep their bytes.
+    return data.decode("utf-8", "surrogateescape")
+
+
+def gnu_hash(name: bytes) -> int:
+    """The GNU symbol hash (Bernstein's, modulo 2**32)."""
+    h = 5381
+    for byte in name:
+        h = (h * 33 + byte) & 0xFFFFFFFF
+    return h
+
+
+def sysv_hash(name: bytes) -> int:
+    """The System V ABI's ``elf_hash``."""
+    h = 0
+    for byte in name:
+        h = ((h << 4) + byte) & 0xFFFFFFFF
+        g = h & 0xF0000000
+        if g:
+            h ^= g >> 24
+        h &= ~g & 0xFFFFFFFF
+    return h
+
+
+class _Key(NamedTuple):
+    name: str
+    key: bytes
+    gnu: int
+    sysv: int
+
+
+@functools.lru_cache(maxsize=16)
+def _keys(names: tuple[str, ...]) -> tuple[_Key, ...]:
+    """``names`` with their encodings and both hashes, computed once per set of names."""
+    encoded = [name.encode() for name in names]
+    return tuple(_Key(n, k, gnu_hash(k), sysv_hash(k)) for n, k in zip(names, encoded, strict=True))
+
+
+class _Dynamic:
+    """The dynamic section of one file and lookups through it."""
+
+    def __init__(
+        self,
+        src: _Budget,
+        lay: _Layout,
+        loads: list[tuple[int, int, int]],
+        tags: list[tuple[int, int]],
+    ) -> None:
+        self.src = src
+        self.lay = lay
+        self.loads = loads  # (vaddr, filesz, offset) of each PT_LOAD
+        self.tags = tags
+        self._first = dict(reversed(tags))  # the first entry of each tag wins
+        self._steps = 0
+
+    def _step(self, kind: str) -> None:
+        self._steps += 1
+        if self._steps > MAX_CHAIN:
+            raise ElfError(f"{kind} hash chains longer than {MAX_CHAIN} entries in all")
+
+    def first(self, tag: _DT) -> int | None:
+        return self._first.get(tag)
+
+    def offset(self, vaddr: int, what: str) -> int:
+        """The file offset of virtual address ``vaddr`` (through the PT_LOAD segments)."""
+        for start, size, offset in self.loads:
+            if start <= vaddr < start + size:
+                return offset + vaddr - start
+        raise ElfError(f"{what} address {vaddr:#x} is in no loaded segment")
+
+    def string(self, strtab: int, index: int) -> str:
+        strsz = self.first(_DT.STRSZ)
+        if strsz is not None and index >= strsz:
+            raise ElfError(f"string index {index} beyond DT_STRSZ {strsz}")
+        return _text(self.src.string(strtab + index))
+
+    def defines(self, names: Collection[str]) -> frozenset[str]:
+        """Which of ``names`` the file's dynamic symbol table defines."""
+        strtab_addr, symtab_addr = self.first(_DT.STRTAB), self.first(_DT.SYMTAB)
+        if not names or strtab_addr is None or symtab_addr is None:
+            return frozenset()
+        strtab = self.offset(strtab_addr, "DT_STRTAB")
+        symtab = self.offset(symtab_addr, "DT_SYMTAB")
+        syment = 24 if self.lay.c64 else 16
+        if self.first(_DT.SYMENT) not in (None, syment):
+            raise ElfError(f"DT_SYMENT {self.first(_DT.SYMENT)} is not {syment}")
+        keys = _keys(tuple(names))
+        gnu, sysv = self.first(_DT.GNU_HASH), self.first(_DT.HASH)
+        if gnu is not None:
+            candidates = self._gnu_candidates(self.offset(gnu, "DT_GNU_HASH"), keys)
+        elif sysv is not None:
+            candidates = self._sysv_candidates(self.offset(sysv, "DT_HASH"), keys)
+        else:
+            return frozenset()
+        found: set[str] = set()
+        for name, key, index in candidates:
+            if name in found:
+                continue
+            entry = self.src.get(symtab + index * syment, syment)
+            if self.lay.c64:
+                st_name, _, _, shndx = self.lay.unpack("IBBH", entry)
+            else:
+                st_name, _, _, _, _, shndx = self.lay.unpack("IIIBBH", entry)
+            # SHN_UNDEF (0): an import, not a definition.
+            if shndx != 0 and self.src.string(strtab + st_name) == key:
+                found.add(name)
+        return frozenset(found)
+
+    def _array(self, offset: int, count: int, size: int) -> tuple[int, ...]:
+        """``count`` unsigned integers of ``size`` bytes at ``offset``."""
+        code = "Q" if size == 8 else "I"
+        return self.lay.unpack(f"{count}{code}", self.src.get(offset, count * size))
+
+    def _gnu_candidates(self, table: int, keys: tuple[_Key, ...]) -> list[tuple[str, bytes, int]]:
+        """``(name, key, symbol index)`` of every symbol the GNU hash table offers for ``keys``."""
+        nbuckets, symoffset, bloom_size, shift = self.lay.unpack("4I", self.src.get(table, 16))
+        if not 0 < nbuckets <= MAX_BUCKETS or not 0 < bloom_size <= MAX_BLOOM_WORDS:
+            raise ElfError(f"GNU hash table of {nbuckets} buckets, {bloom_size} bloom words")
+        bits = 64 if self.lay.c64 else 32
+        bloom = self._array(table + 16, bloom_size, bits // 8)
+        buckets_at = table + 16 + bloom_size * bits // 8
+        chain_at = buckets_at + nbuckets * 4
+        # The Bloom filter answers "certainly absent" for most names without the buckets.
+        passing = [
+            k
+            for k in keys
+            if bloom[(k.gnu // bits) % bloom_size] >> (k.gnu % bits) & 1
+            and bloom[(k.gnu // bits) % bloom_size] >> ((k.gnu >> shift) % bits) & 1
+        ]
+        found: list[tuple[str, bytes, int]] = []
+        if not passing:
+            return found
+        buckets = self._array(buckets_at, nbuckets, 4)
+        for k in passing:
+            index = buckets[k.gnu % nbuckets]
+            if index < symoffset:
+                continue
+            while True:
+                self._step("GNU")
+                (value,) = self.lay.unpack("I", self.src.get(chain_at + (index - symoffset) * 4, 4))
+                if value | 1 == k.gnu | 1:
+                    found.append((k.name, k.key, index))
+                if value & 1:
+                    break
+                index += 1
+        return found
+
+    def _sysv_candidates(self, table: int, keys: tuple[_Key, ...]) -> list[tuple[str, bytes, int]]:
+        """``(name, key, symbol index)`` of every symbol the SysV hash table offers for ``keys``."""
+        nbucket, nchain = self.lay.unpack("2I", self.src.get(table, 8))
+        if not 0 < nbucket <= MAX_BUCKETS:
+            raise ElfError(f"hash table of {nbucket} buckets")
+        buckets = self._array(table + 8, nbucket, 4)
+        chain_at = table + 8 + nbucket * 4
+        found: list[tuple[str, bytes, int]] = []
+        for k in keys:
+            index = buckets[k.sysv % nbucket]
+            while True:
+                self._step("SysV")
+                if index == 0:  # STN_UNDEF ends the chain
+                    break
+                if index >= nchain:
+                    raise ElfError(f"hash chain index {index} beyond nchain {nchain}")
+                found.append((k.name, k.key, index))
+                (index,) = self.lay.unpack("I", self.src.get(chain_at + index * 4, 4))
+        return found
+
+
+def parse(read: Read, symbols: Collection[str] = ()) -> ElfFacts:
+    """The facts of the ELF file read by ``read``; ``symbols``: names to look up.
+
+    Raises :class:`ElfError` for anything that is not a well-formed ELF file
+    within the limits of this module.
+    """
+    src = _Budget(read)
+    ident = src.get(0, 16)
+    if ident[:4] != b"\x7fELF":
+        raise ElfError(f"bad magic {ident[:4]!r}")
+    try:
+        elf_class, data = EIClass(ident[4]), EIData(ident[5])
+    except ValueError:
+        raise ElfError(f"unknown class {ident[4]} or byte order {ident[5]}") from None
+    lay = _Layout("<" if data is EIData.LSB else ">", elf_class is EIClass.C64)
+    if lay.c64:
+        header = src.get(16, 48)
+        e_type, machine, _, _, phoff, _, _, _, phentsize, phnum = lay.unpack("HHIQQQIHHH", header)
+        phformat, phsize = "IIQQQQQQ", 56
+    else:
+        header = src.get(16, 36)
+        e_type, machine, _, _, phoff, _, _, _, phentsize, phnum = lay.unpack("HHIIIIIHHH", header)
+        phformat, phsize = "IIIIIIII", 32
+    if phnum > MAX_PROGRAM_HEADERS:
+        raise ElfError(f"{phnum} program headers (at most {MAX_PROGRAM_HEADERS} read)")
+    if phnum and phentsize != phsize:
+        raise ElfError(f"program header size {phentsize}, expected {phsize}")
+    table = src.get(phoff, phnum * phsize)
+    loads: list[tuple[int, int, int]] = []
+    interp: str | None = None
+    dynamic: tuple[int, int] | None = None
+    for fields in struct.iter_unpack(lay.order + phformat, table):
+        if lay.c64:
+            p_type, _, p_offset, p_vaddr, _, p_filesz, _, _ = fields
+        else:
+            p_type, p_offset, p_vaddr, _, p_filesz, _, _, _ = fields
+        if p_type == _PT.LOAD:
+            loads.append((p_vaddr, p_filesz, p_offset))
+        elif p_type == _PT.INTERP and interp is None:
+            raw = src.get(p_offset, min(p_filesz, MAX_NAME + 1))
+            interp = _text(raw.split(b"\0", 1)[0])
+        elif p_type == _PT.DYNAMIC and dynamic is None:
+            dynamic = (p_offset, p_filesz)
+    facts = ElfFacts(elf_class, data, e_type, machine, interp, dynamic is not None)
+    if dynamic is None:
+        return facts
+    entry_size = 16 if lay.c64 else 8
+    count = min(dynamic[1] // entry_size, MAX_DYNAMIC_ENTRIES)
+    raw = src.get(dynamic[0], count * entry_size)
+    tags: list[tuple[int, int]] = []
+    for tag, value in struct.iter_unpack(lay.order + lay.word * 2, raw):
+        if tag == _DT.NULL:
+            break
+        tags.append((tag, value))
+    dyn = _Dynamic(src, lay, loads, tags)
+    strtab_addr = dyn.first(_DT.STRTAB)
+    needed: list[str] = []
+    soname = None
+    if strtab_addr is not None:
+        strtab = dyn.offset(strtab_addr, "DT_STRTAB")
+        wanted = itertools.islice((v for t, v in tags if t == _DT.NEEDED), MAX_NEEDED)
+        needed = [dyn.string(strtab, v) for v in wanted]
+        so = dyn.first(_DT.SONAME)
+        soname = dyn.string(strtab, so) if so is not None else None
+    return ElfFacts(
+        elf_class,
+        data,
+        e_type,
+        machine,
+        interp,
+        True,
+        tuple(needed),
+        soname,
+        dyn.defines(symbols),
+    )
+
+
+def inspect_bytes(data: bytes, symbols: Collection[str] = ()) -> ElfFacts | None:
+    """:func:`parse` over ``data``; ``None`` when it is not a readable ELF file."""
+
+    def read(offset: int, size: int) -> bytes:
+        return data[offset : offset + size]
+
+    try:
+        return parse(read, symbols)
+    except ElfError:
+        return None
+
+
+def inspect_fd(fd: int, symbols: Collection[str] = ()) -> ElfFacts | None:
+    """:func:`parse` over an open file with ``os.pread``; ``None`` when not readable ELF.
+
+    An ``OSError`` of the reads propagates (it is about the file, not its content).
+    """
+
+    def read(offset: int, size: int) -> bytes:
+        return os.pread(fd, size, offset)
+
+    try:
+        return parse(read, symbols)
+    except ElfError:
+        return None

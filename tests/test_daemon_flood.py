@@ -1,0 +1,157 @@
+"""An event flood by an unprivileged user in a world-writable directory.
+
+Attacker: uid 4242 (no passwd entry; ``setpriv --reuid=4242 --regid=4242
+--clear-groups``), which can create names in a root-owned sticky 1777
+directory that also holds a declared root-owned binary. It creates, closes and
+unlinks files there as fast as it can, in two processes, so the daemon's queue
+for that directory overflows again and again (the daemon is also paused with
+SIGSTOP to make sure). 1,000 other declared binaries live in directories only
+root can write.
+
+What must not happen: an overflow rescan of the 1,000 trusted entries (each
+overflow may reconcile only the exposed binary); a deploy in a trusted
+directory left unrestored during the flood; the exposed binary left stripped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from capkeeper.capabilities import encode, parse
+from capkeeper.watcher import Watcher
+from tests.conftest import make_binary, require_root, require_tool
+from tests.test_daemon import XATTR, DaemonProcess, new_build, spawn, wait_caps, write_state
+
+__all__ = ["spawn"]  # the fixture, imported for pytest
+
+CAPS = "cap_net_bind_service=+ep"
+ATTACKER = 4242
+
+# Runs as the attacker with only a descriptor of the directory (the test's temp tree
+# above it is root-only): create, close, unlink, forever.
+FLOOD = """
+import os, sys
+where = int(sys.argv[1])
+i = 0
+while True:
+    name = f"flood{os.getpid()}-{i % 64}"
+    os.close(os.open(name, os.O_CREAT | os.O_WRONLY, 0o600, dir_fd=where))
+    os.unlink(name, dir_fd=where)
+    i += 1
+"""
+
+
+@pytest.fixture
+def flooders() -> Iterator[Callable[[Path], None]]:
+    """Start attacker processes flooding a directory; they are killed (by pid) at the end."""
+    require_root()
+    setpriv = require_tool("setpriv")
+    started: list[subprocess.Popen[bytes]] = []
+    fds: list[int] = []
+
+    def start(directory: Path) -> None:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fds.append(fd)
+        argv = [setpriv, f"--reuid={ATTACKER}", f"--regid={ATTACKER}", "--clear-groups"]
+        argv += ["/usr/bin/python3", "-c", FLOOD, str(fd)]
+        started.append(subprocess.Popen(argv, pass_fds=(fd,)))
+
+    yield start
+    for process in started:
+        process.kill()
+        process.wait(10)
+    for fd in fds:
+        os.close(fd)
+
+
+def _build(tree: Path) -> tuple[Path, list[Path]]:
+    """A root-owned sticky 1777 directory with one declared binary, and 1,000 declared
+    binaries in 50 root-owned 0755 directories, all carrying their capabilities."""
+    public = tree / "public"
+    public.mkdir()
+    public.chmod(0o1777)
+    exposed = make_binary(public / "tool")
+    trusted = []
+    for d in range(50):
+        directory = tree / f"srv{d:02d}" / "bin"
+        directory.mkdir(parents=True)
+        directory.parent.chmod(0o755)
+        trusted += [make_binary(directory / f"tool{b:02d}") for b in range(20)]
+    value = encode(parse(CAPS))
+    for binary in (exposed, *trusted):
+        os.setxattr(binary, XATTR, value)
+    return exposed, trusted
+
+
+def test_flood_in_a_world_writable_directory_rescans_only_what_it_exposes(
+    tree: Path, spawn: Callable[..., DaemonProcess], flooders: Callable[[Path], None]
+) -> None:
+    """Overflows caused by an unprivileged flood reconcile only the exposed binary; trusted
+    deploys and the exposed binary itself are still restored during the flood."""
+    exposed, trusted = _build(tree)
+    daemon = spawn(
+        write_state(tree.parent / "state.toml", dict.fromkeys([exposed, *trusted], CAPS))
+    )
+    daemon.wait_ready(timeout=60)
+    start = daemon.mark()
+    flooders(exposed.parent)
+    flooders(exposed.parent)
+
+    def overflow_rescan(event: dict[str, object]) -> bool:
+        return event.get("event") == "rescan" and event.get("cause") == "overflow"
+
+    limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+    with Watcher() as witness:
+        witness.sync([str(exposed.parent)])
+        seen = 0
+        for _ in range(6):  # until three overflows were handled
+            # A paused daemon reads nothing: once more events than its queue holds were
+            # raised in the directory (our own watch counts them), its queue overflowed.
+            since = daemon.mark()
+            witness.read()
+            daemon.send(signal.SIGSTOP)
+            try:
+                raised = 0
+                deadline = time.monotonic() + 60
+                while raised <= limit and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    raised += len(witness.read())
+            finally:
+                daemon.send(signal.SIGCONT)
+            assert raised > limit, "the flood is too slow to overflow a queue"
+            with contextlib.suppress(AssertionError):
+                daemon.wait_event(overflow_rescan, since, timeout=10)
+                seen += 1
+            if seen == 3:
+                break
+
+    # A deploy in a trusted directory during the flood is restored as usual.
+    target = trusted[123]
+    since = daemon.mark()
+    staged = target.with_name(".new")
+    new_build(staged, b"during-flood")
+    os.rename(staged, target)
+    wait_caps(target, CAPS, timeout=10)
+    assert daemon.restored(target, since)["cause"] == "IN_MOVED_TO"
+
+    # The exposed binary, stripped during the flood, gets its capabilities back.
+    os.removexattr(exposed, XATTR)
+    wait_caps(exposed, CAPS, timeout=30)
+
+    rescans = [e for e in daemon.events()[start:] if e.get("event") == "rescan"]
+    overflows = [e for e in rescans if overflow_rescan(e)]
+    assert len(overflows) >= 3
+    assert all(e["entries"] == 1 and e["scope"] == "exposed" for e in overflows), overflows
+    assert not [e for e in rescans if e["entries"] >= len(trusted)], "a full rescan ran"
+    warnings = [e for e in daemon.events()[start:] if e.get("event") == "queue_overflow"]
+    assert len(warnings) == 1, "the overflow warning is repeated at most once a minute"
+    assert warnings[0]["queue"] == "exposed"
+    assert str(exposed.parent) in warnings[0]["directories"]
