@@ -1,0 +1,174 @@
+"""Findings of the adversarial review of the issue-8 hardening (items 1, 2, 4, 5, 10).
+
+Each test reproduces one confirmed finding and FAILS on the code it was written
+against (wip/review at e2d8f89); it passes once the finding is fixed. Most severe
+first. The attacker is uid 4242 (no passwd entry) run through ``setpriv``;
+capkeeper runs as root, as ``apply`` in ``ExecStartPre=+`` does.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import getcap, make_binary, require_root, setcap
+from tests.test_attacks import (
+    ATTACKER,
+    as_attacker,
+    capkeeper,
+    make_dir,
+    state_text,
+    write_file,
+)
+from tests.test_daemon import REPO, DaemonProcess, wait_caps
+
+
+@pytest.fixture
+def arena() -> Iterator[Path]:
+    """A root-owned 0755 directory directly in /tmp that the attacker can reach."""
+    require_root()
+    base = Path(tempfile.mkdtemp(prefix="capkeeper-review-", dir="/tmp"))
+    try:
+        os.chmod(base, 0o755)
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
+    """Start ``capkeeper watch`` daemons as root; all are stopped at the end."""
+    started: list[DaemonProcess] = []
+
+    def start(state: Path, **options: Any) -> DaemonProcess:
+        workdir = tmp_path / f"d{len(started)}"
+        workdir.mkdir()
+        daemon = DaemonProcess(workdir, state, **options)
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.close()
+
+
+# -- finding 1: a declared non-root owner can strip any root-owned binary -----------------
+
+
+def test_declared_owner_cannot_strip_an_undeclared_root_binary(arena: Path) -> None:
+    """Attack: an entry declares ``owner = "4242"`` for a binary in a directory that uid
+    4242 owns (the route is trusted for the declared owner). uid 4242 replaces the
+    declared name with a symlink to an undeclared root-owned binary carrying
+    cap_net_raw=ep (a stand-in for ping); root runs ``capkeeper apply``.
+    Runs as: attacker uid 4242 (the declared owner: owns the directory, plants the
+    symlink); apply as root.
+    Never: the root-owned target losing its capabilities. The entry is refused
+    ("owned by uid 0, not by 4242", a file rule), and because the route counts as
+    trusted, reconcile fails closed and removes the capabilities of whatever the
+    owner pointed it at.
+    """
+    target = make_binary(make_dir(arena / "bin") / "ping")
+    setcap("cap_net_raw=ep", target)
+    owned = make_dir(arena / "opt", uid=ATTACKER)
+    declared = owned / "app"
+    state = write_file(
+        arena / "etc" / "state.toml",
+        state_text({declared: "cap_net_bind_service=ep"}).replace(
+            "\n\n", f'\nowner = "{ATTACKER}"\n\n'
+        ),
+    )
+    as_attacker("ln", "-s", str(target), str(declared))
+    result = capkeeper("apply", "--state", str(state))
+    assert result.returncode == 2, result.stderr
+    assert getcap(target) == "cap_net_raw=ep", result.stdout
+
+
+# -- finding 2: a state that fails the trust walk is still read and parsed ----------------
+
+DEEP_TOML = "x = " + "[" * 3000 + "]" * 3000 + "\n"  # nesting tomllib recurses on
+
+
+def test_reload_of_untrusted_deeply_nested_state_is_rejected_not_fatal(
+    arena: Path,
+    spawn: Callable[..., DaemonProcess],
+) -> None:
+    """Attack: the directory above the state's own directory is handed to the attacker
+    (the item-1 scenario). It swaps in its own directory holding a "state" whose
+    nesting makes tomllib recurse past Python's limit; root sends SIGHUP.
+    Runs as: attacker uid 4242 (owns the directory, renames); the daemon as root.
+    Never: the daemon dying. A state that fails the walk is an invalid state:
+    reload rejected, old state kept. Today the untrusted file is parsed anyway, the
+    RecursionError is not a CapkeeperError, and the daemon exits with an internal
+    error (enforcement stops; a restart hits the same file at start-up).
+    """
+    good = make_binary(make_dir(arena / "bin") / "good")
+    etc = make_dir(arena / "etc")
+    state = write_file(
+        make_dir(etc / "capkeeper") / "state.toml", state_text({good: "cap_net_raw=ep"})
+    )
+    daemon = spawn(state)
+    daemon.wait_ready()
+    wait_caps(good, "cap_net_raw=ep")
+    os.chown(etc, ATTACKER, ATTACKER)
+    evil = make_dir(etc / "evil", uid=ATTACKER)
+    write_file(evil / "state.toml", DEEP_TOML, uid=ATTACKER)
+    as_attacker("mv", str(etc / "capkeeper"), str(etc / "old"))
+    as_attacker("mv", str(evil), str(etc / "capkeeper"))
+    mark = daemon.mark()
+    daemon.send(signal.SIGHUP)
+    verdict = daemon.wait_event(
+        lambda e: e.get("event") in ("state_rejected", "state_loaded"), mark, 15.0
+    )
+    assert verdict["event"] == "state_rejected"
+    assert daemon.process.poll() is None
+
+
+def test_apply_with_deeply_nested_state_is_an_invalid_state() -> None:
+    """A state nested deeper than tomllib can recurse is an invalid state (exit 78, one
+    line), not ``internal error: RecursionError`` (exit 2). Root writes it here: the
+    same file reached through an attacker's directory is parsed too (previous test)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        state = Path(tmp) / "state.toml"
+        state.write_text(DEEP_TOML)
+        result = capkeeper("validate", "--state", str(state))
+    assert "internal error" not in result.stderr, result.stderr
+    assert result.returncode == 78, result.stderr
+
+
+def test_untrusted_huge_state_is_refused_without_reading_it(arena: Path) -> None:
+    """Attack: the state path runs through a directory the attacker owns (item 1); the
+    attacker makes the state a 4 GiB sparse file. root runs ``capkeeper apply`` with a
+    1 GiB address-space limit (a stand-in for a memory-limited unit).
+    Runs as: attacker uid 4242 (owns the directory, creates the file); apply as root.
+    Never: anything but "invalid state" (exit 78). The walk already knows the file is
+    untrusted, yet the loader reads all of it into memory (measured without a limit:
+    3 GiB took 88 s and 6.3 GB of RSS) and then dies with MemoryError (exit 2).
+    """
+    controlled = make_dir(arena / "att", uid=ATTACKER)
+    as_attacker("truncate", "-s", "4G", str(controlled / "state.toml"))
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+    result = subprocess.run(
+        [sys.executable, "-m", "capkeeper", "apply", "--state", str(controlled / "state.toml")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        preexec_fn=limit,
+    )
+    assert "MemoryError" not in result.stderr, result.stderr
+    assert result.returncode == 78, result.stderr
+    assert f"directory {controlled} is owned by uid {ATTACKER}" in result.stderr
