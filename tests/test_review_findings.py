@@ -172,3 +172,47 @@ def test_untrusted_huge_state_is_refused_without_reading_it(arena: Path) -> None
     assert "MemoryError" not in result.stderr, result.stderr
     assert result.returncode == 78, result.stderr
     assert f"directory {controlled} is owned by uid {ATTACKER}" in result.stderr
+
+
+# -- finding 3: an owner written with Unicode digits ----------------------------------------
+
+SUPERSCRIPT_OWNER = '[[binary]]\npath = "/x"\ncaps = "cap_chown=p"\nowner = "\u00b2"\n'
+
+
+def test_owner_in_superscript_digits_is_an_invalid_state(tmp_path: Path) -> None:
+    """``owner = "²"``: str.isdigit() is true for it, int() is not, and the ValueError
+    escapes the loader: ``internal error`` (exit 2) instead of a problem (exit 78)."""
+    state = tmp_path / "state.toml"
+    state.write_text(SUPERSCRIPT_OWNER)
+    result = capkeeper("validate", "--state", str(state))
+    assert "internal error" not in result.stderr, result.stderr
+    assert result.returncode == 78, result.stderr
+
+
+def test_owner_in_other_scripts_digits_is_not_a_uid(tmp_path: Path) -> None:
+    """``owner = "١٢"`` (Arabic-Indic digits) is silently taken as uid 12; a user name
+    or an ASCII number is what the state documents."""
+    state = tmp_path / "state.toml"
+    state.write_text('[[binary]]\npath = "/x"\ncaps = "cap_chown=p"\nowner = "\u0661\u0662"\n')
+    result = capkeeper("validate", "--state", str(state))
+    assert result.returncode == 78, result.stdout
+
+
+def test_reload_with_superscript_owner_is_rejected_not_fatal(
+    arena: Path, spawn: Callable[..., DaemonProcess]
+) -> None:
+    """SIGHUP after root saves a state with ``owner = "²"``: the reload must be rejected
+    and the old state kept; today the daemon exits with an internal error."""
+    good = make_binary(make_dir(arena / "bin") / "good")
+    state = write_file(arena / "etc" / "state.toml", state_text({good: "cap_net_raw=ep"}))
+    daemon = spawn(state)
+    daemon.wait_ready()
+    wait_caps(good, "cap_net_raw=ep")
+    write_file(state, SUPERSCRIPT_OWNER)
+    mark = daemon.mark()
+    daemon.send(signal.SIGHUP)
+    verdict = daemon.wait_event(
+        lambda e: e.get("event") in ("state_rejected", "state_loaded"), mark, 15.0
+    )
+    assert verdict["event"] == "state_rejected"
+    assert daemon.process.poll() is None
