@@ -426,6 +426,37 @@ def test_apply_through_attacker_directory_leaves_the_target_alone(arena: Path) -
     assert getcap(target) == "cap_net_raw=ep"
 
 
+def test_declared_owner_cannot_strip_an_undeclared_root_binary(arena: Path) -> None:
+    """Attack: an entry declares ``owner = "4242"`` for a binary in a directory that uid
+    4242 owns (a route the declared owner may own). uid 4242 makes the declared name a
+    symlink to an undeclared root-owned binary carrying cap_net_raw=ep; root runs
+    ``capkeeper apply``.
+    Runs as: attacker uid 4242 (the declared owner: owns the directory, plants the
+    symlink); apply as root.
+    Never: the target's capabilities removed. The entry is refused by a file rule (the
+    target is owned by uid 0, not 4242); before the fix the route counted as trusted
+    and reconcile failed closed on whatever file the owner pointed it at.
+    """
+    target = _capable_target(arena)
+    owned = make_dir(arena / "opt", uid=ATTACKER)
+    declared = owned / "app"
+    state = write_file(
+        arena / "etc" / "state.toml",
+        state_text({declared: "cap_net_bind_service=ep"}).replace(
+            "\n\n", f'\nowner = "{ATTACKER}"\n\n'
+        ),
+    )
+    as_attacker("ln", "-s", str(target), str(declared))
+    result = capkeeper("apply", "--state", str(state))
+    assert result.returncode == 2, result.stderr
+    assert f"{target} is owned by uid 0, not by {ATTACKER}" in result.stdout
+    assert (
+        f"nothing was changed on {target} (it keeps cap_net_raw=ep): directory {owned} on "
+        f"the route to it is owned by uid {ATTACKER}, not by root"
+    ) in result.stdout
+    assert getcap(target) == "cap_net_raw=ep", result.stdout
+
+
 def test_apply_through_proc_leaves_the_target_alone(arena: Path) -> None:
     """Attack: a declared path is a root-owned symlink into /proc/self/root/… that reaches
     an undeclared binary carrying cap_net_raw=ep (/proc/<pid>/root is wherever that
@@ -451,14 +482,15 @@ def _stays(path: Path, text: str, seconds: float) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("route", ["attacker-directory", "proc"])
+@pytest.mark.parametrize("route", ["attacker-directory", "declared-owner", "proc"])
 def test_daemon_through_untrusted_route_leaves_the_target_alone(
     arena: Path, spawn: Callable[..., DaemonProcess], route: str
 ) -> None:
     """Attack: while the daemon watches a declared path, the attacker (who owns its
-    directory) creates the declared name as a symlink to an undeclared root-owned
-    binary carrying cap_net_raw=ep; or (route=proc) the declared path is a root-owned
-    symlink through /proc/self/root to that binary.
+    directory, and with route=declared-owner is the entry's declared ``owner``) creates
+    the declared name as a symlink to an undeclared root-owned binary carrying
+    cap_net_raw=ep; or (route=proc) the declared path is a root-owned symlink through
+    /proc/self/root to that binary.
     Runs as: attacker uid 4242 plants the symlink; the daemon runs as root.
     Never: the target's capabilities removed by the daemon; it reports restore_refused.
     """
@@ -468,7 +500,10 @@ def test_daemon_through_untrusted_route_leaves_the_target_alone(
         declared.symlink_to(f"/proc/self/root{target}")
     else:
         declared = make_dir(arena / "opt", uid=ATTACKER) / "app"
-    state = write_file(arena / "etc" / "state.toml", state_text({declared: "cap_net_admin=ep"}))
+    text = state_text({declared: "cap_net_admin=ep"})
+    if route == "declared-owner":
+        text = text.replace("\n\n", f'\nowner = "{ATTACKER}"\n\n')
+    state = write_file(arena / "etc" / "state.toml", text)
     daemon = spawn(state)
     daemon.wait_ready()
     mark = daemon.mark()

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import getcap, make_binary, require_root, setcap
+from tests.conftest import make_binary, require_root
 from tests.test_attacks import (
     ATTACKER,
     as_attacker,
@@ -61,37 +61,6 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
     yield start
     for daemon in started:
         daemon.close()
-
-
-# -- finding 1: a declared non-root owner can strip any root-owned binary -----------------
-
-
-def test_declared_owner_cannot_strip_an_undeclared_root_binary(arena: Path) -> None:
-    """Attack: an entry declares ``owner = "4242"`` for a binary in a directory that uid
-    4242 owns (the route is trusted for the declared owner). uid 4242 replaces the
-    declared name with a symlink to an undeclared root-owned binary carrying
-    cap_net_raw=ep (a stand-in for ping); root runs ``capkeeper apply``.
-    Runs as: attacker uid 4242 (the declared owner: owns the directory, plants the
-    symlink); apply as root.
-    Never: the root-owned target losing its capabilities. The entry is refused
-    ("owned by uid 0, not by 4242", a file rule), and because the route counts as
-    trusted, reconcile fails closed and removes the capabilities of whatever the
-    owner pointed it at.
-    """
-    target = make_binary(make_dir(arena / "bin") / "ping")
-    setcap("cap_net_raw=ep", target)
-    owned = make_dir(arena / "opt", uid=ATTACKER)
-    declared = owned / "app"
-    state = write_file(
-        arena / "etc" / "state.toml",
-        state_text({declared: "cap_net_bind_service=ep"}).replace(
-            "\n\n", f'\nowner = "{ATTACKER}"\n\n'
-        ),
-    )
-    as_attacker("ln", "-s", str(target), str(declared))
-    result = capkeeper("apply", "--state", str(state))
-    assert result.returncode == 2, result.stderr
-    assert getcap(target) == "cap_net_raw=ep", result.stdout
 
 
 # -- finding 2: a state that fails the trust walk is still read and parsed ----------------
