@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import signal
 import struct
@@ -394,6 +395,76 @@ def test_reload_through_attacker_directory_is_always_rejected(
     setcap("-r", good)
     wait_caps(good, "cap_net_raw=ep")  # the state from before is still enforced
     assert getcap(victim) == ""
+
+
+DEEP_TOML = "x = " + "[" * 3000 + "]" * 3000 + "\n"  # nesting tomllib recurses on
+
+
+def test_reload_of_untrusted_deeply_nested_state_is_rejected_not_fatal(
+    arena: Path,
+    spawn: Callable[..., DaemonProcess],
+) -> None:
+    """Attack: the directory above the state's own directory is handed to the attacker,
+    who swaps in its own directory holding a "state" nested so deeply that tomllib
+    recurses past Python's limit; root sends SIGHUP.
+    Runs as: attacker uid 4242 (owns the directory, renames); the daemon as root.
+    Never: the daemon dying. A state that fails the walk is not even read: reload
+    rejected, old state kept. Before the fix the untrusted file was parsed anyway and
+    the RecursionError ended the daemon with an internal error.
+    """
+    good = make_binary(make_dir(arena / "bin") / "good")
+    etc = make_dir(arena / "etc")
+    state = write_file(
+        make_dir(etc / "capkeeper") / "state.toml", state_text({good: "cap_net_raw=ep"})
+    )
+    daemon = spawn(state)
+    daemon.wait_ready()
+    wait_caps(good, "cap_net_raw=ep")
+    os.chown(etc, ATTACKER, ATTACKER)
+    evil = make_dir(etc / "evil", uid=ATTACKER)
+    write_file(evil / "state.toml", DEEP_TOML, uid=ATTACKER)
+    as_attacker("mv", str(etc / "capkeeper"), str(etc / "old"))
+    as_attacker("mv", str(evil), str(etc / "capkeeper"))
+    mark = daemon.mark()
+    daemon.send(signal.SIGHUP)
+    verdict = daemon.wait_event(
+        lambda e: e.get("event") in ("state_rejected", "state_loaded"), mark, 15.0
+    )
+    assert verdict["event"] == "state_rejected"
+    assert f"directory {etc} is owned by uid {ATTACKER}" in verdict["error"]
+    assert "nested too deeply" not in verdict["error"]  # not read, so not parsed
+    assert daemon.process.poll() is None
+    setcap("-r", good)
+    wait_caps(good, "cap_net_raw=ep")  # the old state is still enforced
+
+
+def test_untrusted_huge_state_is_refused_without_reading_it(arena: Path) -> None:
+    """Attack: the state path runs through a directory the attacker owns, and the
+    attacker makes the state a 4 GiB sparse file; root runs ``capkeeper apply`` with a
+    1 GiB address-space limit (a stand-in for a memory-limited unit).
+    Runs as: attacker uid 4242 (owns the directory, creates the file); apply as root.
+    Never: anything but "invalid state" (exit 78) naming the attacker's directory.
+    Before the fix the loader read all of the untrusted file (3 GiB took 88 s and
+    6.3 GB of RSS without a limit) and, limited, died with MemoryError (exit 2).
+    """
+    controlled = make_dir(arena / "att", uid=ATTACKER)
+    as_attacker("truncate", "-s", "4G", str(controlled / "state.toml"))
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+    result = subprocess.run(
+        [sys.executable, "-m", "capkeeper", "apply", "--state", str(controlled / "state.toml")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        preexec_fn=limit,
+    )
+    assert "MemoryError" not in result.stderr, result.stderr
+    assert result.returncode == 78, result.stderr
+    assert f"directory {controlled} is owned by uid {ATTACKER}" in result.stderr
 
 
 # -- item 2: refused entries must not strip through untrusted routes ------------------------

@@ -151,6 +151,29 @@ def test_missing_state_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     )
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "x = " + "[" * 3000 + "]" * 3000 + "\n",
+        '[[binary]]\npath = "/x"\ncaps = "cap_chown=p"\nowner = "\u00b2"\n',
+        '[[binary]]\npath = "/x"\ncaps = "cap_chown=p"\nowner = "\u0661\u0662"\n',
+    ],
+    ids=["nested-3000-deep", "owner-superscript-2", "owner-arabic-12"],
+)
+def test_state_the_parser_chokes_on_is_an_invalid_state(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str
+) -> None:
+    """A state nested deeper than tomllib can recurse, or an owner in non-ASCII digits, is
+    an invalid state (exit 78, listed as a problem); before, the first two were an
+    ``internal error`` (RecursionError, ValueError; exit 2) and the third was uid 12."""
+    state = tmp_path / "state.toml"
+    state.write_text(text)
+    code, _, err = run(["validate", "--state", str(state)], capsys)
+    assert "internal error" not in err, err
+    assert code == ExitStatus.CONFIG, err
+    assert err.startswith("capkeeper: 1 problem in the state:\n  state.toml: "), err
+
+
 def test_state_from_environment(
     state: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

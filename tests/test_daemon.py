@@ -456,6 +456,30 @@ def test_reload_invalid_state_is_rejected_and_old_state_kept(
     wait_caps(binary, "cap_net_raw=+ep")
 
 
+def test_reload_with_superscript_owner_is_rejected_not_fatal(
+    tree: Path, spawn: Callable[..., DaemonProcess]
+) -> None:
+    """SIGHUP after root saves a state with ``owner = "²"`` (str.isdigit() accepts it,
+    int() does not): the reload is rejected and the old state kept; before, the
+    ValueError ended the daemon with an internal error."""
+    binary = make_binary(tree / "app")
+    state = write_state(tree.parent / "state.toml", {binary: "cap_net_raw=+ep"})
+    daemon = spawn(state)
+    daemon.wait_ready()
+    wait_caps(binary, "cap_net_raw=+ep")
+    state.write_text('[[binary]]\npath = "/x"\ncaps = "cap_chown=p"\nowner = "\u00b2"\n')
+    mark = daemon.mark()
+    daemon.send(signal.SIGHUP)
+    verdict = daemon.wait_event(
+        lambda e: e.get("event") in ("state_rejected", "state_loaded"), mark, 15.0
+    )
+    assert verdict["event"] == "state_rejected"
+    assert "owner: no such user '\u00b2'" in verdict["error"]
+    assert daemon.process.poll() is None
+    setcap("-r", binary)
+    wait_caps(binary, "cap_net_raw=+ep")
+
+
 # -- what inotify cannot see, overflow, failures -----------------------------------------
 
 
@@ -746,6 +770,27 @@ def test_unexpected_error_on_one_entry_spares_the_others(
     failed = [e for e in logs if e["event"] == "restore_failed"]
     assert len(failed) == 1
     assert "internal error" in failed[0]["reason"]
+
+
+def test_unforeseen_error_while_reloading_keeps_the_old_state(
+    tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any exception from loading the state on reload (one the loader does not turn into a
+    problem: injected here, as the OS gives none on demand) rejects the reload and keeps
+    the old state enforced; it never ends the daemon."""
+    binary = make_binary(tree / "app")
+    state = write_state(tree.parent / "state.toml", {binary: "cap_net_raw=+ep"})
+
+    def load_state(*_: Any, **__: Any) -> Any:
+        raise MemoryError("injected")
+
+    with capture_logs() as logs, in_process(state, logs) as daemon:
+        monkeypatch.setattr(daemon_module, "load_state", load_state)
+        daemon.request_reload()
+        rejected = _wait_logged(logs, "state_rejected")
+        setcap("-r", binary)
+        wait_caps(binary, "cap_net_raw=+ep")
+    assert rejected["problems"] == ["cannot load: MemoryError: injected"]
 
 
 def test_getcap_agrees_after_restore(tree: Path, spawn: Callable[..., DaemonProcess]) -> None:
