@@ -302,6 +302,7 @@ class _Reader:
                     self._dropin(dir_fd, declared, name)
         except FileAccessError as exc:
             if exc.errno == errno.ENOENT:
+                self._missing_dropins(declared)
                 return
             if exc.errno == errno.ENOTDIR:
                 self.problems.append(
@@ -312,6 +313,23 @@ class _Reader:
             self.problems.append(printable(f"state.d: {exc.message}"))
         except OSError as exc:
             self.problems.append(printable(f"state.d: cannot list: {exc.strerror}"))
+
+    def _missing_dropins(self, declared: str) -> None:
+        """No ``state.d``: silent, unless a symlink named so leads nowhere.
+
+        A dangling ``state.d`` (an unmounted file system, a removed release)
+        would silently drop every entry its drop-ins declared.
+        """
+        try:
+            target = os.readlink(declared)
+        except OSError:
+            return  # not there at all (EINVAL: something appeared that is no symlink)
+        self.problems.append(
+            printable(
+                f"state.d: dangling symlink to {target}: no drop-in is read (restore its "
+                "target, or remove the symlink)"
+            )
+        )
 
     def _dropin(self, dir_fd: int, directory: str, name: str) -> None:
         declared = posixpath.join(directory, name)

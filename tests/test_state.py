@@ -420,6 +420,20 @@ def test_state_d_that_is_not_a_directory(tmp_path: Path) -> None:
     ]
 
 
+def test_dangling_state_d_symlink_is_reported(tmp_path: Path) -> None:
+    """state.d as a symlink to a directory that is not there (an unmounted file system, a
+    removed release) is reported: read as "no drop-ins", every entry they declared would
+    silently stop being enforced at the next reload. No state.d at all stays silent."""
+    main = _write(tmp_path / "state.toml", '[[binary]]\npath = "/x"\ncaps = "cap_chown=p"\n')
+    assert [e.path for e in load_state(main, last_cap=40).entries] == ["/x"]
+    missing = tmp_path / "missing" / "state.d"
+    (tmp_path / "state.d").symlink_to(missing)
+    assert _problems(main) == [
+        f"state.d: dangling symlink to {missing}: no drop-in is read (restore its target, or "
+        "remove the symlink)"
+    ]
+
+
 def test_main_state_that_is_a_directory(tmp_path: Path) -> None:
     """A directory given as the state is reported as not a regular file."""
     assert _problems(tmp_path) == [
