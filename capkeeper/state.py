@@ -414,7 +414,16 @@ def load_state(
     descriptors, or the whole state is invalid.
     """
     limit = kernel_last_cap() if last_cap is None else last_cap
-    reader = _Reader(Path(os.path.abspath(main)))
+    try:
+        absolute = os.path.abspath(main)
+    except OSError as exc:  # getcwd(2) fails once the working directory is removed
+        raise StateError(
+            [
+                f"{printable(str(main))}: a relative state path is read from the working "
+                f"directory, which is gone ({exc.strerror}): give an absolute path"
+            ]
+        ) from None
+    reader = _Reader(Path(absolute))
     reader.main_file()
     reader.dropins()
     problems = list(dict.fromkeys(reader.problems))  # a shared ancestor is reported once
