@@ -79,6 +79,7 @@ HELP = "explain why declared capabilities would not take effect"
 DESCRIPTION = (
     "For each declared binary (or each PATH; with --unit and no PATH, the binaries "
     "the unit's ExecStart= runs) check that its capabilities can take effect: the "
+    "trust policy for a declared binary (what apply would refuse), the "
     "mount (nosuid, noexec, read-only, no xattr support), the file (script, "
     "interpreter, setuid), the declared set (inheritable, effective beyond a typical "
     "bounding set) and, with --unit, the unit (NoNewPrivileges=, "
