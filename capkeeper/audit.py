@@ -738,17 +738,18 @@ class StateIndex:
 
     by_path: Mapping[str, Entry]
     by_inode: Mapping[tuple[int, int], Entry]
-    observations: Mapping[str, Observation]  # entry.path -> what is there now
+    observations: Mapping[str, Observation]  # entry.path -> what is there now, by that route
 
 
-def index_state(state: State, observe_entry: Callable[[str], Observation] = observe) -> StateIndex:
-    """Observe every declared file once; entries whose file is missing are left out."""
+def index_state(state: State, observe_entry: Callable[..., Observation] = observe) -> StateIndex:
+    """Observe every declared file once (hashing pinned ones) through its declared path;
+    entries whose file is missing are left out."""
     by_path: dict[str, Entry] = {}
     by_inode: dict[tuple[int, int], Entry] = {}
     observations: dict[str, Observation] = {}
     for entry in state.entries:
         try:
-            observation = observe_entry(entry.path)
+            observation = observe_entry(entry.path, hash=entry.sha256 is not None)
         except CapkeeperError:
             continue
         observations[entry.path] = observation
@@ -798,7 +799,11 @@ def classify(
         )
         rating = rate(caps, problem, observation, refusals)
         return Finding(raw.path, display, caps, problem, Verdict.UNMANAGED, rating=rating)
-    decision = decide(entry, observation, last_cap=last_cap)
+    # The trust policy judges the route of the declared path, not the walk's: a declared
+    # path through another user's directory may lead to this file, and the entry is
+    # refused whatever route the walk took to it.
+    declared = index.observations.get(entry.path, observation)
+    decision = decide(entry, declared, last_cap=last_cap)
     if decision.status is Status.REFUSED:
         reasons = "; ".join(str(r) for r in decision.refusals)
         # A declared loader or interpreter that already carries capabilities is as
@@ -896,15 +901,16 @@ def audit(
             continue
         lost = observation.caps is None and observation.caps_problem is None
         if lost and _within(observation.resolved, result):
+            refusals = assess(entry, observation, last_cap=limit)
             findings.append(
                 Finding(
                     observation.resolved,
                     _display(observation.resolved, result.roots),
                     None,
                     None,
-                    Verdict.DRIFTED,
+                    Verdict.REFUSED if refusals else Verdict.DRIFTED,
                     entry,
-                    note="declared capabilities are missing",
+                    note="; ".join(str(r) for r in refusals) or "declared capabilities are missing",
                 )
             )
     return AuditReport(_ordered(findings), result)

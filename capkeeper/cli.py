@@ -162,8 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _settings(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {}
-    if getattr(args, "state", None):
-        overrides["state"] = args.state
+    state = getattr(args, "state", None)
+    if state == "":  # not "the default": an unset variable in a unit file expands to ""
+        raise UsageError("--state: empty path (name the state file)")
+    if state is not None:
+        overrides["state"] = state
     if getattr(args, "log_format", None):
         overrides["log_format"] = args.log_format
     if getattr(args, "log_level", None):
@@ -439,7 +442,9 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
         return int(ExitStatus.CONFIG)
     except ValidationError as exc:
         problems = "; ".join(
-            f"CAPKEEPER_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors()
+            f"CAPKEEPER_{'_'.join(map(str, e['loc'])).upper()}: "
+            + e["msg"].removeprefix("Value error, ")
+            for e in exc.errors()
         )
         stderr.write(f"capkeeper: error: invalid setting: {problems}\n")
         return int(ExitStatus.CONFIG)

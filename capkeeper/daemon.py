@@ -382,8 +382,16 @@ class Daemon:
         self._notify.reloading()
         try:
             state = load_state(self._settings.state)
-        except CapkeeperError as exc:
-            problems = exc.problems if isinstance(exc, StateError) else [str(exc)]
+        except Exception as exc:
+            # A reload only replaces a working state: anything that stops loading
+            # the new one (a problem, or a fault the loader did not foresee) keeps
+            # the old state enforced rather than ending the daemon.
+            if isinstance(exc, StateError):
+                problems = exc.problems
+            elif isinstance(exc, CapkeeperError):
+                problems = [str(exc)]
+            else:
+                problems = [f"cannot load: {exc.__class__.__name__}: {exc}"]
             self._rejected = (time.strftime("%H:%M:%S"), problems)
             self._log.error("state_rejected", error="; ".join(problems), problems=problems)
             self._book.rejected_reloads += 1

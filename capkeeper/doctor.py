@@ -3,6 +3,8 @@
 Many "lost capabilities" reports are capabilities that are present but cannot
 work. For each binary, :func:`diagnose` checks, in this order:
 
+* for a declared binary, the trust policy: every reason ``apply`` would refuse it
+  (the rules ``validate`` reports);
 * the mount: ``nosuid`` (the kernel ignores file capabilities there),
   ``noexec``, read-only (capkeeper cannot restore them), a file system without
   extended attributes;
@@ -24,6 +26,7 @@ are pure functions of observed facts (:class:`Facts`, :class:`UnitProperties`);
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
@@ -39,14 +42,14 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, TextIO
 
 from capkeeper.audit import load_state_or_empty
-from capkeeper.capabilities import CapSet, capability_name, capability_number
+from capkeeper.capabilities import CapSet, capability_name, capability_number, kernel_last_cap
 from capkeeper.errors import CapkeeperError, InvalidCapabilityText, printable
-from capkeeper.files import XATTR_NAME, Kind, Observation, observe
+from capkeeper.files import Kind, Observation, observe, observe_fd, open_declared
 from capkeeper.interpreters import runs_other_code
 from capkeeper.log import get_logger
-from capkeeper.mounts import MountInfo, mount_of
+from capkeeper.mounts import MountInfo, mount_of_fd
 from capkeeper.state import Entry, State, load_state
-from capkeeper.trust import FLOOD_HINT, exposed_directory, flood_warning
+from capkeeper.trust import FLOOD_HINT, Refusal, assess, exposed_directory, flood_warning
 
 if TYPE_CHECKING:
     from capkeeper.cli import ExitStatus
@@ -62,6 +65,7 @@ __all__ = [
     "check_declared",
     "check_file",
     "check_mount",
+    "check_trust",
     "check_unit",
     "cmd_doctor",
     "diagnose",
@@ -75,6 +79,7 @@ HELP = "explain why declared capabilities would not take effect"
 DESCRIPTION = (
     "For each declared binary (or each PATH; with --unit and no PATH, the binaries "
     "the unit's ExecStart= runs) check that its capabilities can take effect: the "
+    "trust policy for a declared binary (what apply would refuse), the "
     "mount (nosuid, noexec, read-only, no xattr support), the file (script, "
     "interpreter, setuid), the declared set (inheritable, effective beyond a typical "
     "bounding set) and, with --unit, the unit (NoNewPrivileges=, "
@@ -194,6 +199,18 @@ class Target:
     declared: bool = True
     named: bool = False  # given on the command line (not taken from the state or the unit)
     allow_interpreter: bool = False  # the entry accepts a program that runs other code
+    entry: Entry | None = None  # the declared entry, judged by the trust policy
+
+    @classmethod
+    def of(cls, entry: Entry, *, named: bool = False) -> Target:
+        """The target for a declared entry."""
+        return cls(
+            entry.path,
+            entry.caps,
+            named=named,
+            allow_interpreter=entry.allow_interpreter,
+            entry=entry,
+        )
 
 
 @dataclass(frozen=True)
@@ -203,7 +220,7 @@ class Facts:
     observation: Observation | None
     missing: str | None = None  # why it could not be observed
     mount: MountInfo | None = None
-    xattr_error: int = 0  # errno of getxattr, 0 when it answered (even "no attribute")
+    xattr_error: int = 0  # EOPNOTSUPP when the file system has no extended attributes
 
 
 @dataclass(frozen=True)
@@ -413,10 +430,13 @@ def check_file(
     return problems
 
 
-def check_exposure(path: str, observation: Observation) -> list[Problem]:
-    """A binary in a directory others can write to: anyone there can delay its restores."""
+def check_exposure(
+    path: str, observation: Observation, refusals: Sequence[Refusal] = ()
+) -> list[Problem]:
+    """A binary in a directory others can write to: anyone there can delay its restores
+    (said by a trust refusal already when such a directory refuses it)."""
     directory = exposed_directory(observation)
-    if directory is None:
+    if directory is None or any(r.rule.startswith("directory") for r in refusals):
         return []
     return [
         Problem(
@@ -427,6 +447,30 @@ def check_exposure(path: str, observation: Observation) -> list[Problem]:
             FLOOD_HINT,
             advisory=True,
         )
+    ]
+
+
+# Refusal rules whose reason check_file gives already, in its own words and severity.
+_EXPLAINED_BY_CHECK_FILE = {"interpreter": "interpreter", "setuid": "setuid", "elf": "script"}
+
+
+def check_trust(path: str, refusals: Sequence[Refusal], explained: Iterable[str]) -> list[Problem]:
+    """Every reason the trust policy refuses a declared binary: ``apply`` and the daemon
+    will not give it its capabilities (``validate`` lists the same reasons).
+
+    A reason one of the checks ``explained`` gives already is not repeated.
+    """
+    told = set(explained)
+    return [
+        Problem(
+            path,
+            f"trust-{refusal.rule}",
+            Severity.ERROR,
+            printable(f"capkeeper refuses it: {refusal.message}"),
+            printable(refusal.hint or "fix what the refusal names, then run 'capkeeper apply'"),
+        )
+        for refusal in refusals
+        if _EXPLAINED_BY_CHECK_FILE.get(refusal.rule) not in told
     ]
 
 
@@ -557,7 +601,13 @@ def check_unit(
     return problems
 
 
-def diagnose(target: Target, facts: Facts, unit: UnitProperties | None = None) -> list[Problem]:
+def diagnose(
+    target: Target,
+    facts: Facts,
+    unit: UnitProperties | None = None,
+    *,
+    last_cap: int | None = None,
+) -> list[Problem]:
     """Every problem standing between ``target``'s capabilities and a process using them."""
     path = target.path
     if facts.observation is None:
@@ -570,9 +620,15 @@ def diagnose(target: Target, facts: Facts, unit: UnitProperties | None = None) -
                 "install it, or remove its entry from the state",
             )
         ]
-    problems = check_mount(path, facts)
-    problems += check_file(path, facts.observation, allow_interpreter=target.allow_interpreter)
-    problems += check_exposure(path, facts.observation)
+    refusals: tuple[Refusal, ...] = ()
+    if target.entry is not None:
+        limit = kernel_last_cap() if last_cap is None else last_cap
+        refusals = assess(target.entry, facts.observation, last_cap=limit)
+    found = check_file(path, facts.observation, allow_interpreter=target.allow_interpreter)
+    problems = check_trust(path, refusals, (p.check for p in found))
+    problems += check_mount(path, facts)
+    problems += found
+    problems += check_exposure(path, facts.observation, refusals)
     if target.caps is None:
         problems.append(
             Problem(
@@ -593,21 +649,19 @@ def diagnose(target: Target, facts: Facts, unit: UnitProperties | None = None) -
 # -- the readers --------------------------------------------------------------------------
 
 
-def gather(path: str) -> Facts:
-    """Observe ``path`` and the mount it lives on."""
+def gather(path: str, hash: bool = False) -> Facts:
+    """Observe ``path`` and the mount it lives on, all through the one descriptor that the
+    safe walk opened (a path looked up again could lead elsewhere by then)."""
+    mount: MountInfo | None = None
     try:
-        observation = observe(path)
+        with open_declared(path) as (fd, hops, resolved):
+            observation = observe_fd(path, fd, hops, resolved, hash=hash)
+            with contextlib.suppress(OSError, LookupError, ValueError):
+                mount = mount_of_fd(fd, name=resolved)
     except CapkeeperError as exc:
         return Facts(None, missing=exc.message)
-    try:
-        mount: MountInfo | None = mount_of(observation.resolved)
-    except (OSError, LookupError, ValueError):
-        mount = None
-    xattr_error = 0
-    try:
-        os.getxattr(observation.resolved, XATTR_NAME, follow_symlinks=False)
-    except OSError as exc:
-        xattr_error = 0 if exc.errno == errno.ENODATA else exc.errno or 0
+    # observe_fd read security.capability through the descriptor (files.read_caps).
+    xattr_error = 0 if observation.xattr_supported else errno.EOPNOTSUPP
     return Facts(observation, mount=mount, xattr_error=xattr_error)
 
 
@@ -621,17 +675,13 @@ def targets(state: State, paths: Sequence[str]) -> list[Target]:
     A path that is not declared is checked with the capabilities it carries now.
     """
     if not paths:
-        return [
-            Target(e.path, e.caps, allow_interpreter=e.allow_interpreter) for e in state.entries
-        ]
+        return [Target.of(e) for e in state.entries]
     declared: Mapping[str, Entry] = state.by_path()
     found: list[Target] = []
     for path in dict.fromkeys(_normal(p) for p in paths):
         entry = declared.get(path)
         if entry is not None:
-            found.append(
-                Target(path, entry.caps, named=True, allow_interpreter=entry.allow_interpreter)
-            )
+            found.append(Target.of(entry, named=True))
             continue
         try:
             caps = observe(path).caps
@@ -657,12 +707,13 @@ def run_checks(
     chosen: Sequence[Target],
     unit: UnitProperties | None,
     *,
-    facts_of: Callable[[str], Facts] = gather,
+    facts_of: Callable[[str, bool], Facts] = gather,
 ) -> Diagnosis:
-    """Diagnose each target."""
+    """Diagnose each target (the content of a pinned one is hashed for the trust policy)."""
     diagnosis = Diagnosis()
     for target in chosen:
-        diagnosis.results.append((target, diagnose(target, facts_of(target.path), unit)))
+        pinned = target.entry is not None and target.entry.sha256 is not None
+        diagnosis.results.append((target, diagnose(target, facts_of(target.path, pinned), unit)))
     return diagnosis
 
 
@@ -742,14 +793,17 @@ def preflight(
         declared = state.by_path()
         run = [declared[p] for p in (unit.exec_paths if unit is not None else ()) if p in declared]
         entries = run or list(state.entries)
-        chosen = [Target(e.path, e.caps, allow_interpreter=e.allow_interpreter) for e in entries]
+        chosen = [Target.of(e) for e in entries]
     diagnosis = run_checks(chosen, unit)
     logger = get_logger()
     for failure in failures:
         out.write(printable(f"warning   cannot check unit {unit_name}: {failure}") + "\n")
         if log_events:
             logger.warning("unit_check_failed", unit=unit_name, reason=failure)
-    problems = [p for p in diagnosis.problems if p.check != "missing"]
+    # apply reports a missing or refused binary itself, on its own line.
+    problems = [
+        p for p in diagnosis.problems if p.check != "missing" and not p.check.startswith("trust-")
+    ]
     for problem in problems:
         out.write(
             printable(f"warning   {problem.path}  {problem.message} (fix: {problem.fix})") + "\n"

@@ -23,6 +23,7 @@ __all__ = [
     "is_local",
     "mount_id",
     "mount_of",
+    "mount_of_fd",
     "parse_mountinfo",
     "read_mounts",
     "unescape",
@@ -224,16 +225,25 @@ def mount_of(
     Raises :class:`OSError` when ``path`` cannot be opened, and :class:`LookupError`
     when its mount is not in the table (it was mounted or unmounted meanwhile).
     """
-    mounts = table if table is not None else read_mounts()
     flags = os.O_PATH | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
     fd = os.open(path, flags)
     try:
-        ident = mount_id(fd)
+        return mount_of_fd(fd, table=table, name=path)
     finally:
         os.close(fd)
+
+
+def mount_of_fd(fd: int, *, table: MountTable | None = None, name: str = "") -> MountInfo:
+    """The mount the file open on ``fd`` lives on (any open mode, ``O_PATH`` included).
+
+    Raises :class:`OSError` when its fdinfo cannot be read, and :class:`LookupError`
+    when its mount is not in the table (``name`` says which file in the message).
+    """
+    mounts = table if table is not None else read_mounts()
+    ident = mount_id(fd)
     found = mounts.by_id().get(ident)
     if found is None:
-        raise LookupError(f"{path}: mount id {ident} is not in the mount table")
+        raise LookupError(f"{name or f'fd {fd}'}: mount id {ident} is not in the mount table")
     return found
 
 

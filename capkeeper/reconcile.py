@@ -25,7 +25,7 @@ from capkeeper.files import (
     write_caps,
 )
 from capkeeper.state import Entry
-from capkeeper.trust import Refusal, assess
+from capkeeper.trust import Refusal, assess, removal_blocker
 
 
 class Status(StrEnum):
@@ -207,19 +207,21 @@ def _refuse(
     entry: Entry, fd: int, observation: Observation, decision: Decision, *, write: bool
 ) -> Outcome:
     reason = "; ".join(str(r) for r in decision.refusals)
-    if any(refusal.about_route for refusal in decision.refusals):
-        # Whoever controls an untrusted route chose the file it reaches: it may be
-        # any binary on the host, so nothing is changed on it.
-        if write and (observation.caps is not None or observation.caps_problem):
+    capable = observation.caps is not None or observation.caps_problem is not None
+    blocker = removal_blocker(observation, decision.refusals)
+    if blocker is not None:
+        # Whoever controls the route chose the file it reaches: it may be any
+        # binary on the host, so nothing is changed on it.
+        if write and capable:
             reason += (
                 f"; nothing was changed on {observation.resolved} (it keeps {decision.found}): "
-                "the route to it is not trusted"
+                f"{blocker}"
             )
-    elif write and (observation.caps is not None or observation.caps_problem):
+    elif write and capable:
         # Fail closed: capabilities left on a file we no longer trust (its mode
         # loosened, its pinned content changed through a shared mmap, which keeps
-        # them) would still be granted at every exec. The route is trusted, so this
-        # is the very file the declared path names.
+        # them) would still be granted at every exec. Only root chose the route,
+        # so this is the very file the declared path names.
         try:
             remove_caps(fd, path=entry.path)
             reason += f"; its capabilities ({decision.found}) were removed"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from capkeeper.log import LogFormat
@@ -38,3 +38,12 @@ class Settings(BaseSettings):
     log_level: str | None = None
     status_file: Path = Path("/run/capkeeper/status.json")
     metrics_file: Path | None = None
+
+    @field_validator("state", mode="before")
+    @classmethod
+    def _not_empty(cls, value: object) -> object:
+        # Path("") is ".", the working directory: an empty CAPKEEPER_STATE (an
+        # unset variable in a unit file) must not quietly name some other state.
+        if isinstance(value, str) and not value:
+            raise ValueError("must not be empty (name the state file, or unset it)")
+        return value

@@ -37,7 +37,11 @@ from capkeeper.files import REPLACED, Hop, open_declared
 from capkeeper.trust import route_refusals
 
 DEFAULT_STATE = Path("/etc/capkeeper/state.toml")
+MAX_STATE_BYTES = 16 << 20
+"""The most a state file may hold: far beyond any real state (a [[binary]] table is
+about 100 bytes), small enough that reading and parsing one stays cheap."""
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_UID = re.compile(r"[0-9]+")  # ASCII only: str.isdigit() also accepts "²" and "١٢"
 
 
 class _BinaryTable(BaseModel):
@@ -123,8 +127,11 @@ _MAX_UID = 2**32 - 2  # (uid_t)-1 means "unchanged" to chown(2)
 
 
 def _uid_of(owner: str) -> int:
-    """The uid of a user name or number; KeyError when there is no such user."""
-    if owner.isdigit():
+    """The uid of a user name or ASCII number; KeyError when there is no such user.
+
+    Anything but ASCII digits is a user name: ``"١٢"`` is looked up, not uid 12.
+    """
+    if _UID.fullmatch(owner):
         uid = int(owner)
         if uid > _MAX_UID:
             raise KeyError(owner)
@@ -176,9 +183,10 @@ class _Reader:
         """How problems and entry sources name ``path`` (a file name may hold anything)."""
         return printable(_display(Path(path), self.main))
 
-    def _route(self, hops: list[Hop], declared: str, resolved: str, st: os.stat_result) -> None:
+    def _route(self, hops: list[Hop], declared: str, resolved: str, st: os.stat_result) -> bool:
+        """Report every route rule the walk to ``declared`` breaks; True when none does."""
         euid = os.geteuid()
-        for refusal in route_refusals(
+        refusals = route_refusals(
             hops,
             declared=declared,
             resolved=resolved,
@@ -186,18 +194,23 @@ class _Reader:
             nlink=st.st_nlink,
             owners=(0, euid),
             owner="root" if euid == 0 else f"root or uid {euid}",
-        ):
+        )
+        for refusal in refusals:
             fix = _STATE_FIX.get(refusal.rule, "{}").format(refusal.component)
             self.problems.append(printable(f"{refusal.message}: {_WHY} ({fix})"))
+        return not refusals
 
-    def _own(self, shown: str, resolved: str, st: os.stat_result) -> None:
-        """The owner and mode rule for a state file or ``state.d`` itself."""
+    def _own(self, shown: str, resolved: str, st: os.stat_result) -> bool:
+        """The owner and mode rule for a state file or ``state.d`` itself; True when kept."""
+        trusted = True
         if st.st_uid not in (0, os.geteuid()):
+            trusted = False
             self.problems.append(
                 printable(f"{shown}: owned by uid {st.st_uid}: {_WHY} (chown root {resolved})")
             )
         if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
             # No sticky exception here: in a sticky state.d anyone could add a file.
+            trusted = False
             mode = stat.S_IMODE(st.st_mode)
             self.problems.append(
                 printable(
@@ -205,21 +218,47 @@ class _Reader:
                     f"(chmod go-w {resolved})"
                 )
             )
+        return trusted
 
-    def _read(self, fd: int, shown: str, declared: str) -> None:
+    def _read(self, fd: int, shown: str, declared: str, st: os.stat_result) -> None:
+        """Read a trusted state file from ``fd``: at most :data:`MAX_STATE_BYTES`."""
+        too_big = (
+            f"{shown}: larger than {MAX_STATE_BYTES >> 20} MiB, the most a state file may "
+            "hold: not read (split it into state.d/ drop-ins)"
+        )
+        if st.st_size > MAX_STATE_BYTES:
+            self.problems.append(printable(too_big))
+            return
         chunks: list[bytes] = []
+        size = 0
         try:
-            while chunk := os.read(fd, 1 << 16):
+            # The file may grow after fstat: never read more than the limit allows.
+            while size <= MAX_STATE_BYTES and (
+                chunk := os.read(fd, min(1 << 16, MAX_STATE_BYTES + 1 - size))
+            ):
                 chunks.append(chunk)
+                size += len(chunk)
         except OSError as exc:
             self.problems.append(printable(f"{shown}: cannot read: {exc.strerror}"))
             return
+        if size > MAX_STATE_BYTES:
+            self.problems.append(printable(too_big))
+            return
         self.documents.append((Path(declared), shown, b"".join(chunks)))
+
+    def _checked_read(
+        self, fd: int, hops: list[Hop], declared: str, resolved: str, st: os.stat_result
+    ) -> None:
+        """Judge the route and the owner of a state file, and read it only if both hold:
+        an untrusted file is never read (it could be any size or shape)."""
+        shown = self._shown(declared)
+        route = self._route(hops, declared, resolved, st)
+        if self._own(shown, resolved, st) and route:
+            self._read(fd, shown, declared, st)
 
     def main_file(self) -> None:
         """Read the main file; a missing or non-regular one is the only problem reported."""
         declared = str(self.main)
-        shown = self._shown(declared)
         try:
             with open_declared(declared) as (fd, hops, resolved):
                 st = os.fstat(fd)
@@ -230,9 +269,7 @@ class _Reader:
                             "--state / CAPKEEPER_STATE at another file)"
                         ]
                     )
-                self._route(hops, declared, resolved, st)
-                self._own(shown, resolved, st)
-                self._read(fd, shown, declared)
+                self._checked_read(fd, hops, declared, resolved, st)
         except FileAccessError as exc:
             if exc.errno == errno.ENOENT:
                 raise StateNotFound(
@@ -253,8 +290,9 @@ class _Reader:
         try:
             with open_declared(declared, directory=True) as (dir_fd, hops, resolved):
                 st = os.fstat(dir_fd)
-                self._route(hops, declared, resolved, st)
-                self._own("state.d", resolved, st)
+                route = self._route(hops, declared, resolved, st)
+                if not (self._own("state.d", resolved, st) and route):
+                    return  # no drop-in in an untrusted state.d is read
                 names = sorted(
                     name
                     for name in os.listdir(dir_fd)
@@ -264,6 +302,7 @@ class _Reader:
                     self._dropin(dir_fd, declared, name)
         except FileAccessError as exc:
             if exc.errno == errno.ENOENT:
+                self._missing_dropins(declared)
                 return
             if exc.errno == errno.ENOTDIR:
                 self.problems.append(
@@ -274,6 +313,23 @@ class _Reader:
             self.problems.append(printable(f"state.d: {exc.message}"))
         except OSError as exc:
             self.problems.append(printable(f"state.d: cannot list: {exc.strerror}"))
+
+    def _missing_dropins(self, declared: str) -> None:
+        """No ``state.d``: silent, unless a symlink named so leads nowhere.
+
+        A dangling ``state.d`` (an unmounted file system, a removed release)
+        would silently drop every entry its drop-ins declared.
+        """
+        try:
+            target = os.readlink(declared)
+        except OSError:
+            return  # not there at all (EINVAL: something appeared that is no symlink)
+        self.problems.append(
+            printable(
+                f"state.d: dangling symlink to {target}: no drop-in is read (restore its "
+                "target, or remove the symlink)"
+            )
+        )
 
     def _dropin(self, dir_fd: int, directory: str, name: str) -> None:
         declared = posixpath.join(directory, name)
@@ -300,8 +356,9 @@ class _Reader:
             if (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino):
                 self.problems.append(printable(f"{shown}: {REPLACED} (load the state again)"))
                 return
-            self._own(shown, declared, opened)
-            self._read(fd, shown, declared)
+            # Its route is state.d's, judged already (a problem there is reported).
+            if self._own(shown, declared, opened):
+                self._read(fd, shown, declared, opened)
         finally:
             os.close(fd)
 
@@ -318,9 +375,7 @@ class _Reader:
                         )
                     )
                     return
-                self._route(hops, declared, resolved, st)
-                self._own(shown, resolved, st)
-                self._read(fd, shown, declared)
+                self._checked_read(fd, hops, declared, resolved, st)
         except FileAccessError as exc:
             if exc.errno == errno.ENOENT:
                 self.problems.append(
@@ -359,7 +414,16 @@ def load_state(
     descriptors, or the whole state is invalid.
     """
     limit = kernel_last_cap() if last_cap is None else last_cap
-    reader = _Reader(Path(os.path.abspath(main)))
+    try:
+        absolute = os.path.abspath(main)
+    except OSError as exc:  # getcwd(2) fails once the working directory is removed
+        raise StateError(
+            [
+                f"{printable(str(main))}: a relative state path is read from the working "
+                f"directory, which is gone ({exc.strerror}): give an absolute path"
+            ]
+        ) from None
+    reader = _Reader(Path(absolute))
     reader.main_file()
     reader.dropins()
     problems = list(dict.fromkeys(reader.problems))  # a shared ancestor is reported once
@@ -368,11 +432,17 @@ def load_state(
     for _, shown, data in reader.documents:
         try:
             document = tomllib.loads(data.decode("utf-8"))
-        except tomllib.TOMLDecodeError as exc:
-            problems.append(f"{shown}: invalid TOML: {exc}")
-            continue
         except UnicodeDecodeError as exc:
             problems.append(f"{shown}: cannot read: {exc}")
+            continue
+        except ValueError as exc:  # tomllib.TOMLDecodeError, or a value it cannot convert
+            problems.append(f"{shown}: invalid TOML: {exc}")
+            continue
+        except RecursionError:
+            problems.append(f"{shown}: invalid TOML: nested too deeply to parse")
+            continue
+        except MemoryError:
+            problems.append(f"{shown}: invalid TOML: too large to parse in memory")
             continue
         unknown = sorted(set(document) - {"binary"})
         if unknown:
@@ -428,7 +498,7 @@ def _entry(
     if raw is not None:
         try:
             uid = uid_of(raw.owner)
-        except KeyError:
+        except (KeyError, ValueError):
             errors.append(f"{label}: owner: no such user {raw.owner!r}")
     if errors or caps is None or raw is None:
         return None, errors

@@ -60,6 +60,27 @@ class Refusal:
         return printable(text)
 
 
+def removal_blocker(observation: Observation, refusals: Sequence[Refusal]) -> str | None:
+    """Why the refused observed file may not lose its capabilities; None when it may.
+
+    Failing closed (removing the capabilities of a file capkeeper no longer
+    trusts) is only right for the file the declared path legitimately names.
+    That holds only when root alone chose the route: every directory and
+    symlink on it owned by root and no route rule refused. A declared owner
+    other than root who owns a hop decides what the path reaches (a symlink to
+    any capable binary on the host), so removal would let them strip it; and
+    against that owner removal protects nothing, since they can already move a
+    capable file of theirs out of the path's reach.
+    """
+    if any(refusal.about_route for refusal in refusals):
+        return "the route to it is not trusted"
+    for hop in observation.hops:
+        if hop.uid != 0:
+            kind = "symlink" if hop.is_symlink else "directory"
+            return f"{kind} {hop.path} on the route to it is owned by uid {hop.uid}, not by root"
+    return None
+
+
 def exposed_directory(observation: Observation) -> str | None:
     """The directory holding the observed file, if users other than root can write to it.
 

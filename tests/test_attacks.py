@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import signal
 import struct
@@ -396,6 +397,76 @@ def test_reload_through_attacker_directory_is_always_rejected(
     assert getcap(victim) == ""
 
 
+DEEP_TOML = "x = " + "[" * 3000 + "]" * 3000 + "\n"  # nesting tomllib recurses on
+
+
+def test_reload_of_untrusted_deeply_nested_state_is_rejected_not_fatal(
+    arena: Path,
+    spawn: Callable[..., DaemonProcess],
+) -> None:
+    """Attack: the directory above the state's own directory is handed to the attacker,
+    who swaps in its own directory holding a "state" nested so deeply that tomllib
+    recurses past Python's limit; root sends SIGHUP.
+    Runs as: attacker uid 4242 (owns the directory, renames); the daemon as root.
+    Never: the daemon dying. A state that fails the walk is not even read: reload
+    rejected, old state kept. Before the fix the untrusted file was parsed anyway and
+    the RecursionError ended the daemon with an internal error.
+    """
+    good = make_binary(make_dir(arena / "bin") / "good")
+    etc = make_dir(arena / "etc")
+    state = write_file(
+        make_dir(etc / "capkeeper") / "state.toml", state_text({good: "cap_net_raw=ep"})
+    )
+    daemon = spawn(state)
+    daemon.wait_ready()
+    wait_caps(good, "cap_net_raw=ep")
+    os.chown(etc, ATTACKER, ATTACKER)
+    evil = make_dir(etc / "evil", uid=ATTACKER)
+    write_file(evil / "state.toml", DEEP_TOML, uid=ATTACKER)
+    as_attacker("mv", str(etc / "capkeeper"), str(etc / "old"))
+    as_attacker("mv", str(evil), str(etc / "capkeeper"))
+    mark = daemon.mark()
+    daemon.send(signal.SIGHUP)
+    verdict = daemon.wait_event(
+        lambda e: e.get("event") in ("state_rejected", "state_loaded"), mark, 15.0
+    )
+    assert verdict["event"] == "state_rejected"
+    assert f"directory {etc} is owned by uid {ATTACKER}" in verdict["error"]
+    assert "nested too deeply" not in verdict["error"]  # not read, so not parsed
+    assert daemon.process.poll() is None
+    setcap("-r", good)
+    wait_caps(good, "cap_net_raw=ep")  # the old state is still enforced
+
+
+def test_untrusted_huge_state_is_refused_without_reading_it(arena: Path) -> None:
+    """Attack: the state path runs through a directory the attacker owns, and the
+    attacker makes the state a 4 GiB sparse file; root runs ``capkeeper apply`` with a
+    1 GiB address-space limit (a stand-in for a memory-limited unit).
+    Runs as: attacker uid 4242 (owns the directory, creates the file); apply as root.
+    Never: anything but "invalid state" (exit 78) naming the attacker's directory.
+    Before the fix the loader read all of the untrusted file (3 GiB took 88 s and
+    6.3 GB of RSS without a limit) and, limited, died with MemoryError (exit 2).
+    """
+    controlled = make_dir(arena / "att", uid=ATTACKER)
+    as_attacker("truncate", "-s", "4G", str(controlled / "state.toml"))
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+    result = subprocess.run(
+        [sys.executable, "-m", "capkeeper", "apply", "--state", str(controlled / "state.toml")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        preexec_fn=limit,
+    )
+    assert "MemoryError" not in result.stderr, result.stderr
+    assert result.returncode == 78, result.stderr
+    assert f"directory {controlled} is owned by uid {ATTACKER}" in result.stderr
+
+
 # -- item 2: refused entries must not strip through untrusted routes ------------------------
 
 
@@ -426,6 +497,37 @@ def test_apply_through_attacker_directory_leaves_the_target_alone(arena: Path) -
     assert getcap(target) == "cap_net_raw=ep"
 
 
+def test_declared_owner_cannot_strip_an_undeclared_root_binary(arena: Path) -> None:
+    """Attack: an entry declares ``owner = "4242"`` for a binary in a directory that uid
+    4242 owns (a route the declared owner may own). uid 4242 makes the declared name a
+    symlink to an undeclared root-owned binary carrying cap_net_raw=ep; root runs
+    ``capkeeper apply``.
+    Runs as: attacker uid 4242 (the declared owner: owns the directory, plants the
+    symlink); apply as root.
+    Never: the target's capabilities removed. The entry is refused by a file rule (the
+    target is owned by uid 0, not 4242); before the fix the route counted as trusted
+    and reconcile failed closed on whatever file the owner pointed it at.
+    """
+    target = _capable_target(arena)
+    owned = make_dir(arena / "opt", uid=ATTACKER)
+    declared = owned / "app"
+    state = write_file(
+        arena / "etc" / "state.toml",
+        state_text({declared: "cap_net_bind_service=ep"}).replace(
+            "\n\n", f'\nowner = "{ATTACKER}"\n\n'
+        ),
+    )
+    as_attacker("ln", "-s", str(target), str(declared))
+    result = capkeeper("apply", "--state", str(state))
+    assert result.returncode == 2, result.stderr
+    assert f"{target} is owned by uid 0, not by {ATTACKER}" in result.stdout
+    assert (
+        f"nothing was changed on {target} (it keeps cap_net_raw=ep): directory {owned} on "
+        f"the route to it is owned by uid {ATTACKER}, not by root"
+    ) in result.stdout
+    assert getcap(target) == "cap_net_raw=ep", result.stdout
+
+
 def test_apply_through_proc_leaves_the_target_alone(arena: Path) -> None:
     """Attack: a declared path is a root-owned symlink into /proc/self/root/… that reaches
     an undeclared binary carrying cap_net_raw=ep (/proc/<pid>/root is wherever that
@@ -451,14 +553,15 @@ def _stays(path: Path, text: str, seconds: float) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("route", ["attacker-directory", "proc"])
+@pytest.mark.parametrize("route", ["attacker-directory", "declared-owner", "proc"])
 def test_daemon_through_untrusted_route_leaves_the_target_alone(
     arena: Path, spawn: Callable[..., DaemonProcess], route: str
 ) -> None:
     """Attack: while the daemon watches a declared path, the attacker (who owns its
-    directory) creates the declared name as a symlink to an undeclared root-owned
-    binary carrying cap_net_raw=ep; or (route=proc) the declared path is a root-owned
-    symlink through /proc/self/root to that binary.
+    directory, and with route=declared-owner is the entry's declared ``owner``) creates
+    the declared name as a symlink to an undeclared root-owned binary carrying
+    cap_net_raw=ep; or (route=proc) the declared path is a root-owned symlink through
+    /proc/self/root to that binary.
     Runs as: attacker uid 4242 plants the symlink; the daemon runs as root.
     Never: the target's capabilities removed by the daemon; it reports restore_refused.
     """
@@ -468,7 +571,10 @@ def test_daemon_through_untrusted_route_leaves_the_target_alone(
         declared.symlink_to(f"/proc/self/root{target}")
     else:
         declared = make_dir(arena / "opt", uid=ATTACKER) / "app"
-    state = write_file(arena / "etc" / "state.toml", state_text({declared: "cap_net_admin=ep"}))
+    text = state_text({declared: "cap_net_admin=ep"})
+    if route == "declared-owner":
+        text = text.replace("\n\n", f'\nowner = "{ATTACKER}"\n\n')
+    state = write_file(arena / "etc" / "state.toml", text)
     daemon = spawn(state)
     daemon.wait_ready()
     mark = daemon.mark()

@@ -378,6 +378,37 @@ def test_hard_link_of_a_declared_file_is_managed(
     assert code == ExitStatus.OK
 
 
+def test_declared_entry_the_trust_policy_refuses_is_refused(
+    tree: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A declared path through a directory another user owns is refused by apply, so
+    audit says "refused", judging the declared route, not the route the walk took:
+    whether that user points it at a capable root-owned binary (the walk reaches it by
+    an all-root route) or it holds a file without capabilities. Before: "drifted"."""
+    bin_dir, owned = tree / "bin", tree / "home"
+    bin_dir.mkdir(mode=0o755)
+    owned.mkdir(mode=0o755)
+    ping = make_binary(bin_dir / "ping")
+    setcap("cap_net_raw=ep", ping)
+    (owned / "app").symlink_to(ping)
+    make_binary(owned / "tool")
+    os.chown(owned, 4242, 4242)
+    state = tree / "state.toml"
+    state.write_text(
+        f'[[binary]]\npath = "{owned}/app"\ncaps = "cap_net_bind_service=ep"\n'
+        f'[[binary]]\npath = "{owned}/tool"\ncaps = "cap_net_raw=ep"\n'
+    )
+    code, out, _ = audit(["--state", str(state), "audit", "--json", str(tree)], capsys)
+    records = {r["path"]: r for r in map(json.loads, out.splitlines()) if r["type"] == "finding"}
+    assert {path: r["verdict"] for path, r in records.items()} == {
+        str(ping): "refused",
+        f"{owned}/tool": "refused",
+    }
+    owner_rule = f"directory {owned} is owned by uid 4242, not by root"
+    assert all(owner_rule in r["note"] for r in records.values()), records
+    assert code == ExitStatus.DRIFT
+
+
 def test_work_sharing_gives_the_same_result(tree: Path) -> None:
     """1, 2 and 4 workers find the same files as getcap -r in a wide, deep tree."""
     count = 0

@@ -151,6 +151,65 @@ def test_missing_state_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     )
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "x = " + "[" * 3000 + "]" * 3000 + "\n",
+        '[[binary]]\npath = "/x"\ncaps = "cap_chown=p"\nowner = "\u00b2"\n',
+        '[[binary]]\npath = "/x"\ncaps = "cap_chown=p"\nowner = "\u0661\u0662"\n',
+    ],
+    ids=["nested-3000-deep", "owner-superscript-2", "owner-arabic-12"],
+)
+def test_state_the_parser_chokes_on_is_an_invalid_state(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str
+) -> None:
+    """A state nested deeper than tomllib can recurse, or an owner in non-ASCII digits, is
+    an invalid state (exit 78, listed as a problem); before, the first two were an
+    ``internal error`` (RecursionError, ValueError; exit 2) and the third was uid 12."""
+    state = tmp_path / "state.toml"
+    state.write_text(text)
+    code, _, err = run(["validate", "--state", str(state)], capsys)
+    assert "internal error" not in err, err
+    assert code == ExitStatus.CONFIG, err
+    assert err.startswith("capkeeper: 1 problem in the state:\n  state.toml: "), err
+
+
+def test_empty_state_path_is_an_error(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An empty --state (exit 64) or CAPKEEPER_STATE (exit 78), such as an unset variable
+    expanded in a unit file, is an error: it used to mean the default state silently."""
+    for argv in (["--state", "", "check"], ["check", "--state", ""]):
+        code, _, err = run(argv, capsys)
+        assert code == ExitStatus.USAGE
+        assert err == "capkeeper: error: --state: empty path (name the state file)\n"
+    monkeypatch.setenv("CAPKEEPER_STATE", "")
+    code, _, err = run(["check"], capsys)
+    assert code == ExitStatus.CONFIG
+    assert err == (
+        "capkeeper: error: invalid setting: CAPKEEPER_STATE: must not be empty (name the "
+        "state file, or unset it)\n"
+    )
+
+
+def test_relative_state_from_a_removed_working_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relative --state needs the working directory: once it is removed, that is an
+    invalid state with a sentence saying so (it was "[Errno 2]", exit 2)."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    code, _, err = run(["validate", "--state", "state.toml"], capsys)
+    assert code == ExitStatus.CONFIG
+    assert err == (
+        "capkeeper: 1 problem in the state:\n  state.toml: a relative state path is read from "
+        "the working directory, which is gone (No such file or directory): give an absolute "
+        "path\n"
+    )
+
+
 def test_state_from_environment(
     state: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

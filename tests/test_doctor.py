@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from capkeeper.doctor import (
 )
 from tests.conftest import make_binary, require_tool, setcap
 from tests.sandbox import SystemdSandbox
+from tests.test_attacks import RACE_RUNS, exchanging
 from tests.test_mounts import private_mount_namespace, run
 
 pytest_plugins = ["tests.sandbox_fixture"]
@@ -540,3 +542,52 @@ def test_binary_in_a_directory_others_can_write(
     public.chmod(0o755)
     code, out, _ = doctor_cli(["--state", str(state), "doctor"], capsys)
     assert out.splitlines()[0] == f"{tool}: ok"
+
+
+def test_gather_reads_the_mount_through_the_observed_descriptor(tree: Path) -> None:
+    """The mount doctor reports is the mount of the very file it observed. Two directories
+    are swapped in a loop (renameat2 RENAME_EXCHANGE): one holds a nosuid tmpfs with a
+    tool, the other a tool on the parent file system. Looking the mount up again by
+    path (as gather did) could name the other one: doctor would then call a binary on a
+    nosuid mount fine, or the reverse."""
+    x, y = tree / "x", tree / "y"
+    (x / "m").mkdir(parents=True)
+    (y / "m").mkdir(parents=True)
+    with private_mount_namespace():
+        run("mount", "-t", "tmpfs", "-o", "nosuid,mode=0755", "tmpfs", str(x / "m"))
+        nosuid_dev = make_binary(x / "m" / "tool").stat().st_dev
+        make_binary(y / "m" / "tool")
+        wrong: list[tuple[bool, bool]] = []
+        with exchanging(x, y, attacker=False):
+            for _ in range(RACE_RUNS):
+                facts = doctor.gather(str(x / "m" / "tool"))
+                if facts.observation is None or facts.mount is None:
+                    continue  # replaced while opening: nothing reported, nothing wrong
+                on_nosuid = facts.observation.dev == nosuid_dev
+                if facts.mount.nosuid != on_nosuid:
+                    wrong.append((on_nosuid, facts.mount.nosuid))
+    assert wrong == []
+
+
+def test_declared_binary_the_trust_policy_refuses_is_an_error(
+    tree: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A declared binary in a directory another user owns: apply refuses it (that user
+    can swap in anything), so doctor must not call it "ok"; it reports the refusal as
+    validate does, and a refusal doctor explains itself (setuid here) only once."""
+    owned = tree / "home"
+    owned.mkdir(mode=0o755)
+    os.chown(owned, 4242, 4242)
+    tool = make_binary(owned / "tool")
+    state = declare(tree, (tool, "cap_net_raw=ep"))
+    code, out, _ = doctor_cli(["--state", str(state), "doctor"], capsys)
+    assert out.splitlines() == [
+        f"{tool}: error: capkeeper refuses it: directory {owned} is owned by uid 4242, not by root",
+        "  fix: whoever owns a directory can replace the binary inside it",
+        "1 binaries checked: 1 error(s), 0 warning(s)",
+    ]
+    assert code == ExitStatus.DRIFT
+    os.chown(owned, 0, 0)
+    tool.chmod(0o4755)
+    code, out, _ = doctor_cli(["--state", str(state), "doctor", str(tool)], capsys)
+    assert [line.split(": ")[1] for line in out.splitlines()[:-1:2]] == ["warning"]

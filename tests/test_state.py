@@ -10,7 +10,7 @@ import pytest
 
 from capkeeper.capabilities import parse
 from capkeeper.errors import StateError, UsageError
-from capkeeper.state import load_state
+from capkeeper.state import MAX_STATE_BYTES, load_state
 
 
 def _write(path: Path, text: str) -> Path:
@@ -125,6 +125,34 @@ def test_invalid_toml_and_missing_file(tmp_path: Path) -> None:
     ]
 
 
+def test_state_nested_too_deeply_is_a_problem(tmp_path: Path) -> None:
+    """tomllib recurses once per nesting level: a document nested past Python's recursion
+    limit is reported (the RecursionError escaped as an internal error before)."""
+    main = _write(tmp_path / "state.toml", "x = " + "[" * 3000 + "]" * 3000 + "\n")
+    assert _problems(main) == ["state.toml: invalid TOML: nested too deeply to parse"]
+
+
+def test_state_larger_than_the_limit_is_not_read(tmp_path: Path) -> None:
+    """A state file (main or drop-in) larger than MAX_STATE_BYTES is a problem, found from
+    its size before anything is read: a multi-gigabyte file cannot exhaust memory."""
+    main = _write(tmp_path / "state.toml", "")
+    with open(main, "r+b") as handle:
+        handle.truncate(MAX_STATE_BYTES + 1)  # sparse: NUL bytes, which are invalid TOML
+    dropin = _write(tmp_path / "state.d" / "big.toml", "")
+    with open(dropin, "r+b") as handle:
+        handle.truncate(8 << 30)
+    limit = f"larger than {MAX_STATE_BYTES >> 20} MiB, the most a state file may hold"
+    assert _problems(main) == [
+        f"state.toml: {limit}: not read (split it into state.d/ drop-ins)",
+        f"state.d/big.toml: {limit}: not read (split it into state.d/ drop-ins)",
+    ]
+    with open(main, "r+b") as handle:
+        handle.truncate(MAX_STATE_BYTES)  # at the limit: read (and refused as TOML)
+    (big, problem) = _problems(main)
+    assert big.startswith("state.d/big.toml: larger than")
+    assert problem.startswith("state.toml: invalid TOML: ")
+
+
 def test_binary_must_be_array_of_tables(tmp_path: Path) -> None:
     """A [binary] table instead of [[binary]] is explained."""
     main = _write(tmp_path / "state.toml", '[binary]\npath = "/x"\n')
@@ -221,6 +249,20 @@ def test_owner_out_of_range_or_with_nul(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    "owner", ["\u00b2", "\u0661\u0662", "\uff11"], ids=["superscript", "arabic", "fullwidth"]
+)
+def test_owner_in_non_ascii_digits_is_a_user_name(tmp_path: Path, owner: str) -> None:
+    """Only ASCII digits are a uid. ``"²"`` passes str.isdigit() but not int() (the
+    ValueError escaped the loader: an internal error, and the daemon died on SIGHUP);
+    ``"١٢"`` passed both and was silently uid 12. Both are user names, and there are none."""
+    main = _write(
+        tmp_path / "state.toml",
+        f'[[binary]]\npath = "/x"\ncaps = "cap_chown=p"\nowner = "{owner}"\n',
+    )
+    assert _problems(main) == [f"state.toml: entry 1 (/x): owner: no such user {owner!r}"]
+
+
 def test_allow_interpreter_is_read(tmp_path: Path) -> None:
     """allow_interpreter is an optional boolean key."""
     main = _write(
@@ -260,6 +302,29 @@ def test_ancestor_owned_by_another_user_is_refused(tmp_path: Path) -> None:
     assert _problems(main) == [
         f"directory {owned} is owned by uid {OTHER}, not by root: whoever can edit the state "
         f"can grant capabilities (chown root {owned})"
+    ]
+
+
+def test_untrusted_state_file_is_not_read(tmp_path: Path) -> None:
+    """A state file whose route or owner is refused is not read at all, so whatever it
+    holds (invalid TOML here; in an attack, gigabytes or deep nesting) is never parsed:
+    only the trust problems are reported. The same holds for state.d and its drop-ins."""
+    owned = tmp_path / "owned"
+    main = _write(owned / "state.toml", "[[binary]\n")
+    _write(owned / "state.d" / "10-x.toml", "[[binary]\n")
+    os.chown(owned, OTHER, OTHER)
+    assert _problems(main) == [
+        f"directory {owned} is owned by uid {OTHER}, not by root: whoever can edit the state "
+        f"can grant capabilities (chown root {owned})"
+    ]
+    os.chown(owned, 0, 0)
+    os.chown(main, OTHER, OTHER)
+    os.chmod(owned / "state.d" / "10-x.toml", 0o666)
+    assert _problems(main) == [
+        f"state.toml: owned by uid {OTHER}: whoever can edit the state can grant capabilities "
+        f"(chown root {main})",
+        "state.d/10-x.toml: writable by group or others (mode 0666): whoever can edit the "
+        f"state can grant capabilities (chmod go-w {owned / 'state.d' / '10-x.toml'})",
     ]
 
 
@@ -352,6 +417,20 @@ def test_state_d_that_is_not_a_directory(tmp_path: Path) -> None:
     _write(tmp_path / "state.d", "")
     assert _problems(main) == [
         "state.d: not a directory: no drop-in is read (remove it, or make it a directory)"
+    ]
+
+
+def test_dangling_state_d_symlink_is_reported(tmp_path: Path) -> None:
+    """state.d as a symlink to a directory that is not there (an unmounted file system, a
+    removed release) is reported: read as "no drop-ins", every entry they declared would
+    silently stop being enforced at the next reload. No state.d at all stays silent."""
+    main = _write(tmp_path / "state.toml", '[[binary]]\npath = "/x"\ncaps = "cap_chown=p"\n')
+    assert [e.path for e in load_state(main, last_cap=40).entries] == ["/x"]
+    missing = tmp_path / "missing" / "state.d"
+    (tmp_path / "state.d").symlink_to(missing)
+    assert _problems(main) == [
+        f"state.d: dangling symlink to {missing}: no drop-in is read (restore its target, or "
+        "remove the symlink)"
     ]
 
 

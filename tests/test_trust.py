@@ -227,6 +227,38 @@ def test_loosened_directory_changes_nothing(tree: Path) -> None:
     assert getcap(binary) == "cap_net_bind_service=ep"
 
 
+def test_declared_owner_file_loosened_on_a_root_route_fails_closed(tree: Path) -> None:
+    """A declared owner other than root still loses the capabilities of its own file once
+    it is refused, when only root owns the route: the path names that very file."""
+    binary = make_binary(tree / "app")
+    os.chown(binary, NOBODY, NOBODY)
+    entry = _entry(binary, owner="nobody", owner_uid=NOBODY)
+    assert reconcile(entry, write=True).status is Status.RESTORED
+    os.chmod(binary, 0o775)
+    assert _refused(entry).endswith("; its capabilities (cap_net_bind_service=ep) were removed")
+
+
+def test_route_through_the_declared_owners_directory_changes_nothing(tree: Path) -> None:
+    """A directory owned by the entry's (non-root) owner is a route that owner controls:
+    the file it reaches is that owner's choice (a symlink to any binary), so a refused
+    file there keeps its capabilities, whatever rule refused it."""
+    directory = tree / "home"
+    directory.mkdir(mode=0o755)
+    os.chown(directory, NOBODY, NOBODY)
+    binary = make_binary(directory / "app")
+    os.chown(binary, NOBODY, NOBODY)
+    entry = _entry(binary, owner="nobody", owner_uid=NOBODY)
+    assert reconcile(entry, write=True).status is Status.RESTORED
+    os.chmod(binary, 0o775)
+    outcome = reconcile(entry, write=True)
+    assert outcome.status is Status.REFUSED
+    assert outcome.reason.endswith(
+        f"; nothing was changed on {binary} (it keeps cap_net_bind_service=ep): directory "
+        f"{directory} on the route to it is owned by uid {NOBODY}, not by root"
+    )
+    assert getcap(binary) == "cap_net_bind_service=ep"
+
+
 def test_path_through_proc_is_refused(tree: Path) -> None:
     """/proc/self/exe would grant capabilities to whatever runs capkeeper: refused."""
     outcome = reconcile(_entry(Path("/proc/self/exe")), write=False)
