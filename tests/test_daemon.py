@@ -10,7 +10,6 @@ import contextlib
 import errno
 import json
 import os
-import select
 import signal
 import socket
 import subprocess
@@ -32,8 +31,9 @@ from capkeeper.capabilities import CapSet, decode, format_text, parse
 from capkeeper.daemon import Daemon, effective_capabilities, require_setfcap
 from capkeeper.errors import CapkeeperError
 from capkeeper.settings import Settings
-from capkeeper.watcher import Watcher, WatchFailure, plan_route
+from capkeeper.watcher import Watcher, WatchFailure
 from tests.conftest import getcap, make_binary, require_root, require_tool, setcap
+from tests.idle import measure_idle
 
 REPO = Path(__file__).resolve().parents[1]
 XATTR = "security.capability"
@@ -94,14 +94,42 @@ def new_build(path: Path, tag: bytes) -> Path:
     return path
 
 
-def context_switches(pid: int) -> int:
-    """Voluntary context switches of every thread of ``pid`` (each one a wake-up)."""
-    total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for line in (task / "status").read_text().splitlines():
-            if line.startswith("voluntary_ctxt_switches:"):
-                total += int(line.split()[1])
-    return total
+# Empty on every Debian system. Secluded daemons get a tmpfs of their own mounted over
+# it in a private mount namespace: nobody else can write to it.
+SECLUDED = Path("/srv")
+
+
+def seen_by(daemon: DaemonProcess, path: Path) -> Path:
+    """``path`` as the daemon sees it (through its mount namespace)."""
+    return Path(f"/proc/{daemon.pid}/root{path}")
+
+
+def spawn_secluded(
+    spawn: Callable[..., DaemonProcess], tree: Path, caps: str
+) -> tuple[DaemonProcess, Path]:
+    """A settled daemon in a private mount namespace whose one declared binary lies on
+    a private tmpfs over :data:`SECLUDED`; returns it and the binary's path.
+
+    It then watches only ``/`` and that tmpfs: files that other processes create and
+    write (in ``/tmp``, say) raise no event in them, and mounts made in other
+    namespaces do not change its mount table. Reach its files through
+    :func:`seen_by`.
+    """
+    require_root()
+    unshare = require_tool("unshare")
+    assert SECLUDED.is_dir(), f"{SECLUDED} is needed as a mount point"
+    source = make_binary(tree / "secluded")
+    binary = SECLUDED / "app"
+    script = (
+        f'mount -t tmpfs -o mode=0755 capkeeper-test {SECLUDED} && cp -- "$0" {binary} && exec "$@"'
+    )
+    daemon = spawn(
+        write_state(tree.parent / "state.toml", {binary: caps}),
+        wrapper=(unshare, "-m", "--propagation", "private", "/bin/sh", "-c", script, str(source)),
+    )
+    daemon.wait_ready()
+    daemon.settled(binary)
+    return daemon, binary
 
 
 def _echo_of(path: Path) -> Callable[[Event], bool]:
@@ -340,21 +368,14 @@ def test_watchdog_pings_at_half_interval(tree: Path, spawn: Callable[..., Daemon
 
 
 def test_idle_daemon_does_not_wake_up(tree: Path, spawn: Callable[..., DaemonProcess]) -> None:
-    """Idle for 2 s (rescan 1 h, no watchdog): no wake-up beyond events in its directories."""
-    binary = make_binary(tree / "app")
-    daemon = spawn(write_state(tree.parent / "state.toml", {binary: "cap_net_raw=+ep"}))
-    daemon.wait_ready()
-    daemon.settled(binary)
-    # The daemon wakes for any name in a watched directory (the kernel cannot filter by
-    # name), and /tmp is busy when other tests run: count those events with our own watch.
-    with Watcher() as witness:
-        witness.sync(plan_route(str(binary)).directories)
-        time.sleep(0.1)
-        before = context_switches(daemon.pid)
-        time.sleep(2.0)
-        wakeups = context_switches(daemon.pid) - before
-        events = witness.read() if select.select([witness], [], [], 0)[0] else []
-    assert wakeups <= len(events), (wakeups, events)
+    """Idle for 2 s (rescan 1 h, no watchdog): no wake-up and no CPU beyond events in its
+    directories."""
+    # The daemon wakes for any name in a directory it watches (the kernel cannot filter
+    # by name): give it directories nothing else on the machine writes to.
+    daemon, _ = spawn_secluded(spawn, tree, "cap_net_raw=+ep")
+    idle = measure_idle(daemon.pid, ["/", seen_by(daemon, SECLUDED)], 2.0)
+    assert idle.wakeups <= idle.events, idle
+    assert idle.cpu <= 0.05 + 0.001 * idle.events, idle
 
 
 def test_invalid_state_at_start_exits_with_config_status(tree: Path) -> None:

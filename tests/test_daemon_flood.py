@@ -15,10 +15,12 @@ directory left unrestored during the flood; the exposed binary left stripped.
 
 from __future__ import annotations
 
-import contextlib
+import array
+import fcntl
 import os
 import signal
 import subprocess
+import termios
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -72,6 +74,48 @@ def flooders() -> Iterator[Callable[[Path], None]]:
         os.close(fd)
 
 
+def _queued_bytes(watcher: Watcher) -> int:
+    size = array.array("i", [0])
+    fcntl.ioctl(watcher.inotify_fds()[1], termios.FIONREAD, size, True)
+    return size[0]
+
+
+def overflow_while_paused(daemon: DaemonProcess, directory: Path, timeout: float = 60) -> None:
+    """Keep ``daemon`` stopped (SIGSTOP) until its queue for ``directory`` overflowed.
+
+    The proof is a witness: an inotify instance of our own with the daemon's mask,
+    emptied only once the daemon is stopped and then left unread. From then on
+    both queues receive the same events, and the daemon's held at least as many
+    already: when the witness's queue overflows, so did the daemon's. A full
+    queue stops growing (the kernel drops events past ``max_queued_events``);
+    if it stopped growing for another reason, the witness is emptied and left
+    unread again, which keeps the argument.
+    """
+    with Watcher() as witness:
+        assert not witness.sync([str(directory)])
+        daemon.send(signal.SIGSTOP)
+        try:
+            deadline = time.monotonic() + timeout
+            while _state(daemon.pid) != "T":
+                assert time.monotonic() < deadline, "the daemon did not stop"
+                time.sleep(0.01)
+            witness.read()
+            size = -1
+            while True:
+                assert time.monotonic() < deadline, "the flood is too slow to overflow a queue"
+                time.sleep(0.2)
+                size, last = _queued_bytes(witness), size
+                if size == last and any(event.is_overflow for event in witness.read()):
+                    return
+        finally:
+            daemon.send(signal.SIGCONT)
+
+
+def _state(pid: int) -> str:
+    """The one-letter state of ``pid`` (``T``: stopped)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
 def _build(tree: Path) -> tuple[Path, list[Path]]:
     """A root-owned sticky 1777 directory with one declared binary, and 1,000 declared
     binaries in 50 root-owned 0755 directories, all carrying their capabilities."""
@@ -108,30 +152,10 @@ def test_flood_in_a_world_writable_directory_rescans_only_what_it_exposes(
     def overflow_rescan(event: dict[str, object]) -> bool:
         return event.get("event") == "rescan" and event.get("cause") == "overflow"
 
-    limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
-    with Watcher() as witness:
-        witness.sync([str(exposed.parent)])
-        seen = 0
-        for _ in range(6):  # until three overflows were handled
-            # A paused daemon reads nothing: once more events than its queue holds were
-            # raised in the directory (our own watch counts them), its queue overflowed.
-            since = daemon.mark()
-            witness.read()
-            daemon.send(signal.SIGSTOP)
-            try:
-                raised = 0
-                deadline = time.monotonic() + 60
-                while raised <= limit and time.monotonic() < deadline:
-                    time.sleep(0.1)
-                    raised += len(witness.read())
-            finally:
-                daemon.send(signal.SIGCONT)
-            assert raised > limit, "the flood is too slow to overflow a queue"
-            with contextlib.suppress(AssertionError):
-                daemon.wait_event(overflow_rescan, since, timeout=10)
-                seen += 1
-            if seen == 3:
-                break
+    for _ in range(3):
+        since = daemon.mark()
+        overflow_while_paused(daemon, exposed.parent)
+        daemon.wait_event(overflow_rescan, since, timeout=30)
 
     # A deploy in a trusted directory during the flood is restored as usual.
     target = trusted[123]

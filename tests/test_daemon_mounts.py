@@ -13,24 +13,24 @@ the mount handling can repair anything.
 from __future__ import annotations
 
 import os
-import select
 import subprocess
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from capkeeper.watcher import Watcher, plan_route
 from tests.conftest import make_binary, require_root, require_tool
+from tests.idle import measure_idle
 from tests.test_daemon import (
+    SECLUDED,
     XATTR,
     DaemonProcess,
     caps_of,
-    context_switches,
     new_build,
+    seen_by,
     spawn,
+    spawn_secluded,
     wait_caps,
     write_state,
 )
@@ -53,11 +53,6 @@ def in_namespace(daemon: DaemonProcess, *argv: str | Path) -> None:
         check=True,
         capture_output=True,
     )
-
-
-def seen_by(daemon: DaemonProcess, path: Path) -> Path:
-    """``path`` as the daemon sees it (through its mount namespace)."""
-    return Path(f"/proc/{daemon.pid}/root{path}")
 
 
 def deploy(target: Path, tag: bytes) -> None:
@@ -170,56 +165,27 @@ def test_unmount_reveals_a_stripped_binary_which_is_restored(
 
 
 def test_mount_table_wakes_the_daemon_only_when_it_changes(
-    tree: Path, namespaced: Callable[[dict[Path, str]], DaemonProcess]
+    tree: Path, spawn: Callable[..., DaemonProcess]
 ) -> None:
     """The open mountinfo wakes the daemon once per mount, never while nothing changes."""
-    binary = make_binary(tree / "app")
-    unrelated = tree / "elsewhere"
-    unrelated.mkdir()
-    daemon = namespaced({binary: CAPS})
+    daemon, binary = spawn_secluded(spawn, tree, CAPS)
     fds = Path(f"/proc/{daemon.pid}/fd")
     held = [os.readlink(fd) for fd in fds.iterdir()]
     assert any(link.endswith("/mountinfo") for link in held), held
-
-    def idle_wakeups(seconds: float) -> tuple[int, int]:
-        """The daemon's wake-ups over ``seconds``, and the events in its directories.
-
-        The daemon also wakes for any name in a directory it watches (the kernel
-        cannot filter by name), and /tmp is busy when other tests run: a watch of
-        our own, read as promptly as the daemon reads (the kernel merges identical
-        unread events), counts those.
-        """
-        with Watcher() as witness:
-            witness.sync(plan_route(str(binary)).directories)
-            done = threading.Event()
-            seen: list[int] = []
-
-            def read() -> None:
-                while not done.is_set():
-                    if select.select([witness], [], [], 0.05)[0]:
-                        seen.append(len(witness.read()))
-
-            reader = threading.Thread(target=read)
-            reader.start()
-            time.sleep(0.1)
-            before = context_switches(daemon.pid), sum(seen)
-            time.sleep(seconds)
-            wakeups = context_switches(daemon.pid) - before[0]
-            events = sum(seen) - before[1]
-            done.set()
-            reader.join()
-        return wakeups, events
-
-    # A wake-up per event at most, with slack for load (a stalled reader sees merged
-    # events); a descriptor that stayed ready would wake the daemon thousands of times.
-    wakeups, events = idle_wakeups(2.0)
-    assert wakeups <= 2 * events + 3, (wakeups, events)
+    unrelated = SECLUDED / "elsewhere"
+    os.mkdir(seen_by(daemon, unrelated))
+    watched: list[str | Path] = ["/", seen_by(daemon, SECLUDED)]
+    idle = measure_idle(daemon.pid, watched, 2.0)
+    assert idle.wakeups <= idle.events, idle
+    assert idle.cpu <= 0.05 + 0.001 * idle.events, idle
     since = daemon.mark()
     in_namespace(daemon, "mount", "-t", "tmpfs", "capkeeper-test", unrelated)
     changed = daemon.wait_event(lambda e: e.get("event") == "mounts_changed", since)
     assert changed["mount_points"] == [str(unrelated)]
     assert changed["entries"] == 0
     # The change was taken: the descriptor does not stay ready (no busy loop).
-    wakeups, events = idle_wakeups(2.0)
-    assert wakeups <= 2 * events + 3, (wakeups, events)
+    idle = measure_idle(daemon.pid, watched, 2.0)
+    assert idle.wakeups <= idle.events, idle
+    assert idle.cpu <= 0.05 + 0.001 * idle.events, idle
     assert [e for e in daemon.events()[since:] if e.get("event") == "rescan"] == []
+    assert caps_of(seen_by(daemon, binary)) is not None
