@@ -12,6 +12,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Property tests assert what holds for every input, never how fast one example
+# runs: on a loaded 2-core machine a single example can take far longer than
+# Hypothesis's default 200 ms deadline, which would make the suite depend on luck.
+settings.register_profile("capkeeper", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("capkeeper")
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
