@@ -737,11 +737,17 @@ class Daemon:
             the settle time, as after IN_MODIFY (a settle time's end is not held again)."""
             if cause.endswith("+settle"):
                 return False
-            if not announced and not (
-                known is None or known.same_content(identity_of(observation))
+            seen = identity_of(observation)
+            if (
+                not announced
+                and known is not None
+                and (known.dev, known.ino) == (seen.dev, seen.ino)
+                and not known.same_content(seen)
             ):
                 # Nothing told us the content changed, yet it did: a write we have not
                 # seen finish (write(2) strips, updates mtime, and queues IN_MODIFY last).
+                # Only the same inode can be mid-write: another inode at the path (a
+                # mount over a directory, a rename) is a complete file of its own.
                 return True
             # A file truncated or half written by the next deploy reads as "not an ELF"
             # (or a pin mismatch) before that deploy's IN_MODIFY is even queued: ext4
@@ -813,11 +819,14 @@ class Daemon:
         """When events may trigger this entry's next check: refused and failed entries
         wait with a doubling delay; a fought-over file is restored at most once per
         :data:`capkeeper.schedule.BRAKE` (see :mod:`capkeeper.schedule`)."""
-        if status in (Status.REFUSED, Status.FAILED):
+        # Capabilities changed again right after our write, on a file we saw: a restore
+        # undone at once, braked like any other round of a fight (not backed off).
+        undone = status is Status.FAILED and outcome.transient and tracked.identity is not None
+        if status in (Status.REFUSED, Status.FAILED) and not undone:
             tracked.failures += 1
             return now + retry_delay(tracked.failures)
         tracked.failures = 0
-        if status is not Status.RESTORED or tracked.identity is None:
+        if not (status is Status.RESTORED or undone) or tracked.identity is None:
             return 0.0
         verdict = tracked.brake.restore(tracked.identity, now)
         if verdict.alert:

@@ -118,5 +118,11 @@ class FileAccessError(CapkeeperError):
         self.errno = errno
 
 
+class CapabilitiesNotKept(FileAccessError):
+    """``security.capability`` read back otherwise right after it was written: something
+    changed it again at that moment (a process fighting the restore), or the file system
+    does not keep it."""
+
+
 class UsageError(CapkeeperError):
     """The command line asks for something that cannot be done."""

@@ -23,7 +23,7 @@ import xattr
 
 from capkeeper.capabilities import CapSet, decode, encode
 from capkeeper.elf import ElfFacts, inspect_fd
-from capkeeper.errors import FileAccessError, InvalidCapabilityData
+from capkeeper.errors import CapabilitiesNotKept, FileAccessError, InvalidCapabilityData
 from capkeeper.interpreters import MARKER_SYMBOLS
 
 XATTR_NAME = "security.capability"
@@ -306,7 +306,7 @@ def write_caps(fd: int, caps: CapSet, *, path: str) -> None:
     except OSError as exc:
         raise _oserror(exc, path, "write security.capability") from exc
     if found != caps:
-        raise FileAccessError(
+        raise CapabilitiesNotKept(
             "the file system did not keep security.capability "
             f"(read back {problem or ('nothing' if found is None else 'a different value')})",
             context=path,

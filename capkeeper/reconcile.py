@@ -15,7 +15,7 @@ from enum import StrEnum
 from typing import Any
 
 from capkeeper.capabilities import CapSet, format_text, kernel_last_cap
-from capkeeper.errors import FileAccessError
+from capkeeper.errors import CapabilitiesNotKept, FileAccessError
 from capkeeper.files import (
     NO_XATTR,
     Observation,
@@ -192,7 +192,20 @@ def _reconcile_once(
                 extra=decision.extra,
                 observation=observation,
             )
-        write_caps(fd, entry.caps, path=entry.path)
+        try:
+            write_caps(fd, entry.caps, path=entry.path)
+        except CapabilitiesNotKept as exc:
+            # Usually a race with whatever strips them (the daemon brakes such a fight);
+            # the next event or retry looks again.
+            return Outcome(
+                entry,
+                Status.FAILED,
+                decision.found,
+                resolved,
+                reason=str(exc),
+                observation=observation,
+                transient=True,
+            )
         return Outcome(
             entry,
             Status.RESTORED,
