@@ -36,7 +36,6 @@ import unicodedata
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -50,7 +49,9 @@ from tests.conftest import (
     require_tool,
     setcap,
 )
-from tests.test_daemon import REPO, DaemonProcess, wait_caps
+from tests.test_daemon import REPO, DaemonProcess, spawn, wait_caps
+
+__all__ = ["spawn"]  # the fixture, imported for pytest
 
 ATTACKER = 4242
 SYSTEM_PYTHON = "/usr/bin/python3"  # readable by the attacker, unlike the test's venv
@@ -83,23 +84,6 @@ def arena() -> Iterator[Path]:
         yield base
     finally:
         shutil.rmtree(base, ignore_errors=True)
-
-
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
-    """Start ``capkeeper watch`` daemons (root, like the tests in test_daemon); all stopped."""
-    started: list[DaemonProcess] = []
-
-    def start(state: Path, **options: Any) -> DaemonProcess:
-        workdir = tmp_path / f"d{len(started)}"
-        workdir.mkdir()
-        daemon = DaemonProcess(workdir, state, **options)
-        started.append(daemon)
-        return daemon
-
-    yield start
-    for daemon in started:
-        daemon.close()
 
 
 def state_text(entries: dict[Path | str, str]) -> str:

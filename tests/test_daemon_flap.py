@@ -36,26 +36,20 @@ from capkeeper.daemon import Daemon
 from capkeeper.errors import FileAccessError
 from capkeeper.settings import Settings
 from tests.conftest import make_binary, require_tool, setcap
-from tests.test_daemon import XATTR, DaemonProcess, caps_of, new_build, wait_caps, write_state
+from tests.test_daemon import (
+    XATTR,
+    DaemonProcess,
+    caps_of,
+    new_build,
+    spawn,
+    wait_caps,
+    write_state,
+)
+
+__all__ = ["spawn"]  # the fixture, imported for pytest
 
 CAPS = "cap_net_raw=+ep"
 EXPECTED = parse(CAPS)
-
-
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
-    """Start daemons (``spawn(state, **options)``), as in test_daemon; killed at the end."""
-    started: list[DaemonProcess] = []
-
-    def start(state: Path, **options: Any) -> DaemonProcess:
-        workdir = tmp_path / f"d{len(started)}"
-        workdir.mkdir()
-        started.append(DaemonProcess(workdir, state, **options))
-        return started[-1]
-
-    yield start
-    for daemon in started:
-        daemon.close()
 
 
 def _cpu_seconds(pid: int) -> float:
