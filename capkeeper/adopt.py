@@ -31,14 +31,15 @@ from capkeeper.audit import (
     report_walk_problems,
     walk_options,
 )
-from capkeeper.capabilities import CapSet, format_text, kernel_last_cap
+from capkeeper.capabilities import CapSet, format_text
 from capkeeper.errors import CapkeeperError, needs_escape, printable
-from capkeeper.files import Kind, Observation, observe
-from capkeeper.state import Entry
+from capkeeper.exit_codes import ExitStatus
+from capkeeper.files import observe
+from capkeeper.kernel import cap_last_cap
+from capkeeper.model import Entry, Kind, Observation
 from capkeeper.trust import Refusal, assess
 
 if TYPE_CHECKING:
-    from capkeeper.cli import ExitStatus
     from capkeeper.settings import Settings
 
 __all__ = ["Adoption", "adopt_observation", "cmd_adopt", "render", "toml_string"]
@@ -176,7 +177,6 @@ def _declared(observation: Observation, index: StateIndex) -> Entry | None:
 
 def cmd_adopt(args: argparse.Namespace, settings: Settings, out: TextIO) -> ExitStatus:
     """``capkeeper adopt PATH... | --from-audit ROOT``."""
-    from capkeeper.cli import ExitStatus  # noqa: PLC0415 - cli imports this module
     from capkeeper.errors import UsageError  # noqa: PLC0415
 
     if not args.paths and not args.from_audit:
@@ -184,7 +184,7 @@ def cmd_adopt(args: argparse.Namespace, settings: Settings, out: TextIO) -> Exit
     err = sys.stderr
     state, _ = load_state_or_empty(settings.state)
     index = index_state(state)
-    limit = kernel_last_cap()
+    limit = cap_last_cap()
     paths = [posixpath.normpath(os.path.abspath(p)) for p in args.paths]
     failed = False
     if args.from_audit:

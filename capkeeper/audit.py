@@ -49,20 +49,21 @@ from capkeeper.capabilities import (
     capability_number,
     decode,
     format_text,
-    kernel_last_cap,
 )
 from capkeeper.errors import CapkeeperError, InvalidCapabilityData, StateNotFound, printable
-from capkeeper.files import XATTR_NAME, Kind, Observation, observe
+from capkeeper.exit_codes import ExitStatus
+from capkeeper.files import XATTR_NAME, observe
 from capkeeper.interpreters import runs_other_code
+from capkeeper.kernel import cap_last_cap
+from capkeeper.model import Entry, Kind, Observation
 from capkeeper.mounts import NETWORK_FS, PSEUDO_FS, MountInfo, MountTable, mount_id, read_mounts
 from capkeeper.reconcile import Status, decide, describe
-from capkeeper.state import Entry, State, load_state
+from capkeeper.state import State, load_state
 from capkeeper.trust import Refusal, assess
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from capkeeper.cli import ExitStatus
     from capkeeper.settings import Settings
 
 HELP = "list every file with capabilities, classified against the state"
@@ -879,7 +880,7 @@ def audit(
     Declared files below the roots that exist but carry no capabilities at all
     are reported as drifted too.
     """
-    limit = kernel_last_cap() if last_cap is None else last_cap
+    limit = cap_last_cap() if last_cap is None else last_cap
     result = walk(roots, options, progress=progress, table=table)
     index = index_state(state)
     findings: list[Finding] = []
@@ -985,7 +986,6 @@ def summary(report: AuditReport) -> str:
 
 
 def _exit_status(report: AuditReport) -> ExitStatus:
-    from capkeeper.cli import ExitStatus  # noqa: PLC0415 - cli imports this module
 
     if any(f.verdict.is_finding for f in report.findings):
         return ExitStatus.DRIFT

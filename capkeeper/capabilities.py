@@ -1,7 +1,8 @@
 """File capabilities: names, libcap's text form, and the ``security.capability`` codec.
 
-Everything here is pure data in, data out, except :func:`kernel_last_cap`, which
-reads one ``/proc`` file.
+Everything here is pure data in, data out. The running kernel's highest
+capability number is read by :func:`capkeeper.kernel.cap_last_cap` and passed in
+as ``last_cap``; without it, :data:`CAP_LAST_CAP` (the table's own) is assumed.
 
 * :func:`parse` turns libcap text (``cap_net_raw+ep``) into the :class:`CapSet`
   that ``setcap`` (libcap 2.66) would store, and refuses what ``setcap`` refuses.
@@ -13,7 +14,6 @@ reads one ``/proc`` file.
 
 from __future__ import annotations
 
-import functools
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
@@ -31,7 +31,6 @@ __all__ = [
     "decode_revision",
     "encode",
     "format_text",
-    "kernel_last_cap",
     "parse",
 ]
 
@@ -107,24 +106,9 @@ def capability_name(number: int) -> str:
     return CAPABILITY_NAMES[number] if number < len(CAPABILITY_NAMES) else str(number)
 
 
-@functools.cache
-def kernel_last_cap(path: str = "/proc/sys/kernel/cap_last_cap") -> int:
-    """Return the running kernel's highest capability number.
-
-    Falls back to :data:`CAP_LAST_CAP` when the file cannot be read or holds
-    something other than a number in 0..63. The answer is cached per path.
-    """
-    try:
-        with open(path, encoding="ascii") as file:
-            value = int(file.read().strip())
-    except (OSError, ValueError):
-        return CAP_LAST_CAP
-    return value if 0 <= value < _MAX_BITS else CAP_LAST_CAP
-
-
 def _resolve_last_cap(last_cap: int | None) -> int:
     if last_cap is None:
-        return kernel_last_cap()
+        return CAP_LAST_CAP
     if not 0 <= last_cap < _MAX_BITS:
         raise ValueError(f"last_cap {last_cap} is outside 0..{_MAX_BITS - 1}")
     return last_cap

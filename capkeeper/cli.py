@@ -10,20 +10,23 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from enum import IntEnum
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 from pydantic import ValidationError
 
-from capkeeper import __version__, adopt, audit, doctor
-from capkeeper.capabilities import decode_revision, format_text, kernel_last_cap
+from capkeeper import adopt, audit, doctor
+from capkeeper.capabilities import decode_revision, format_text
+from capkeeper.enforce import reconcile
 from capkeeper.errors import CapkeeperError, FileAccessError, StateError, UsageError, printable
+from capkeeper.exit_codes import ExitStatus
 from capkeeper.files import NO_XATTR, observe, read_path_caps
+from capkeeper.kernel import cap_last_cap
 from capkeeper.log import LEVELS, configure, get_logger
-from capkeeper.reconcile import Outcome, Status, log_outcome, reconcile
+from capkeeper.model import Entry
+from capkeeper.reconcile import Outcome, Status, log_outcome
 from capkeeper.settings import RESCAN_INTERVAL, SETTLE_TIME, Settings
-from capkeeper.state import Entry, State, load_state
+from capkeeper.state import State, load_state
 from capkeeper.status import StatusFileError, parse_status, read_status
 from capkeeper.status import render as render_status
 from capkeeper.systemd import (
@@ -35,16 +38,20 @@ from capkeeper.systemd import (
 )
 from capkeeper.trust import FLOOD_HINT, assess, exposed_directory, flood_warning
 
+__all__ = ["COMMANDS", "ExitStatus", "build_parser", "main"]
 
-class ExitStatus(IntEnum):
-    """Exit codes of every capkeeper command."""
 
-    OK = 0  # everything in sync / done
-    DRIFT = 1  # check: some binary differs from the state
-    FAILED = 2  # some binary was refused, is missing, or could not be written
-    USAGE = 64  # bad command line (EX_USAGE)
-    CONFIG = 78  # invalid state or settings (EX_CONFIG)
-    INTERRUPTED = 130  # Ctrl-C
+class _Version(argparse.Action):
+    """``--version``: reads the installed version only when asked (it costs an import)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        import capkeeper  # noqa: PLC0415
+
+        sys.stdout.write(f"capkeeper {capkeeper.__version__}\n")
+        parser.exit()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -86,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="capkeeper",
         description="Keep declared file capabilities on binaries across deploys.",
     )
-    parser.add_argument("--version", action="version", version=f"capkeeper {__version__}")
+    parser.add_argument("--version", action=_Version, help="show the version and exit")
     _common(parser, suppress=False)
     common = _Parser(add_help=False)
     _common(common, suppress=True)
@@ -297,7 +304,7 @@ def cmd_validate(args: argparse.Namespace, settings: Settings, out: TextIO) -> E
                 f"owner {entry.owner} can rewrite this binary through a shared mmap without "
                 f"losing its capabilities: that user effectively holds {entry.caps_text}",
             )
-        refusals = assess(entry, observation, last_cap=kernel_last_cap())
+        refusals = assess(entry, observation, last_cap=cap_last_cap())
         for refusal in refusals:
             problems += 1
             report(where, "problem", str(refusal), refusal.rule)

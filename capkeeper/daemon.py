@@ -42,16 +42,19 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
-from capkeeper.capabilities import kernel_last_cap
-from capkeeper.errors import CapkeeperError, StateError
-from capkeeper.files import Observation, posixjoin
+from capkeeper.capabilities import capability_number
+from capkeeper.enforce import reconcile
+from capkeeper.errors import CapkeeperError, PrivilegeError, StateError
+from capkeeper.files import posixjoin
+from capkeeper.kernel import cap_last_cap, effective_capabilities
 from capkeeper.log import get_logger
+from capkeeper.model import Entry, Observation
 from capkeeper.mounts import MountWatch
 from capkeeper.notify import Notifier
-from capkeeper.reconcile import Decision, Outcome, Status, log_outcome, reconcile
+from capkeeper.reconcile import Decision, Outcome, Status, log_outcome
 from capkeeper.schedule import Brake, Identity, identity_of, retry_delay
 from capkeeper.settings import Settings
-from capkeeper.state import Entry, State, load_state
+from capkeeper.state import State, load_state
 from capkeeper.status import StatusBook, write_metrics, write_status
 from capkeeper.watcher import (
     Link,
@@ -63,7 +66,6 @@ from capkeeper.watcher import (
     plan_route,
 )
 
-CAP_SETFCAP = 31
 DAEMON_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 # Causes that announce new content or another inode at the path (not just attributes).
 _ANNOUNCED = frozenset(
@@ -86,26 +88,13 @@ _STATUS_STALE = 5.0
 _EXPOSED_OVERFLOW_WARN_EVERY = 60.0
 
 
-class PrivilegeError(CapkeeperError):
-    """The daemon lacks what it needs to write ``security.capability``."""
-
-
-def effective_capabilities(status_path: str = "/proc/self/status") -> int:
-    """This process's effective capability set (``CapEff:``) as a bit mask."""
-    with open(status_path, encoding="ascii") as handle:
-        for line in handle:
-            if line.startswith("CapEff:"):
-                return int(line.split(":", 1)[1].strip(), 16)
-    raise PrivilegeError(f"no CapEff line in {status_path}")
-
-
 def require_setfcap(status_path: str = "/proc/self/status") -> None:
     """Raise :class:`PrivilegeError` unless CAP_SETFCAP is in the effective set."""
     try:
         effective = effective_capabilities(status_path)
     except OSError as exc:
         raise PrivilegeError(f"cannot read {status_path}: {exc.strerror}") from exc
-    if not effective >> CAP_SETFCAP & 1:
+    if not effective >> capability_number("cap_setfcap") & 1:
         who = "root" if os.geteuid() == 0 else f"uid {os.geteuid()}"
         raise PrivilegeError(
             "capkeeper watch needs the CAP_SETFCAP capability to restore "
@@ -163,7 +152,7 @@ class Daemon:
         self._stop = False
         self._reload = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._last_cap = kernel_last_cap()
+        self._last_cap = cap_last_cap()
         self._state = State(entries=(), files=())
         self._entries: dict[str, Entry] = {}
         self._plan = WatchPlan()

@@ -42,17 +42,19 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, TextIO
 
 from capkeeper.audit import load_state_or_empty
-from capkeeper.capabilities import CapSet, capability_name, capability_number, kernel_last_cap
+from capkeeper.capabilities import CapSet, capability_name, capability_number
 from capkeeper.errors import CapkeeperError, InvalidCapabilityText, printable
-from capkeeper.files import Kind, Observation, observe, observe_fd, open_declared
+from capkeeper.exit_codes import ExitStatus
+from capkeeper.files import observe, observe_fd, open_declared
 from capkeeper.interpreters import runs_other_code
+from capkeeper.kernel import cap_last_cap
 from capkeeper.log import get_logger
+from capkeeper.model import Entry, Kind, Observation
 from capkeeper.mounts import MountInfo, mount_of_fd
-from capkeeper.state import Entry, State, load_state
+from capkeeper.state import State, load_state
 from capkeeper.trust import FLOOD_HINT, Refusal, assess, exposed_directory, flood_warning
 
 if TYPE_CHECKING:
-    from capkeeper.cli import ExitStatus
     from capkeeper.settings import Settings
 
 __all__ = [
@@ -622,7 +624,7 @@ def diagnose(
         ]
     refusals: tuple[Refusal, ...] = ()
     if target.entry is not None:
-        limit = kernel_last_cap() if last_cap is None else last_cap
+        limit = cap_last_cap() if last_cap is None else last_cap
         refusals = assess(target.entry, facts.observation, last_cap=limit)
     found = check_file(path, facts.observation, allow_interpreter=target.allow_interpreter)
     problems = check_trust(path, refusals, (p.check for p in found))
@@ -739,7 +741,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cmd_doctor(args: argparse.Namespace, settings: Settings, out: TextIO) -> ExitStatus:
     """``capkeeper doctor [PATH...] [--unit UNIT]``."""
-    from capkeeper.cli import ExitStatus  # noqa: PLC0415 - cli imports this module
 
     failures: list[str] = []
     unit = _unit(args.unit, failures)

@@ -9,7 +9,7 @@ removes them) and say nothing the loader uses.
 
 Parsing is pure: :func:`parse` takes a ``read(offset, size)`` callable, so it
 runs the same on built bytes (:func:`inspect_bytes`) and on an open descriptor
-(:func:`inspect_fd`, ``os.pread``). Every read goes through a budget of 4 KiB
+(:func:`capkeeper.files.inspect_fd`, ``os.pread``). Every read goes through a budget of 4 KiB
 blocks (at most 1 MiB per file), every count and loop is capped, and anything malformed raises the
 one domain error :class:`ElfError`, which the ``inspect_*`` helpers turn into
 ``None``: "not recognised".
@@ -25,7 +25,6 @@ from __future__ import annotations
 import enum
 import functools
 import itertools
-import os
 import struct
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -38,7 +37,6 @@ __all__ = [
     "ElfFacts",
     "ElfType",
     "inspect_bytes",
-    "inspect_fd",
     "parse",
 ]
 
@@ -445,21 +443,6 @@ def inspect_bytes(data: bytes, symbols: Collection[str] = ()) -> ElfFacts | None
 
     def read(offset: int, size: int) -> bytes:
         return data[offset : offset + size]
-
-    try:
-        return parse(read, symbols)
-    except ElfError:
-        return None
-
-
-def inspect_fd(fd: int, symbols: Collection[str] = ()) -> ElfFacts | None:
-    """:func:`parse` over an open file with ``os.pread``; ``None`` when not readable ELF.
-
-    An ``OSError`` of the reads propagates (it is about the file, not its content).
-    """
-
-    def read(offset: int, size: int) -> bytes:
-        return os.pread(fd, size, offset)
 
     try:
         return parse(read, symbols)

@@ -126,3 +126,11 @@ class CapabilitiesNotKept(FileAccessError):
 
 class UsageError(CapkeeperError):
     """The command line asks for something that cannot be done."""
+
+
+class PrivilegeError(CapkeeperError):
+    """The daemon lacks what it needs to write ``security.capability``."""
+
+
+class WatchError(CapkeeperError):
+    """inotify itself cannot be used (no instance, no binding)."""

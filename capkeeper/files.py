@@ -14,17 +14,16 @@ import errno
 import hashlib
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from enum import StrEnum
 
 import xattr
 
 from capkeeper.capabilities import CapSet, decode, encode
-from capkeeper.elf import ElfFacts, inspect_fd
+from capkeeper.elf import ElfError, ElfFacts, parse
 from capkeeper.errors import CapabilitiesNotKept, FileAccessError, InvalidCapabilityData
 from capkeeper.interpreters import MARKER_SYMBOLS
+from capkeeper.model import Hop, Kind, Observation
 
 XATTR_NAME = "security.capability"
 NO_XATTR = (
@@ -36,50 +35,6 @@ _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 _LIST_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-class Kind(StrEnum):
-    """What the first bytes of a regular file say it is."""
-
-    ELF = "elf"
-    SCRIPT = "script"
-    OTHER = "other"
-    NOT_REGULAR = "not a regular file"
-
-
-@dataclass(frozen=True)
-class Hop:
-    """One directory or symlink crossed on the way to the file."""
-
-    path: str
-    uid: int
-    mode: int
-    is_symlink: bool = False
-    target: str = ""  # symlink text
-
-
-@dataclass(frozen=True)
-class Observation:
-    """Facts about a declared file, all taken from one open descriptor."""
-
-    path: str  # as declared
-    resolved: str  # the path actually opened, symlinks resolved
-    hops: tuple[Hop, ...]  # "/" first, the final file's directory last, symlinks in between
-    uid: int
-    gid: int
-    mode: int
-    dev: int
-    ino: int
-    kind: Kind
-    interpreter: str  # for scripts: the #! line
-    caps: CapSet | None  # None: no security.capability
-    caps_problem: str | None  # present but unreadable (legacy v1, foreign v3, malformed)
-    sha256: str | None  # computed only when asked
-    nlink: int = 1
-    size: int = 0
-    mtime_ns: int = 0  # with size: content identity (ctime also moves with our own setxattr)
-    xattr_supported: bool = True  # False: the file system has no extended attributes
-    elf: ElfFacts | None = None  # for ELF files whose headers could be read
 
 
 def _oserror(exc: OSError, path: str, action: str) -> FileAccessError:
@@ -332,3 +287,19 @@ def read_path_caps(path: str) -> tuple[CapSet | None, bytes | None]:
             return None, None
         raise _oserror(exc, path, "get capabilities") from exc
     return decode(value), value
+
+
+def inspect_fd(fd: int, symbols: Collection[str] = ()) -> ElfFacts | None:
+    """:func:`capkeeper.elf.parse` over an open file with ``os.pread``; ``None`` when not
+    readable ELF.
+
+    An ``OSError`` of the reads propagates (it is about the file, not its content).
+    """
+
+    def read(offset: int, size: int) -> bytes:
+        return os.pread(fd, size, offset)
+
+    try:
+        return parse(read, symbols)
+    except ElfError:
+        return None

@@ -1,31 +1,22 @@
-"""Observe → decide → act, the one path shared by ``apply``, ``check`` and the daemon.
+"""The verdict on one declared binary: pure, shared by ``apply``, ``check``, the daemon and audit.
 
 :func:`decide` is pure: given a declared entry and what was observed on the
 file, it says whether the file is in sync, needs its capabilities restored,
-or must be refused. :func:`reconcile` wraps it with the fd-pinned observation
-and the write, so every mode reaches the same verdict for the same file.
+or must be refused. :func:`capkeeper.enforce.reconcile` wraps it with the
+fd-pinned observation and the write, so every mode reaches the same verdict
+for the same file. :func:`event_for` names the one event each outcome is
+reported as (including the "tampering" verdict).
 """
 
 from __future__ import annotations
 
-import errno
-from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from capkeeper.capabilities import CapSet, format_text, kernel_last_cap
-from capkeeper.errors import CapabilitiesNotKept, FileAccessError
-from capkeeper.files import (
-    NO_XATTR,
-    Observation,
-    observe_fd,
-    open_declared,
-    remove_caps,
-    write_caps,
-)
-from capkeeper.state import Entry
-from capkeeper.trust import Refusal, assess, removal_blocker
+from capkeeper.capabilities import CapSet, format_text
+from capkeeper.model import Entry, Observation
+from capkeeper.trust import Refusal, assess
 
 
 class Status(StrEnum):
@@ -43,13 +34,15 @@ class Status(StrEnum):
         return self in (Status.IN_SYNC, Status.RESTORED)
 
 
-def describe(caps: CapSet | None, problem: str | None = None) -> str:
+def describe(
+    caps: CapSet | None, problem: str | None = None, *, last_cap: int | None = None
+) -> str:
     """Capabilities as ``getcap`` prints them; ``none`` when absent."""
     if problem:
         return problem
     if caps is None:
         return "none"
-    text = format_text(caps)
+    text = format_text(caps, last_cap=last_cap)
     return f"{text} [rootid={caps.rootid}]" if caps.rootid else text
 
 
@@ -98,7 +91,7 @@ class Outcome:
 
 def decide(entry: Entry, observation: Observation, *, last_cap: int) -> Decision:
     """Pure verdict: in sync, drift (restorable) or refused."""
-    found = describe(observation.caps, observation.caps_problem)
+    found = describe(observation.caps, observation.caps_problem, last_cap=last_cap)
     refusals = assess(entry, observation, last_cap=last_cap)
     if refusals:
         return Decision(Status.REFUSED, found, refusals=refusals)
@@ -117,137 +110,6 @@ def decide(entry: Entry, observation: Observation, *, last_cap: int) -> Decision
         )
     )
     return Decision(Status.DRIFT, found, extra=extra)
-
-
-_ATTEMPTS = 3  # walks tried when the file keeps being replaced while it is opened
-
-
-def reconcile(
-    entry: Entry,
-    *,
-    write: bool,
-    last_cap: int | None = None,
-    hold: Callable[[Observation, Decision], bool] | None = None,
-) -> Outcome:
-    """Observe ``entry``'s file, decide, and (when ``write``) restore its capabilities.
-
-    When ``hold`` returns True for the observation and verdict (the daemon: a
-    write may be in progress), nothing is written: the outcome is ``held``.
-    A file replaced between the walk and the open is walked again (a deploy
-    renaming a new build into place); after a few such races in a row the
-    outcome is a transient failure that the next event or retry looks at again.
-    """
-    limit = kernel_last_cap() if last_cap is None else last_cap
-    attempt = 1
-    while True:
-        try:
-            return _reconcile_once(entry, write=write, last_cap=limit, hold=hold)
-        except FileAccessError as exc:
-            if exc.errno == errno.ENOENT:
-                return Outcome(entry, Status.MISSING, "none", reason="file does not exist")
-            if exc.errno == errno.EAGAIN and attempt < _ATTEMPTS:
-                attempt += 1
-                continue
-            transient = exc.errno == errno.EAGAIN
-            return Outcome(entry, Status.FAILED, "unknown", reason=str(exc), transient=transient)
-
-
-def _reconcile_once(
-    entry: Entry,
-    *,
-    write: bool,
-    last_cap: int,
-    hold: Callable[[Observation, Decision], bool] | None,
-) -> Outcome:
-    with open_declared(entry.path) as (fd, hops, resolved):
-        observation = observe_fd(entry.path, fd, hops, resolved, hash=entry.sha256 is not None)
-        decision = decide(entry, observation, last_cap=last_cap)
-        if hold is not None and hold(observation, decision):
-            return Outcome(
-                entry,
-                decision.status,
-                decision.found,
-                resolved,
-                observation=observation,
-                held=True,
-            )
-        if decision.status is Status.REFUSED:
-            return _refuse(entry, fd, observation, decision, write=write)
-        if not observation.xattr_supported:
-            reason = f"{resolved}: {NO_XATTR}"
-            return Outcome(
-                entry,
-                Status.FAILED,
-                decision.found,
-                resolved,
-                reason=reason,
-                observation=observation,
-            )
-        if decision.status is Status.IN_SYNC or not write:
-            return Outcome(
-                entry,
-                decision.status,
-                decision.found,
-                resolved,
-                extra=decision.extra,
-                observation=observation,
-            )
-        try:
-            write_caps(fd, entry.caps, path=entry.path)
-        except CapabilitiesNotKept as exc:
-            # Usually a race with whatever strips them (the daemon brakes such a fight);
-            # the next event or retry looks again.
-            return Outcome(
-                entry,
-                Status.FAILED,
-                decision.found,
-                resolved,
-                reason=str(exc),
-                observation=observation,
-                transient=True,
-            )
-        return Outcome(
-            entry,
-            Status.RESTORED,
-            decision.found,
-            resolved,
-            extra=decision.extra,
-            observation=observation,
-        )
-
-
-def _refuse(
-    entry: Entry, fd: int, observation: Observation, decision: Decision, *, write: bool
-) -> Outcome:
-    reason = "; ".join(str(r) for r in decision.refusals)
-    capable = observation.caps is not None or observation.caps_problem is not None
-    blocker = removal_blocker(observation, decision.refusals)
-    if blocker is not None:
-        # Whoever controls the route chose the file it reaches: it may be any
-        # binary on the host, so nothing is changed on it.
-        if write and capable:
-            reason += (
-                f"; nothing was changed on {observation.resolved} (it keeps {decision.found}): "
-                f"{blocker}"
-            )
-    elif write and capable:
-        # Fail closed: capabilities left on a file we no longer trust (its mode
-        # loosened, its pinned content changed through a shared mmap, which keeps
-        # them) would still be granted at every exec. Only root chose the route,
-        # so this is the very file the declared path names.
-        try:
-            remove_caps(fd, path=entry.path)
-            reason += f"; its capabilities ({decision.found}) were removed"
-        except FileAccessError as exc:
-            reason += f"; its capabilities could not be removed: {exc}"
-    return Outcome(
-        entry,
-        Status.REFUSED,
-        decision.found,
-        observation.resolved,
-        reason,
-        observation=observation,
-    )
 
 
 def event_for(outcome: Outcome) -> tuple[str, str]:

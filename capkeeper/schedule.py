@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from capkeeper.files import Observation
+    from capkeeper.model import Observation
 
 RETRY_FIRST = 0.5  # seconds before a refused or failed entry is looked at again
 RETRY_MAX = 30.0

@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from capkeeper.capabilities import CapSet, capability_name, format_text, kernel_last_cap, parse
+from capkeeper.capabilities import CapSet, capability_name, format_text, parse
 from capkeeper.errors import (
     CapkeeperError,
     FileAccessError,
@@ -33,7 +33,9 @@ from capkeeper.errors import (
     needs_escape,
     printable,
 )
-from capkeeper.files import REPLACED, Hop, open_declared
+from capkeeper.files import REPLACED, open_declared
+from capkeeper.kernel import cap_last_cap
+from capkeeper.model import Entry, Hop
 from capkeeper.trust import route_refusals
 
 DEFAULT_STATE = Path("/etc/capkeeper/state.toml")
@@ -76,21 +78,6 @@ class _BinaryTable(BaseModel):
         if value is not None and not _SHA256.fullmatch(value.lower()):
             raise ValueError("must be 64 hexadecimal digits")
         return value.lower() if value is not None else None
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One declared binary, validated."""
-
-    path: str
-    caps: CapSet
-    caps_text: str  # canonical, as getcap prints it
-    owner: str = "root"
-    owner_uid: int = 0
-    sha256: str | None = None
-    allow_inheritable: bool = False
-    allow_interpreter: bool = False
-    source: str = field(default="", compare=False)  # "state.d/web.toml: entry 3"
 
 
 @dataclass(frozen=True)
@@ -413,7 +400,7 @@ def load_state(
     drop-in pass the route and ownership rules and are read from the checked
     descriptors, or the whole state is invalid.
     """
-    limit = kernel_last_cap() if last_cap is None else last_cap
+    limit = cap_last_cap() if last_cap is None else last_cap
     try:
         absolute = os.path.abspath(main)
     except OSError as exc:  # getcwd(2) fails once the working directory is removed

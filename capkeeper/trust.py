@@ -11,15 +11,11 @@ import posixpath
 import stat
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from capkeeper.capabilities import capability_name
 from capkeeper.errors import printable
-from capkeeper.files import Hop, Kind, Observation
 from capkeeper.interpreters import runs_other_code
-
-if TYPE_CHECKING:  # state imports this module to trust-walk the state files
-    from capkeeper.state import Entry
+from capkeeper.model import Entry, Hop, Kind, Observation
 
 _WRITABLE_BY_OTHERS = stat.S_IWGRP | stat.S_IWOTH
 

@@ -40,7 +40,7 @@ from enum import IntFlag
 import pyinotify
 import structlog
 
-from capkeeper.errors import CapkeeperError
+from capkeeper.errors import WatchError
 from capkeeper.files import posixjoin
 from capkeeper.trust import open_to_others
 
@@ -385,10 +385,6 @@ class WatchPlan:
 
 
 # -- the watcher ------------------------------------------------------------------------
-
-
-class WatchError(CapkeeperError):
-    """inotify itself cannot be used (no instance, no binding)."""
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from capkeeper.audit import (
 )
 from capkeeper.capabilities import CapSet, parse
 from capkeeper.cli import ExitStatus, main
-from capkeeper.files import Kind, Observation
+from capkeeper.model import Kind, Observation
 from capkeeper.trust import Refusal
 from tests.conftest import make_binary, require_root, require_tool, setcap
 from tests.test_mounts import private_mount_namespace, run

@@ -23,10 +23,10 @@ from capkeeper.capabilities import (
     decode_revision,
     encode,
     format_text,
-    kernel_last_cap,
     parse,
 )
 from capkeeper.errors import InvalidCapabilityData, InvalidCapabilityText
+from capkeeper.kernel import cap_last_cap
 
 ALL_EP = "01000002ffffffff00000000ff01000000000000"
 EMPTY = "0000000200000000000000000000000000000000"
@@ -460,21 +460,21 @@ def test_last_cap_must_be_a_capability_number(last_cap: int) -> None:
     ("content", "expected"),
     [("37\n", 37), ("40", 40), ("", CAP_LAST_CAP), ("forty\n", CAP_LAST_CAP), ("64\n", 40)],
 )
-def test_kernel_last_cap_reads_the_file(tmp_path: Path, content: str, expected: int) -> None:
-    """kernel_last_cap reads the number and falls back to 40 when it makes no sense."""
+def test_cap_last_cap_reads_the_file(tmp_path: Path, content: str, expected: int) -> None:
+    """cap_last_cap reads the number and falls back to 40 when it makes no sense."""
     path = tmp_path / "cap_last_cap"
     path.write_text(content)
-    assert kernel_last_cap(str(path)) == expected
+    assert cap_last_cap(str(path)) == expected
 
 
-def test_kernel_last_cap_falls_back_when_missing(tmp_path: Path) -> None:
-    """Without the /proc file (kernels before 3.2), kernel_last_cap assumes 40."""
-    assert kernel_last_cap(str(tmp_path / "missing")) == CAP_LAST_CAP
+def test_cap_last_cap_falls_back_when_missing(tmp_path: Path) -> None:
+    """Without the /proc file (kernels before 3.2), cap_last_cap assumes 40."""
+    assert cap_last_cap(str(tmp_path / "missing")) == CAP_LAST_CAP
 
 
 def test_defaults_use_the_running_kernel() -> None:
     """Without last_cap, parse and format_text use the running kernel's last capability."""
-    last = kernel_last_cap()
+    last = cap_last_cap()
     everything = (1 << last + 1) - 1
     assert parse("=ep") == CapSet(permitted=everything, effective=True)
     assert format_text(CapSet(permitted=everything, effective=True)) == "=ep"

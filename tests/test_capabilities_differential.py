@@ -25,10 +25,10 @@ from capkeeper.capabilities import (
     decode_revision,
     encode,
     format_text,
-    kernel_last_cap,
     parse,
 )
 from capkeeper.errors import InvalidCapabilityText
+from capkeeper.kernel import cap_last_cap
 from tests.conftest import make_binary, require_root, require_tool
 
 XATTR = "security.capability"
@@ -425,10 +425,10 @@ def test_getcap_prints_format_text_for_random_values(oracle: Oracle) -> None:
     assert not problems, f"{len(problems)} disagreements, first 20:\n{shown}"
 
 
-def test_the_kernel_last_cap_is_what_the_tables_assume() -> None:
+def test_the_cap_last_cap_is_what_the_tables_assume() -> None:
     """The differential tests compare against this kernel's cap_last_cap (40 on reference)."""
     with open("/proc/sys/kernel/cap_last_cap") as file:
-        assert kernel_last_cap() == int(file.read())
+        assert cap_last_cap() == int(file.read())
 
 
 @pytest.mark.parametrize("text", ["", " ", "\t", " \n\v "])

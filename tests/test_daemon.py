@@ -26,10 +26,11 @@ import structlog
 from structlog.testing import capture_logs
 
 import capkeeper.daemon as daemon_module
-import capkeeper.reconcile
+import capkeeper.enforce
 from capkeeper.capabilities import CapSet, decode, format_text, parse
-from capkeeper.daemon import Daemon, effective_capabilities, require_setfcap
+from capkeeper.daemon import Daemon, require_setfcap
 from capkeeper.errors import CapkeeperError
+from capkeeper.kernel import effective_capabilities
 from capkeeper.settings import Settings
 from capkeeper.watcher import Watcher, WatchFailure
 from tests.conftest import getcap, make_binary, require_root, require_tool, setcap
@@ -779,7 +780,7 @@ def test_unexpected_error_on_one_entry_spares_the_others(
     """An unexpected exception while reconciling one file is logged; the others are enforced."""
     broken = make_binary(tree / "broken")
     fine = make_binary(tree / "fine")
-    real = capkeeper.reconcile.reconcile
+    real = capkeeper.enforce.reconcile
 
     def reconcile(entry: Any, **options: Any) -> Any:
         if entry.path == str(broken):

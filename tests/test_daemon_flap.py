@@ -29,8 +29,8 @@ import structlog
 from structlog.testing import capture_logs
 
 import capkeeper.daemon as daemon_module
+import capkeeper.enforce
 import capkeeper.files
-import capkeeper.reconcile
 from capkeeper.capabilities import encode, parse
 from capkeeper.daemon import Daemon
 from capkeeper.errors import FileAccessError
@@ -280,7 +280,7 @@ def test_check_racing_a_write_waits_for_its_close(
     settings = Settings(
         state=state, status_file=tree.parent / "status.json", rescan_interval=3600, settle_time=1.0
     )
-    real = capkeeper.reconcile.reconcile
+    real = capkeeper.enforce.reconcile
     armed = threading.Event()
     handles: list[BinaryIO] = []
 
@@ -439,7 +439,7 @@ def test_enospc_is_retried_on_its_back_off(tree: Path, monkeypatch: pytest.Monke
             )
         real(fd, caps, path=path)
 
-    monkeypatch.setattr(capkeeper.reconcile, "write_caps", write_caps)
+    monkeypatch.setattr(capkeeper.enforce, "write_caps", write_caps)
     state = write_state(tree.parent / "state.toml", {binary: CAPS})
     settings = Settings(state=state, status_file=tree.parent / "status.json", rescan_interval=3600)
     daemon = Daemon(settings, logger=structlog.get_logger(), install_signals=False)

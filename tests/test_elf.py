@@ -18,7 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from capkeeper import elf
-from capkeeper.elf import EIClass, EIData, ElfError, ElfType, inspect_bytes, inspect_fd, parse
+from capkeeper.elf import EIClass, EIData, ElfError, ElfType, inspect_bytes, parse
+from capkeeper.files import inspect_fd
 from capkeeper.interpreters import MARKER_SYMBOLS
 from tests.elf_builder import DT_STRTAB, Built, build_elf
 

@@ -22,10 +22,11 @@ import pytest
 from capkeeper.capabilities import format_text, parse
 from capkeeper.cli import ExitStatus, main
 from capkeeper.elf import ElfFacts, ElfType, inspect_bytes
+from capkeeper.enforce import reconcile
 from capkeeper.files import XATTR_NAME, observe
 from capkeeper.interpreters import MARKER_SYMBOLS, runs_other_code
-from capkeeper.reconcile import Status, reconcile
-from capkeeper.state import Entry
+from capkeeper.model import Entry
+from capkeeper.reconcile import Status
 from tests.conftest import getcap, require_tool
 from tests.elf_builder import build_elf
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from capkeeper.capabilities import format_text, parse
-from capkeeper.reconcile import reconcile
-from capkeeper.state import Entry
+from capkeeper.enforce import reconcile
+from capkeeper.model import Entry
 from capkeeper.status import StatusBook, metrics_text
 from tests.conftest import make_binary
 

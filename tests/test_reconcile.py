@@ -12,9 +12,10 @@ import pytest
 import structlog
 
 from capkeeper.capabilities import parse
+from capkeeper.enforce import reconcile
 from capkeeper.files import XATTR_NAME
-from capkeeper.reconcile import Status, log_outcome, reconcile
-from capkeeper.state import Entry
+from capkeeper.model import Entry
+from capkeeper.reconcile import Status, log_outcome
 from tests.conftest import getcap, make_binary, setcap
 
 

@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 from capkeeper.capabilities import format_text, parse
 from capkeeper.cli import ExitStatus, main
-from capkeeper.reconcile import reconcile
-from capkeeper.state import Entry
+from capkeeper.enforce import reconcile
+from capkeeper.model import Entry
 from capkeeper.status import StatusBook, metrics_text, write_metrics, write_status
 from tests.conftest import make_binary
 

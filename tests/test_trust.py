@@ -7,9 +7,10 @@ import os
 from pathlib import Path
 
 from capkeeper.capabilities import format_text, parse
-from capkeeper.files import XATTR_NAME, Hop, Kind, Observation
-from capkeeper.reconcile import Status, reconcile
-from capkeeper.state import Entry
+from capkeeper.enforce import reconcile
+from capkeeper.files import XATTR_NAME
+from capkeeper.model import Entry, Hop, Kind, Observation
+from capkeeper.reconcile import Status
 from capkeeper.trust import assess
 from tests.conftest import getcap, make_binary, setcap
 

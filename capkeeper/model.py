@@ -1,0 +1,76 @@
+"""Frozen data shared by every layer: a declared entry and what was observed on a file.
+
+Pure: no module here does I/O. :mod:`capkeeper.state` builds :class:`Entry` values from
+the state files; :mod:`capkeeper.files` builds :class:`Hop` and :class:`Observation`
+values from one open descriptor; the pure core (:mod:`capkeeper.trust`,
+:mod:`capkeeper.reconcile`, :mod:`capkeeper.schedule`) only reads them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from capkeeper.capabilities import CapSet
+from capkeeper.elf import ElfFacts
+
+__all__ = ["Entry", "Hop", "Kind", "Observation"]
+
+
+class Kind(StrEnum):
+    """What the first bytes of a regular file say it is."""
+
+    ELF = "elf"
+    SCRIPT = "script"
+    OTHER = "other"
+    NOT_REGULAR = "not a regular file"
+
+
+@dataclass(frozen=True)
+class Hop:
+    """One directory or symlink crossed on the way to the file."""
+
+    path: str
+    uid: int
+    mode: int
+    is_symlink: bool = False
+    target: str = ""  # symlink text
+
+
+@dataclass(frozen=True)
+class Observation:
+    """Facts about a declared file, all taken from one open descriptor."""
+
+    path: str  # as declared
+    resolved: str  # the path actually opened, symlinks resolved
+    hops: tuple[Hop, ...]  # "/" first, the final file's directory last, symlinks in between
+    uid: int
+    gid: int
+    mode: int
+    dev: int
+    ino: int
+    kind: Kind
+    interpreter: str  # for scripts: the #! line
+    caps: CapSet | None  # None: no security.capability
+    caps_problem: str | None  # present but unreadable (legacy v1, foreign v3, malformed)
+    sha256: str | None  # computed only when asked
+    nlink: int = 1
+    size: int = 0
+    mtime_ns: int = 0  # with size: content identity (ctime also moves with our own setxattr)
+    xattr_supported: bool = True  # False: the file system has no extended attributes
+    elf: ElfFacts | None = None  # for ELF files whose headers could be read
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One declared binary, validated."""
+
+    path: str
+    caps: CapSet
+    caps_text: str  # canonical, as getcap prints it
+    owner: str = "root"
+    owner_uid: int = 0
+    sha256: str | None = None
+    allow_inheritable: bool = False
+    allow_interpreter: bool = False
+    source: str = field(default="", compare=False)  # "state.d/web.toml: entry 3"
