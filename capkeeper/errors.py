@@ -134,3 +134,7 @@ class PrivilegeError(CapkeeperError):
 
 class WatchError(CapkeeperError):
     """inotify itself cannot be used (no instance, no binding)."""
+
+
+class SettingsError(CapkeeperError):
+    """A setting (environment ``CAPKEEPER_*``, settings file or option) is invalid (exit 78)."""
