@@ -389,14 +389,15 @@ def cmd_status(args: argparse.Namespace, settings: Settings, out: TextIO) -> Exi
 def cmd_watch(args: argparse.Namespace, settings: Settings, out: TextIO) -> ExitStatus:
     from capkeeper.daemon import watch  # noqa: PLC0415 - only the daemon needs pyinotify
 
-    code = watch(
-        settings,
-        rescan_interval=args.rescan_interval,
-        settle_time=args.settle_time,
-        status_file=args.status_file,
-        metrics_file=args.metrics_file,
-    )
-    return ExitStatus(code)
+    overrides = {
+        key: getattr(args, key)
+        for key in ("rescan_interval", "settle_time", "status_file", "metrics_file")
+        if getattr(args, key) is not None
+    }
+    # Until load_settings (wip/oneshot) takes these overrides: the daemon gets merged settings.
+    if overrides:
+        settings = Settings(**{**settings.model_dump(), **overrides})
+    return ExitStatus(watch(settings))
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, Settings, TextIO], ExitStatus]] = {

@@ -44,6 +44,7 @@ LAYERS: dict[str, int] = {
     "status": ADAPTER,
     "systemd": ADAPTER,
     "enforce": ADAPTER,
+    "keeper": ADAPTER,
     "daemon": SHELL,
     "audit": SHELL,
     "adopt": SHELL,
