@@ -200,7 +200,6 @@ class Daemon:
         # with 1,000 entries; ~0 once frozen).
         gc.collect()
         gc.freeze()
-        self._book.watches = keeper.watcher.watch_count
         self._sd_status = self._status_line()
         self._notifier.ready(self._sd_status)
         self._publish()
@@ -312,17 +311,18 @@ class Daemon:
     # -- what is shown: STATUS=, the status file and the metrics ------------------------
 
     def _status_line(self) -> str:
+        """The ``STATUS=`` text, with the inotify watch count as it is now."""
         keeper = self._keeper
-        directories = len(keeper.plan.directories()) if keeper is not None else 0
-        return status_line(self._book, directories=directories)
+        if keeper is None:
+            return status_line(self._book, directories=0)
+        watches = keeper.watcher.watch_count
+        if self._book.watches != watches:
+            self._book.watches = watches
+            self._book.dirty = True
+        return status_line(self._book, directories=len(keeper.plan.directories()))
 
     def _publish(self) -> None:
         """Tell systemd and the status file what changed, if anything did."""
-        if self._keeper is not None:
-            watches = self._keeper.watcher.watch_count
-            if self._book.watches != watches:
-                self._book.watches = watches
-                self._book.dirty = True
         text = self._status_line()
         if text != self._sd_status:
             self._sd_status = text
