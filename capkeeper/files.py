@@ -24,13 +24,14 @@ from capkeeper.elf import ElfError, ElfFacts, parse
 from capkeeper.errors import CapabilitiesNotKept, FileAccessError, InvalidCapabilityData
 from capkeeper.interpreters import MARKER_SYMBOLS
 from capkeeper.model import Hop, Kind, Observation
+from capkeeper.paths import FD_CALLS, FdCalls, Walk
+from capkeeper.paths import posixjoin as posixjoin  # noqa: PLC0414 - daemon imports it here
 
 XATTR_NAME = "security.capability"
 NO_XATTR = (
     "the file system does not support extended attributes, so it cannot keep "
     "security.capability (hint: keep managed binaries on ext4, xfs, btrfs or tmpfs)"
 )
-_MAX_SYMLINKS = 40  # the kernel's MAXSYMLINKS
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
@@ -58,77 +59,64 @@ def _oserror(exc: OSError, path: str, action: str) -> FileAccessError:
     )
 
 
-def _split(path: str) -> list[str]:
-    return [part for part in path.split("/") if part not in ("", ".")]
-
-
 REPLACED = "replaced while opening"
 """The reason given when the file changed between the walk and the open."""
 
 
 @contextmanager
-def open_declared(path: str, *, directory: bool = False) -> Iterator[tuple[int, list[Hop], str]]:
+def open_declared(
+    path: str, *, directory: bool = False, calls: FdCalls = FD_CALLS
+) -> Iterator[tuple[int, list[Hop], str]]:
     """Walk ``path`` safely and yield ``(fd, hops, resolved)`` for its final file.
 
-    ``hops`` is the route to the final component (not the component itself).
-    With ``directory`` the final component must be a directory, opened for
-    reading (listing); otherwise a regular file is opened for reading and
-    anything else with ``O_PATH``.
+    The walk is :class:`capkeeper.paths.Walk` over descriptors: every directory
+    is opened with ``O_NOFOLLOW`` relative to the one before, so no name is
+    resolved twice. ``hops`` is the route to the final component (not the
+    component itself). With ``directory`` the final component must be a
+    directory, opened for reading (listing); otherwise a regular file is opened
+    for reading and anything else with ``O_PATH``. ``calls`` are the system
+    calls (tests inject races there).
 
     Raises :class:`FileAccessError` (``errno`` ENOENT when the file is missing,
     EAGAIN with :data:`REPLACED` when it was replaced between walk and open).
     """
-    stack: list[tuple[int, str]] = []  # (fd, path) of directories, "/" first
+    walk: Walk[int] | None = None
     fd: int | None = None
     try:
         try:
-            fd, hops, resolved = _walk(path, stack, directory=directory)
+            walk = Walk(path, calls.open("/", _DIR_FLAGS), release=calls.close)
+            fd, hops, resolved = _walk(path, walk, calls, directory=directory)
         except OSError as exc:
             raise _oserror(exc, path, "open") from exc
         # Outside the try above: an error of the caller's is not an error opening.
         yield fd, hops, resolved
     finally:
         if fd is not None:
-            os.close(fd)
-        for dir_fd, _ in stack:
-            os.close(dir_fd)
+            calls.close(fd)
+        if walk is not None:
+            walk.close()
 
 
 def _walk(
-    path: str, stack: list[tuple[int, str]], *, directory: bool
+    path: str, walk: Walk[int], calls: FdCalls, *, directory: bool
 ) -> tuple[int, list[Hop], str]:
-    """The walk of :func:`open_declared`; directory descriptors are left on ``stack``."""
-    hops: list[Hop] = []
-    root = os.open("/", _DIR_FLAGS)
-    stack.append((root, "/"))
-    st = os.fstat(root)
-    hops.append(Hop("/", st.st_uid, st.st_mode))
-    todo = _split(path)
-    links = 0
-    while todo:
-        name = todo.pop(0)
-        dir_fd, dir_path = stack[-1]
-        if name == "..":
-            if len(stack) > 1:
-                os.close(stack.pop()[0])
-            continue
+    """The walk of :func:`open_declared`; directory descriptors are left to ``walk``."""
+    st = calls.fstat(walk.directory[0])
+    hops = [Hop("/", st.st_uid, st.st_mode)]
+    while (name := walk.next_name()) is not None:
+        dir_fd, dir_path = walk.directory
         here = posixjoin(dir_path, name)
-        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        st = calls.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         if stat.S_ISLNK(st.st_mode):
-            links += 1
-            if links > _MAX_SYMLINKS:
-                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
-            target = os.readlink(name, dir_fd=dir_fd)
+            target = calls.readlink(name, dir_fd=dir_fd)
             hops.append(Hop(here, st.st_uid, st.st_mode, is_symlink=True, target=target))
-            if target.startswith("/"):
-                while len(stack) > 1:
-                    os.close(stack.pop()[0])
-            todo[:0] = _split(target)
+            if not walk.follow(target):
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
             continue
-        if todo:  # an intermediate component must be a directory
-            sub = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
-            stack.append((sub, here))
-            st = os.fstat(sub)
+        if not walk.last:  # an intermediate component must be a directory
+            sub = calls.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+            walk.enter(sub, here)
+            st = calls.fstat(sub)
             hops.append(Hop(here, st.st_uid, st.st_mode))
             continue
         if directory:
@@ -137,10 +125,10 @@ def _walk(
             # Only regular files are opened for reading: opening a device or FIFO
             # can have side effects. O_PATH suffices to describe anything else.
             flags = _FILE_FLAGS if stat.S_ISREG(st.st_mode) else _PATH_FLAGS
-        fd = os.open(name, flags, dir_fd=dir_fd)
-        opened = os.fstat(fd)
+        fd = calls.open(name, flags, dir_fd=dir_fd)
+        opened = calls.fstat(fd)
         if (opened.st_ino, opened.st_dev) != (st.st_ino, st.st_dev):
-            os.close(fd)
+            calls.close(fd)
             raise FileAccessError(
                 f"{REPLACED}: it changed between the walk and the open; "
                 "the next event or retry looks again",
@@ -149,10 +137,6 @@ def _walk(
             )
         return fd, hops, here
     raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
-
-
-def posixjoin(directory: str, name: str) -> str:
-    return f"/{name}" if directory == "/" else f"{directory}/{name}"
 
 
 def read_caps(fd: int) -> tuple[CapSet | None, str | None]:

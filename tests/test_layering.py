@@ -32,6 +32,7 @@ LAYERS: dict[str, int] = {
     "trust": PURE,
     "reconcile": PURE,
     "schedule": PURE,
+    "paths": ADAPTER,
     "files": ADAPTER,
     "kernel": ADAPTER,
     "mounts": ADAPTER,
