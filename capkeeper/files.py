@@ -106,7 +106,7 @@ def _walk(
     while (name := walk.next_name()) is not None:
         dir_fd, dir_path = walk.directory
         here = posixjoin(dir_path, name)
-        st = calls.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        st = calls.stat(name, dir_fd=dir_fd)
         if stat.S_ISLNK(st.st_mode):
             target = calls.readlink(name, dir_fd=dir_fd)
             hops.append(Hop(here, st.st_uid, st.st_mode, is_symlink=True, target=target))

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 __all__ = ["MAX_SYMLINKS", "FdCalls", "Walk", "components", "posixjoin"]
@@ -109,19 +108,29 @@ class Walk(Generic[D]):
             self._release(self.stack.pop()[0])
 
 
-@dataclass(frozen=True)
 class FdCalls:
-    """The system calls of the descriptor walk, the real ones by default.
+    """The system calls of the descriptor walk: the real ones.
 
-    Passed in so that a test can make the file system change at an exact
-    point of the walk (a replacement between ``stat`` and ``open``).
+    Each is looked up in :mod:`os` at the moment of the call. A test that must
+    make the file system change at an exact point of the walk (a replacement
+    between ``stat`` and ``open``) overrides one method in a subclass.
     """
 
-    open: Callable[..., int] = os.open
-    stat: Callable[..., os.stat_result] = os.stat
-    fstat: Callable[[int], os.stat_result] = os.fstat
-    readlink: Callable[..., str] = os.readlink
-    close: Callable[[int], None] = os.close
+    def open(self, path: str, flags: int, *, dir_fd: int | None = None) -> int:
+        return os.open(path, flags, dir_fd=dir_fd)
+
+    def stat(self, name: str, *, dir_fd: int) -> os.stat_result:
+        """``fstatat(dir_fd, name, AT_SYMLINK_NOFOLLOW)``."""
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+
+    def fstat(self, fd: int) -> os.stat_result:
+        return os.fstat(fd)
+
+    def readlink(self, name: str, *, dir_fd: int) -> str:
+        return os.readlink(name, dir_fd=dir_fd)
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
 
 
 FD_CALLS = FdCalls()
