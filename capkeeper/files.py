@@ -36,8 +36,7 @@ from capkeeper.elf import ElfError, ElfFacts, parse
 from capkeeper.errors import CapabilitiesNotKept, FileAccessError, InvalidCapabilityData
 from capkeeper.interpreters import MARKER_SYMBOLS
 from capkeeper.model import Hop, Kind, Observation
-from capkeeper.paths import FD_CALLS, FdCalls, Walk
-from capkeeper.paths import posixjoin as posixjoin  # noqa: PLC0414 - daemon imports it here
+from capkeeper.paths import FD_CALLS, FdCalls, Walk, posixjoin
 
 XATTR_NAME = "security.capability"
 NO_XATTR = (

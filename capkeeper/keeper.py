@@ -24,9 +24,9 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from capkeeper.enforce import reconcile
-from capkeeper.files import posixjoin
 from capkeeper.model import Entry, Observation
 from capkeeper.mounts import MountWatch
+from capkeeper.paths import posixjoin
 from capkeeper.reconcile import Decision, Outcome, Status, log_outcome
 from capkeeper.schedule import (
     FIGHT_PACE,
