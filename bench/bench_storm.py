@@ -47,6 +47,7 @@ from benchlib import (
     cpu_seconds,
     emit,
     reference_value,
+    settled_cpu,
     write_state,
 )
 
@@ -89,19 +90,6 @@ for i in range(int(sys.argv[2])):
     os.close(os.open(name, os.O_CREAT | os.O_WRONLY, 0o600, dir_fd=where))
     os.unlink(name, dir_fd=where)
 """
-
-
-def _settled_cpu(pid: int, deadline: float) -> float:
-    """The CPU time of ``pid`` once it stopped growing for 0.5 s (it read everything)."""
-    last, since = cpu_seconds(pid), time.perf_counter()
-    while time.perf_counter() < deadline:
-        time.sleep(0.1)
-        now = cpu_seconds(pid)
-        if now != last:
-            last, since = now, time.perf_counter()
-        elif time.perf_counter() - since >= 0.5:
-            break
-    return last
 
 
 def main() -> int:
@@ -148,7 +136,7 @@ def main() -> int:
         (directory / END).touch()
         (directory / END).unlink()
         baseline = json.loads(consumer.communicate(timeout=300)[0])
-        daemon_cpu = _settled_cpu(daemon.pid, time.perf_counter() + 300) - cpu0
+        daemon_cpu = settled_cpu(daemon.pid, time.perf_counter() + 300) - cpu0
         raised = iterations * 3
         events = daemon.events()[mark:]
         rescans = [e for e in events if e.get("event") == "rescan" and e["cause"] == "overflow"]

@@ -107,6 +107,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def settled_cpu(pid: int, deadline: float) -> float:
+    """The CPU time of ``pid`` once it stopped growing for 0.5 s (it caught up)."""
+    last, since = cpu_seconds(pid), time.perf_counter()
+    while time.perf_counter() < deadline:
+        time.sleep(0.1)
+        now = cpu_seconds(pid)
+        if now != last:
+            last, since = now, time.perf_counter()
+        elif time.perf_counter() - since >= 0.5:
+            break
+    return last
+
+
 def context_switches(pid: int) -> int:
     """Voluntary context switches of every thread of ``pid`` (each one a wake-up)."""
     total = 0

@@ -82,6 +82,7 @@ def _rows_oneshot(f: dict[str, Any]) -> list[Row]:
 
 
 def _rows_scale(f: dict[str, Any]) -> list[Row]:
+    nan = float("nan")
     n = f"{f['binaries']:,}"
     base = f"`getcap -r` {_s(f['getcap_s'])}; Python stat+getxattr {_s(f['python_stat_s'])}"
     restored = f["carrying_at_ready"] == f["binaries"]
@@ -109,6 +110,14 @@ def _rows_scale(f: dict[str, Any]) -> list[Row]:
             f"{f['rss_kib'] / f['python_rss_kib']:.1f}{X}",
             "≤ 60 MB",
             _met(f["rss_kib"] * 1024 <= 60e6),
+        ),
+        (
+            f"{n} binaries: after `READY=1` (all restored), reading its own echo",
+            "—",
+            f"{f.get('echo_cpu_s', nan):.2f} CPU-s over {f.get('echo_s', nan):.2f} s",
+            "—",
+            "—",
+            "—",
         ),
         (
             f"idle wake-ups at {n} entries, {f['idle_seconds']:g} s, "

@@ -83,8 +83,9 @@ def test_scale_figures(tmp_path: Path) -> None:
 def test_storm_figures(tmp_path: Path) -> None:
     figures = _run("storm", tmp_path, "--events", "3000", "--binaries", "5")
     assert figures["events"] == 3000
-    # The reader sees the whole storm plus the file that ends it, unless its queue overflowed.
-    assert figures["baseline_events"] == 3001 or figures["baseline_overflows"] > 0
+    # The reader sees the whole storm, then the events of the file that ends it (its
+    # IN_CREATE, and whatever else of that file the same read() returned).
+    assert 3001 <= figures["baseline_events"] <= 3004 or figures["baseline_overflows"] > 0
     assert figures["daemon_cpu_s"] >= 0
     assert figures["overflow_rescans"] >= 0
     assert figures["in_sync"] == 5
