@@ -142,8 +142,10 @@ def main() -> int:
         rescans = [e for e in events if e.get("event") == "rescan" and e["cause"] == "overflow"]
         warnings = [e for e in events if e.get("event") == "queue_overflow"]
         carrying = sum(os.getxattr(b, XATTR) == value for b in binaries)
-        ours = raised / daemon_cpu if daemon_cpu else float("inf")
-        theirs = baseline["events"] / baseline["cpu_s"] if baseline["cpu_s"] else float("inf")
+        # /proc counts CPU in clock ticks (10 ms): below one, the rate is a lower bound.
+        tick = 1 / os.sysconf("SC_CLK_TCK")
+        ours = raised / max(daemon_cpu, tick)
+        theirs = baseline["events"] / max(baseline["cpu_s"], 1e-6)
         print(
             f"storm: {raised} irrelevant events in {storm_s:.2f} s "
             f"({raised / storm_s:,.0f}/s) in a directory with {len(binaries)} declared binaries; "
@@ -165,6 +167,7 @@ def main() -> int:
             "ready_s": round(ready, 3),
             "daemon_cpu_s": round(daemon_cpu, 3),
             "events_per_cpu_s": round(ours),
+            "below_resolution": daemon_cpu < tick,
             "overflow_rescans": len(rescans),
             "queue_overflows": len(warnings),
             "baseline_events": baseline["events"],
