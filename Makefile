@@ -88,8 +88,12 @@ run: deps venv demo
 	$(BIN)/capkeeper watch --state examples/state.toml --log-format console \
 	  --status-file $(DEMO_DIR)/run/status.json
 
+# Every benchmark in bench/ (a few minutes), then one table against the goals of issue 11.
+# Not part of make test: the figures depend on the machine's load, not on correctness.
 bench: venv
-	$(BIN)/python bench/bench_restore.py
+	@if [ "$$(id -u)" != 0 ]; then \
+	  echo "make bench needs root: the benchmarks write security.capability." >&2; exit 1; fi
+	$(BIN)/python bench/run_all.py
 
 # -- packages for production hosts (packaging/, README "Installing") ---------------------
 # make wheels fetches the pinned wheelhouse (network: PyPI, once; kept in dist/);

@@ -15,6 +15,7 @@ Exits 1 when the outputs differ, or when the median ratio exceeds --max-ratio.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -42,6 +43,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--max-ratio", type=float, default=None, help="fail above this ratio")
     parser.add_argument("--jobs", type=int, default=None, help="passed to capkeeper audit -j")
+    parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = parser.parse_args()
 
     getcap = shutil.which("getcap")
@@ -80,6 +82,15 @@ def main() -> int:
     print(
         f"median ratio capkeeper/getcap: {ratio:.2f}  (range {min(ratios):.2f}-{max(ratios):.2f})"
     )
+    if args.json:
+        figures = {
+            "root": args.root,
+            "rounds": args.rounds,
+            "capkeeper_median_s": round(statistics.median(times_ours), 4),
+            "getcap_median_s": round(statistics.median(times_theirs), 4),
+            "median_ratio": round(ratio, 3),
+        }
+        Path(args.json).write_text(json.dumps(figures, indent=1) + "\n")
     if args.max_ratio is not None and ratio > args.max_ratio:
         print(f"FAIL: ratio {ratio:.2f} above {args.max_ratio}")
         return 1

@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from capkeeper.watcher import Watcher
+from benchlib import Inotify
 
 REPO = Path(__file__).resolve().parents[1]
 XATTR = "security.capability"
@@ -177,8 +177,8 @@ def main() -> int:
         exposed_restore: float | None = None
         number = forced = 0
         limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
-        witness = Watcher()
-        witness.sync([str(exposed.parent)])
+        witness = Inotify()
+        witness.add(exposed.parent)
         while time.perf_counter() < end - 0.5:
             number += 1
             if forced < args.overflows and number % 4 == 0:

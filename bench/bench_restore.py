@@ -9,6 +9,12 @@ the benchmark's own inotify watch (``IN_ATTRIB``, raised by the daemon's
 ``setxattr``) and confirms each wake-up by reading the xattr, so it does not
 spin on a CPU the daemon needs.
 
+The baseline of the same run is a minimal pyinotify restorer (a separate
+process that trusts everything and only puts the value back on declared names
+after ``IN_MOVED_TO``, ``IN_CLOSE_WRITE`` or ``IN_ATTRIB``): blocks of
+``--block`` deploys alternate between the daemon and it, the other one being
+stopped (``SIGSTOP``), so both meet the same load. ``--samples`` is per restorer.
+
 Then it counts the daemon's wake-ups while nothing happens (voluntary context
 switches of all its threads, from ``/proc/PID/task/*/status``) and the CPU it
 uses, next to the events that other processes raised meanwhile in the
@@ -37,17 +43,50 @@ import time
 from pathlib import Path
 from typing import Any
 
-from capkeeper.watcher import plan_route
+from benchlib import measure_idle, route
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from tests.idle import measure_idle  # noqa: E402 - the repository root is on the path now
 
 XATTR = "security.capability"
 CAPS = "cap_net_bind_service=+ep"
 IN_ATTRIB = 0x4
 # Root-owned 0755: what the trust policy requires of binaries and their directories.
 TRUSTED = 0o755
+
+
+# The floor in the same run: a restorer that trusts everything and only puts the
+# value back on declared names (what capkeeper does after its checks).
+MINIMAL_RESTORER = r"""
+import errno, os, sys, pyinotify
+value = bytes.fromhex(sys.argv[1])
+declared = {}
+for line in open(sys.argv[2]):
+    directory, name = os.path.split(line.strip())
+    declared.setdefault(directory, set()).add(name)
+
+class Restore(pyinotify.ProcessEvent):
+    def process_default(self, event):
+        if event.name not in declared.get(event.path, ()):
+            return
+        try:
+            if os.getxattr(event.pathname, "security.capability") == value:
+                return
+        except OSError as exc:
+            if exc.errno != errno.ENODATA:
+                return
+        try:
+            os.setxattr(event.pathname, "security.capability", value)
+        except OSError:
+            pass
+
+manager = pyinotify.WatchManager()
+mask = pyinotify.IN_MOVED_TO | pyinotify.IN_CLOSE_WRITE | pyinotify.IN_ATTRIB
+for directory in declared:
+    manager.add_watch(directory, mask)
+notifier = pyinotify.Notifier(manager, Restore())
+print("ready", flush=True)
+notifier.loop()
+"""
 
 
 def _percentile(values: list[float], fraction: float) -> float:
@@ -141,7 +180,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--directories", type=int, default=50)
     parser.add_argument("--per-directory", type=int, default=20)
-    parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument("--samples", type=int, default=1000, help="for each restorer")
+    parser.add_argument("--block", type=int, default=50, help="samples before switching")
     parser.add_argument("--gap", type=float, default=0.01, help="seconds between deploys")
     parser.add_argument("--idle", type=float, default=10.0, help="seconds of idleness to count")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
@@ -159,6 +199,7 @@ def main() -> int:
     os.chmod(base, TRUSTED)
     daemon: subprocess.Popen[bytes] | None = None
     waiter: _AttribWaiter | None = None
+    restorer: subprocess.Popen[bytes] | None = None
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     try:
         root = base / "tree"
@@ -204,21 +245,46 @@ def main() -> int:
         time.sleep(1.0)  # the start-up restores echo back as 1,000 IN_ATTRIB: let them pass
         waiter = _AttribWaiter(directories)
         source = Path(shutil.which("true") or "/bin/true").read_bytes()
-        latencies: list[float] = []
+        listing = run / "declared.txt"
+        listing.write_text("".join(f"{b}\n" for b in binaries))
+        restorer = subprocess.Popen(
+            [sys.executable, "-c", MINIMAL_RESTORER, expected.hex(), str(listing)],
+            stdout=subprocess.PIPE,
+        )
+        assert restorer.stdout is not None
+        if restorer.stdout.readline().strip() != b"ready":
+            raise SystemExit("the minimal restorer did not start")
+        samples: dict[str, list[float]] = {"capkeeper": [], "minimal": []}
         missed = 0
-        for number in range(args.samples):
-            target = random.choice(binaries)  # noqa: S311 - a sample, not a secret
-            fresh = target.with_name(f".{target.name}.new{number}")
-            fresh.write_bytes(source + number.to_bytes(4, "little"))
-            os.chmod(fresh, TRUSTED)
-            time.sleep(args.gap)  # let the daemon go back to sleep
-            waiter.drain()
-            t0 = time.perf_counter()
-            os.rename(fresh, target)
-            if waiter.wait_for(target, expected, t0 + 2.0):
-                latencies.append(time.perf_counter() - t0)
-            else:
-                missed += 1
+        number = 0
+        # Alternate blocks: only one restorer runs (the other is stopped), both meet
+        # the same machine load over the run.
+        blocks = -(-args.samples // args.block)
+        for block in range(2 * blocks):
+            who = ("capkeeper", "minimal")[block % 2]
+            running, stopped = (daemon, restorer) if who == "capkeeper" else (restorer, daemon)
+            stopped.send_signal(signal.SIGSTOP)
+            running.send_signal(signal.SIGCONT)
+            time.sleep(0.3)  # it reads what it missed while stopped
+            for _ in range(min(args.block, args.samples - (block // 2) * args.block)):
+                number += 1
+                target = random.choice(binaries)  # noqa: S311 - a sample, not a secret
+                fresh = target.with_name(f".{target.name}.new{number}")
+                fresh.write_bytes(source + number.to_bytes(4, "little"))
+                os.chmod(fresh, TRUSTED)
+                time.sleep(args.gap)  # let the restorer go back to sleep
+                waiter.drain()
+                t0 = time.perf_counter()
+                os.rename(fresh, target)
+                if waiter.wait_for(target, expected, t0 + 2.0):
+                    samples[who].append(time.perf_counter() - t0)
+                elif who == "capkeeper":
+                    missed += 1
+        daemon.send_signal(signal.SIGCONT)
+        restorer.kill()
+        restorer.wait()
+        latencies = samples["capkeeper"]
+        minimal = [value * 1000 for value in samples["minimal"]]
         time.sleep(0.5)
         restored = [
             e
@@ -236,8 +302,14 @@ def main() -> int:
             f"  daemon's own event->restored (latency_ms field): median "
             f"{statistics.median(daemon_ms):.3f} ms, p99 {_percentile(daemon_ms, 0.99):.3f} ms"
         )
+        print(
+            f"minimal pyinotify restorer, same run, {len(minimal)} samples: median "
+            f"{statistics.median(minimal):.3f} ms, p99 {_percentile(minimal, 0.99):.3f} ms; "
+            f"ratio of medians capkeeper/minimal "
+            f"{statistics.median(ms) / statistics.median(minimal):.2f}"
+        )
         time.sleep(1.0)
-        watched = {d for b in binaries for d in plan_route(str(b)).directories}
+        watched = route(binaries)
         idle = measure_idle(daemon.pid, watched, args.idle)
         watchdog = (
             f"watchdog ping every {args.watchdog_usec / 2e6:g} s"
@@ -263,6 +335,10 @@ def main() -> int:
             "max_ms": round(max(ms), 3),
             "daemon_median_ms": round(statistics.median(daemon_ms), 3),
             "daemon_p99_ms": round(_percentile(daemon_ms, 0.99), 3),
+            "minimal_samples": len(minimal),
+            "minimal_median_ms": round(statistics.median(minimal), 3),
+            "minimal_p99_ms": round(_percentile(minimal, 0.99), 3),
+            "median_ratio": round(statistics.median(ms) / statistics.median(minimal), 3),
             "idle_seconds": args.idle,
             "idle_wakeups": idle.wakeups,
             "idle_events": idle.events,
@@ -278,6 +354,9 @@ def main() -> int:
     finally:
         if waiter is not None:
             waiter.close()
+        if restorer is not None and restorer.poll() is None:
+            restorer.kill()
+            restorer.wait()
         notify.close()
         if daemon is not None and daemon.poll() is None:
             daemon.kill()

@@ -1,0 +1,119 @@
+"""The benchmarks in bench/ still run and still produce their figures.
+
+Each new benchmark runs once in a tiny mode with ``--json``; the tests check
+that the figures are there and consistent with what the benchmark did (every
+binary restored, every event counted), never how fast anything was: the goals
+are for ``make bench`` on an idle machine, not for a shared test runner.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import require_tool
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _run(name: str, out: Path, *args: str) -> dict[str, Any]:
+    output = out / f"{name}.json"
+    argv = [sys.executable, str(BENCH / f"bench_{name}.py"), *args, "--json", str(output)]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    figures: dict[str, Any] = json.loads(output.read_text())
+    last = result.stdout.strip().splitlines()[-1]
+    assert json.loads(last.removeprefix("BENCH-JSON ")) == figures
+    return figures
+
+
+def test_benchmarks_use_no_capkeeper_internals() -> None:
+    """Benchmarks drive the CLI only, so they keep working while modules move."""
+    for script in sorted(BENCH.glob("*.py")):
+        for node in ast.walk(ast.parse(script.read_text())):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                modules = [node.module or ""]
+            else:
+                continue
+            for module in modules:
+                assert module.split(".")[0] not in {"capkeeper", "tests"}, (script.name, module)
+
+
+@pytest.mark.usefixtures("root")
+def test_oneshot_figures(tmp_path: Path) -> None:
+    require_tool("setcap")
+    figures = _run("oneshot", tmp_path, "--rounds", "2", "--warmup", "0", "--importtime")
+    for key in ("apply_median_s", "python_median_s", "setcap_median_s", "check_median_s"):
+        assert figures[key] > 0, key
+    assert figures["median_ratio"] > 0
+    assert figures["ratio_of_medians"] > 0
+    modules = [row["module"] for row in figures["importtime_top"]]
+    assert len(modules) == 15
+    assert "capkeeper.cli" in modules
+
+
+@pytest.mark.usefixtures("root")
+def test_scale_figures(tmp_path: Path) -> None:
+    require_tool("getcap")
+    figures = _run(
+        "scale", tmp_path, "--directories", "5", "--per-directory", "10", "--strip", "5",
+        "--idle", "0.5",
+    )  # fmt: skip
+    assert figures["binaries"] == 50
+    # Every binary was stripped before the second start: all restored by READY=1.
+    assert figures["carrying_at_ready"] == 50
+    assert figures["restored_logged"] == 50
+    assert figures["activity_restored"] is True
+    assert figures["ready_in_sync_s"] > 0
+    assert figures["ready_restored_s"] > 0
+    assert figures["rss_kib"] > figures["python_rss_kib"] > 0
+    assert figures["idle_wakeups"] >= 0
+    assert figures["exit_codes"] == [0, 0]
+
+
+@pytest.mark.usefixtures("root")
+def test_storm_figures(tmp_path: Path) -> None:
+    figures = _run("storm", tmp_path, "--events", "3000", "--binaries", "5")
+    assert figures["events"] == 3000
+    # The reader sees the whole storm, then the events of the file that ends it (its
+    # IN_CREATE, and whatever else of that file the same read() returned).
+    assert 3001 <= figures["baseline_events"] <= 3004 or figures["baseline_overflows"] > 0
+    assert figures["daemon_cpu_s"] >= 0
+    assert figures["overflow_rescans"] >= 0
+    assert figures["in_sync"] == 5
+    assert figures["exit_code"] == 0
+
+
+def test_run_all_renders_every_row(tmp_path: Path) -> None:
+    """The table has a row per figure, and says which benchmark did not run."""
+    figures = {
+        "oneshot": {
+            "apply_median_s": 0.4, "python_median_s": 0.02, "setcap_median_s": 0.001,
+            "check_median_s": 0.4, "median_ratio": 19.0, "check_ratio": 20.0,
+        },
+        "storm": {
+            "events": 150000, "baseline_events_per_cpu_s": 99000, "events_per_cpu_s": 41000,
+            "ratio": 0.41, "baseline_overflows": 0, "overflow_rescans": 2,
+        },
+    }  # fmt: skip
+    for name, values in figures.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(values))
+    argv = [sys.executable, str(BENCH / "run_all.py"), "--reuse", str(tmp_path)]
+    table = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    lines = table.splitlines()
+    assert lines[0] == "| figure | baseline (same run) | measured | ratio | goal | met? |"
+    one_shot = next(line for line in lines if "`apply --state S PATH`" in line)
+    assert "19.0\N{MULTIPLICATION SIGN}" in one_shot
+    assert one_shot.endswith("| **no** |")
+    overflow = next(line for line in lines if line.startswith("| overflow rescans"))
+    assert overflow.endswith("| **no** |")
+    for name in ("scale", "restore", "audit", "flood"):
+        assert f"| `bench_{name}.py` | — | not run |" in table
