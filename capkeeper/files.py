@@ -166,16 +166,10 @@ def read_caps(fd: int) -> tuple[CapSet | None, str | None]:
     except OSError as exc:
         if exc.errno == errno.ENODATA:
             return None, None
-        if exc.errno == errno.EINVAL:
-            # The kernel refuses to return v1 and malformed values (still honoured at exec).
-            return None, "present but unreadable (legacy v1 or malformed value)"
-        if exc.errno == errno.EOVERFLOW:
-            return None, "present but owned by another user namespace (v3 rootid not mapped)"
+        if exc.errno in UNREADABLE_CAPS:
+            return caps_of_value(None, exc.errno)
         raise  # EOPNOTSUPP included: no extended attributes at all is not "no capabilities"
-    try:
-        return decode(bytes(value)), None
-    except InvalidCapabilityData as exc:
-        return None, exc.message
+    return caps_of_value(bytes(value), 0)
 
 
 def _kind(fd: int, mode: int) -> tuple[Kind, str]:
@@ -303,3 +297,55 @@ def inspect_fd(fd: int, symbols: Collection[str] = ()) -> ElfFacts | None:
         return parse(read, symbols)
     except ElfError:
         return None
+
+
+# -- the errno policy of security.capability, and the reads of the audit walk ----------------
+
+UNREADABLE_CAPS: dict[int, str] = {
+    # The kernel refuses to return v1 and malformed values (still honoured at exec).
+    errno.EINVAL: "present but unreadable (legacy v1 or malformed value)",
+    # A v3 value whose rootid is not mapped into the reader's user namespace.
+    errno.EOVERFLOW: "present but owned by another user namespace (v3 rootid not mapped)",
+}
+"""The errors with which ``getxattr`` refuses a ``security.capability`` value that is
+present, and what each means: the one place these are spelled out."""
+
+_NO_ATTRIBUTES = frozenset({errno.ENODATA, errno.EOPNOTSUPP, errno.ENOENT})
+
+
+def caps_of_value(value: bytes | None, refused: int) -> tuple[CapSet | None, str | None]:
+    """Decode a raw ``security.capability`` value: ``(caps, None)``, or ``(None, problem)``
+    when it is malformed or the kernel refused it with errno ``refused`` (``value`` None)."""
+    if value is None:
+        return None, UNREADABLE_CAPS.get(refused, UNREADABLE_CAPS[errno.EINVAL])
+    try:
+        return decode(value), None
+    except InvalidCapabilityData as exc:
+        return None, exc.message
+
+
+def list_xattr_names(name: str) -> list[str]:
+    """The extended attribute names of ``name`` (relative to the working directory, a
+    symlink not followed), as ``getcap -r`` lists them; empty when the file has none,
+    its file system keeps none, or it is gone. Raises :class:`OSError` otherwise."""
+    try:
+        return os.listxattr(name, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in _NO_ATTRIBUTES:
+            return []
+        raise
+
+
+def read_caps_value(name: str) -> tuple[bytes | None, int]:
+    """The raw ``security.capability`` value of ``name`` (a symlink not followed):
+    ``(value, 0)``; ``(None, errno)`` when it is present but the kernel refuses to return
+    it (a key of :data:`UNREADABLE_CAPS`); ``(None, 0)`` when it is absent or the file is
+    gone. Raises :class:`OSError` otherwise."""
+    try:
+        return os.getxattr(name, XATTR_NAME, follow_symlinks=False), 0
+    except OSError as exc:
+        if exc.errno in UNREADABLE_CAPS:
+            return None, exc.errno
+        if exc.errno in (errno.ENODATA, errno.ENOENT):
+            return None, 0
+        raise
