@@ -20,7 +20,8 @@ work. For each binary, :func:`diagnose` checks, in this order:
 
 Every :class:`Problem` carries a one-line explanation and a fix. The checks
 are pure functions of observed facts (:class:`Facts`, :class:`UnitProperties`);
-:func:`gather` and :func:`systemctl_show` are the thin readers.
+:func:`gather` and :func:`systemctl_show` are the thin readers. The command line is
+:mod:`capkeeper.commands.doctor`; ``apply --unit`` runs :func:`preflight`.
 """
 
 from __future__ import annotations
@@ -53,8 +54,10 @@ __all__ = [
     "TYPICAL_BOUNDING_SET",
     "UNIT_HELP",
     "UNIT_PROPERTIES",
+    "Diagnosis",
     "Facts",
     "Problem",
+    "Severity",
     "Target",
     "UnitProperties",
     "check_declared",
