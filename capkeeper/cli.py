@@ -15,8 +15,9 @@ from typing import Any, NoReturn, TextIO
 
 from pydantic import ValidationError
 
-from capkeeper import adopt, audit, doctor
+from capkeeper import diagnose
 from capkeeper.capabilities import decode_revision, format_text
+from capkeeper.commands import adopt, audit, doctor
 from capkeeper.enforce import reconcile
 from capkeeper.errors import CapkeeperError, FileAccessError, StateError, UsageError, printable
 from capkeeper.exit_codes import ExitStatus
@@ -105,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     apply.add_argument("paths", nargs="*", metavar="PATH", help="only these declared binaries")
     apply.add_argument("--json", action="store_true", help="JSON lines on stdout")
-    apply.add_argument("--unit", metavar="UNIT", help=doctor.UNIT_HELP)
+    apply.add_argument("--unit", metavar="UNIT", help=diagnose.UNIT_HELP)
 
     check = sub.add_parser("check", parents=[common], help="report drift without changing files")
     check.add_argument("paths", nargs="*", metavar="PATH")
@@ -228,7 +229,7 @@ def _run_entries(
 def cmd_apply(args: argparse.Namespace, settings: Settings, out: TextIO) -> ExitStatus:
     state = load_state(settings.state)
     if args.unit:  # ExecStartPre= mode: warnings only, the exit status stays apply's
-        doctor.preflight(args.unit, state, args.paths, out, log_events=args.log_events)
+        diagnose.preflight(args.unit, state, args.paths, out, log_events=args.log_events)
     return _run_entries(args, state, out, write=True, log_events=args.log_events)
 
 
@@ -407,9 +408,9 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings, TextIO], ExitStatus]
     "validate": cmd_validate,
     "systemd-dropin": cmd_systemd_dropin,
     "status": cmd_status,
-    "audit": audit.cmd_audit,
-    "adopt": adopt.cmd_adopt,
-    "doctor": doctor.cmd_doctor,
+    "audit": audit.run,
+    "adopt": adopt.run,
+    "doctor": doctor.run,
     "watch": cmd_watch,
 }
 

@@ -396,3 +396,38 @@ def inspect_fd(fd: int, symbols: Collection[str] = ()) -> ElfFacts | None:
         return parse(read, symbols)
     except ElfError:
         return None
+
+
+# -- the reads of the audit walk (scan.py), over the calls above ----------------------------
+
+
+def caps_of_value(value: bytes | None, refused: int) -> tuple[CapSet | None, str | None]:
+    """Decode a raw ``security.capability`` value: ``(caps, None)``, or ``(None, problem)``
+    when it is malformed or the kernel refused it with errno ``refused`` (``value`` None)."""
+    return RawCaps(value, refused).decode()
+
+
+def list_xattr_names(name: str) -> list[str]:
+    """The extended attribute names of ``name`` (relative to the working directory, a
+    symlink not followed), as ``getcap -r`` lists them; empty when the file has none,
+    its file system keeps none, or it is gone. Raises :class:`OSError` otherwise."""
+    try:
+        return _listxattr(name)
+    except OSError as exc:
+        if exc.errno in _NOTHING_THERE:
+            return []
+        raise
+
+
+def read_caps_value(name: str) -> tuple[bytes | None, int]:
+    """The raw ``security.capability`` value of ``name`` (a symlink not followed):
+    ``(value, 0)``; ``(None, errno)`` when it is present but the kernel refuses to return
+    it (a key of :data:`REFUSED`); ``(None, 0)`` when it is absent or the file is
+    gone. Raises :class:`OSError` otherwise."""
+    try:
+        raw = _raw(name)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return None, 0
+        raise
+    return (None, 0) if raw is None else (raw.value, raw.error)

@@ -112,10 +112,17 @@ def decide(entry: Entry, observation: Observation, *, last_cap: int) -> Decision
     return Decision(Status.DRIFT, found, extra=extra)
 
 
+def tampering(status: Status, extra: bool) -> bool:
+    """Whether a verdict reads as possible tampering: the file was found carrying
+    capabilities beyond the declared set (``extra`` from :func:`decide`) and was, or
+    would be, restored. The one place this verdict is derived."""
+    return extra and status in (Status.RESTORED, Status.DRIFT)
+
+
 def event_for(outcome: Outcome) -> tuple[str, str]:
     """``(event name, log level)`` for an outcome."""
     status = outcome.status
-    if status in (Status.RESTORED, Status.DRIFT) and outcome.extra:
+    if tampering(status, outcome.extra):
         return "capability_tampering", "critical"
     if status is Status.FAILED and outcome.transient:
         return "restore_failed", "warning"

@@ -517,3 +517,15 @@ def _caps(text: str, allow_inheritable: bool, last_cap: int) -> tuple[CapSet | N
         )
     ]
     return (None if problems else caps), problems
+
+
+def load_state_or_empty(path: Path) -> tuple[State, str | None]:
+    """The state, or an empty one with a note when the file does not exist.
+
+    An audit is how an unmanaged host is first looked at, so a missing state
+    is not an error: every finding is then unmanaged. An invalid state is.
+    """
+    try:
+        return load_state(path), None
+    except StateNotFound:
+        return State(entries=(), files=()), f"no state at {path}: every finding is unmanaged"

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from capkeeper.adopt import Adoption, render, toml_string
 from capkeeper.capabilities import parse
+from capkeeper.classify import Adoption, render, toml_string
 from capkeeper.cli import ExitStatus, main
 from capkeeper.trust import Refusal
 from tests.conftest import make_binary, setcap

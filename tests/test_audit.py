@@ -23,19 +23,12 @@ from pathlib import Path
 
 import pytest
 
-from capkeeper.audit import (
-    Level,
-    Rating,
-    RawFinding,
-    WalkOptions,
-    _decode,
-    _Progress,
-    rate,
-    walk,
-)
 from capkeeper.capabilities import CapSet, parse
+from capkeeper.classify import Level, Rating, rate
 from capkeeper.cli import ExitStatus, main
 from capkeeper.model import Kind, Observation
+from capkeeper.scan import RawFinding, WalkOptions, _Progress, walk
+from capkeeper.scan import decode_finding as _decode
 from capkeeper.trust import Refusal
 from tests.conftest import make_binary, require_root, require_tool, setcap
 from tests.test_mounts import private_mount_namespace, run

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from capkeeper import doctor
+from capkeeper import diagnose as doctor
 from capkeeper.capabilities import parse
 from capkeeper.cli import ExitStatus, main
-from capkeeper.doctor import (
+from capkeeper.diagnose import (
     UnitProperties,
     check_declared,
     check_unit,

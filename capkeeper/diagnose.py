@@ -1,4 +1,4 @@
-"""``capkeeper doctor``: will a binary's capabilities actually take effect?
+"""The checks of ``capkeeper doctor``: will a binary's capabilities actually take effect?
 
 Many "lost capabilities" reports are capabilities that are present but cannot
 work. For each binary, :func:`diagnose` checks, in this order:
@@ -20,48 +20,44 @@ work. For each binary, :func:`diagnose` checks, in this order:
 
 Every :class:`Problem` carries a one-line explanation and a fix. The checks
 are pure functions of observed facts (:class:`Facts`, :class:`UnitProperties`);
-:func:`gather` and :func:`systemctl_show` are the thin readers.
+:func:`gather` and :func:`systemctl_show` are the thin readers. The command line is
+:mod:`capkeeper.commands.doctor`; ``apply --unit`` runs :func:`preflight`.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
-import json
 import os
 import posixpath
 import re
 import shutil
 import stat
 import subprocess
-import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING, TextIO
+from typing import TextIO
 
-from capkeeper.audit import load_state_or_empty
 from capkeeper.capabilities import CapSet, capability_name, capability_number
 from capkeeper.errors import CapkeeperError, InvalidCapabilityText, printable
-from capkeeper.exit_codes import ExitStatus
 from capkeeper.files import observe, observe_fd, open_declared
 from capkeeper.interpreters import runs_other_code
 from capkeeper.kernel import cap_last_cap
 from capkeeper.log import get_logger
 from capkeeper.model import Entry, Kind, Observation
 from capkeeper.mounts import MountInfo, mount_of_fd
-from capkeeper.state import State, load_state
+from capkeeper.state import State
 from capkeeper.trust import FLOOD_HINT, Refusal, assess, exposed_directory, flood_warning
-
-if TYPE_CHECKING:
-    from capkeeper.settings import Settings
 
 __all__ = [
     "TYPICAL_BOUNDING_SET",
+    "UNIT_HELP",
     "UNIT_PROPERTIES",
+    "Diagnosis",
     "Facts",
     "Problem",
+    "Severity",
     "Target",
     "UnitProperties",
     "check_declared",
@@ -69,26 +65,16 @@ __all__ = [
     "check_mount",
     "check_trust",
     "check_unit",
-    "cmd_doctor",
     "diagnose",
     "gather",
     "parse_unit_properties",
     "preflight",
+    "run_checks",
     "systemctl_show",
+    "targets",
+    "unit_properties",
 ]
 
-HELP = "explain why declared capabilities would not take effect"
-DESCRIPTION = (
-    "For each declared binary (or each PATH; with --unit and no PATH, the binaries "
-    "the unit's ExecStart= runs) check that its capabilities can take effect: the "
-    "trust policy for a declared binary (what apply would refuse), the "
-    "mount (nosuid, noexec, read-only, no xattr support), the file (script, "
-    "interpreter, setuid), the declared set (inheritable, effective beyond a typical "
-    "bounding set) and, with --unit, the unit (NoNewPrivileges=, "
-    "CapabilityBoundingSet=, AmbientCapabilities=, User=). Each problem is printed "
-    "with a fix. Exit status: 0 no problems, 1 problems, 2 when something could not "
-    "be checked."
-)
 UNIT_HELP = (
     "first check that the declared capabilities can work in this systemd unit "
     "(the checks of 'capkeeper doctor --unit'); problems are printed as warnings "
@@ -719,7 +705,9 @@ def run_checks(
     return diagnosis
 
 
-def _unit(name: str | None, failures: list[str]) -> UnitProperties | None:
+def unit_properties(name: str | None, failures: list[str]) -> UnitProperties | None:
+    """The properties of unit ``name`` (None without a name); why they cannot be read is
+    added to ``failures``."""
     if not name:
         return None
     try:
@@ -727,52 +715,6 @@ def _unit(name: str | None, failures: list[str]) -> UnitProperties | None:
     except CapkeeperError as exc:
         failures.append(str(exc))
         return None
-
-
-# -- the command line -----------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``doctor`` command line."""
-    parser.add_argument("paths", nargs="*", metavar="PATH", help="binaries to check")
-    parser.add_argument("--unit", metavar="UNIT", help="also check the unit that runs them")
-    parser.add_argument("--json", action="store_true", help="JSON lines on stdout")
-
-
-def cmd_doctor(args: argparse.Namespace, settings: Settings, out: TextIO) -> ExitStatus:
-    """``capkeeper doctor [PATH...] [--unit UNIT]``."""
-
-    failures: list[str] = []
-    unit = _unit(args.unit, failures)
-    paths = list(args.paths) or (list(unit.exec_paths) if unit is not None else [])
-    if args.unit and not paths and unit is not None:
-        failures.append(f"unit {unit.name} has no ExecStart= binary to check; name the paths")
-    if paths or args.unit:  # named binaries can be checked without a state
-        state = load_state_or_empty(settings.state)[0]
-    else:
-        state = load_state(settings.state)
-    diagnosis = run_checks(targets(state, paths) if paths or not args.unit else [], unit)
-    diagnosis.failures += failures
-    for failure in diagnosis.failures:
-        sys.stderr.write(f"capkeeper: doctor: {printable(failure)}\n")
-    for target, problems in diagnosis.results:
-        for problem in problems:
-            if args.json:
-                out.write(json.dumps(problem.record()) + "\n")
-            else:
-                out.write(f"{printable(problem.line())}\n  fix: {printable(problem.fix)}\n")
-        if not problems and not args.json:
-            out.write(f"{printable(target.path)}: ok\n")
-    if not args.json:
-        problems = diagnosis.problems
-        errors = sum(1 for p in problems if p.severity is Severity.ERROR)
-        out.write(
-            f"{len(diagnosis.results)} binaries checked: {errors} error(s), "
-            f"{len(problems) - errors} warning(s)\n"
-        )
-    if diagnosis.failures:
-        return ExitStatus.FAILED
-    return ExitStatus.DRIFT if any(not p.advisory for p in diagnosis.problems) else ExitStatus.OK
 
 
 def preflight(
@@ -787,7 +729,7 @@ def preflight(
     keep it from starting at all.
     """
     failures: list[str] = []
-    unit = _unit(unit_name, failures)
+    unit = unit_properties(unit_name, failures)
     if paths:
         chosen = targets(state, paths)
     else:

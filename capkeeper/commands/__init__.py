@@ -1,0 +1,1 @@
+"""One module per ``capkeeper`` command: HELP, DESCRIPTION, add_arguments and run."""
