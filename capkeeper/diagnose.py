@@ -52,7 +52,6 @@ from capkeeper.trust import FLOOD_HINT, Refusal, assess, exposed_directory, floo
 
 __all__ = [
     "TYPICAL_BOUNDING_SET",
-    "UNIT_HELP",
     "UNIT_PROPERTIES",
     "Diagnosis",
     "Facts",
@@ -74,12 +73,6 @@ __all__ = [
     "targets",
     "unit_properties",
 ]
-
-UNIT_HELP = (
-    "first check that the declared capabilities can work in this systemd unit "
-    "(the checks of 'capkeeper doctor --unit'); problems are printed as warnings "
-    "and do not change the exit status"
-)
 
 # A fixed search path, not $PATH: 'ExecStartPre=+capkeeper apply --unit' runs as root
 # with the consuming unit's environment.

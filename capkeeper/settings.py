@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from capkeeper.log import LogFormat
+from capkeeper.errors import SettingsError
+from capkeeper.log import LEVELS, LogFormat
 from capkeeper.state import DEFAULT_STATE
 
 RESCAN_INTERVAL = (1.0, 86_400.0)  # seconds: bounds of --rescan-interval
@@ -47,3 +50,27 @@ class Settings(BaseSettings):
         if isinstance(value, str) and not value:
             raise ValueError("must not be empty (name the state file, or unset it)")
         return value
+
+
+def load_settings(overrides: Mapping[str, object] | None = None) -> Settings:
+    """Defaults < environment ``CAPKEEPER_*`` < ``overrides`` (by field name), merged once.
+
+    Raises :class:`SettingsError` (one line) for any invalid value.
+    """
+    values: dict[str, Any] = dict(overrides or {})
+    try:
+        settings = Settings(**values)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"CAPKEEPER_{'_'.join(map(str, e['loc'])).upper()}: "
+            + e["msg"].removeprefix("Value error, ")
+            for e in exc.errors()
+        )
+        raise SettingsError(f"invalid setting: {problems}") from None
+    level = settings.log_level
+    if level is not None and level.lower() not in LEVELS:
+        raise SettingsError(
+            f"invalid setting: CAPKEEPER_LOG_LEVEL: must be one of {', '.join(LEVELS)}, "
+            f"got {level!r}"
+        )
+    return settings

@@ -143,7 +143,11 @@ def exchanging(a: Path, b: Path, *, attacker: bool = True) -> Iterator[None]:
 _APPLY_MANY = r"""
 import json, os, sys
 from capkeeper.capabilities import decode, format_text
-from capkeeper.cli import main
+import capkeeper.settings
+from capkeeper.cli import command_module, main
+# main imports the command's module and the settings when it runs: import them before
+# forking, so no run pays for that.
+command_module("apply")
 state, victim, runs = sys.argv[1], sys.argv[2], int(sys.argv[3])
 codes, granted = {}, []
 for _ in range(runs):

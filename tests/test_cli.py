@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from capkeeper.cli import ExitStatus, main
+from capkeeper.cli import COMMANDS, ExitStatus, build_parser, main, parse_args
 from tests.conftest import getcap, make_binary, setcap
 from tests.test_mounts import private_mount_namespace
 from tests.test_mounts import run as mount_command
@@ -420,3 +423,185 @@ def test_validate_warns_about_a_directory_others_can_write(
         f"1 declared binaries in {state}: no problems",
     ]
     assert code == ExitStatus.OK
+
+
+def test_extra_capabilities_are_flagged_as_tampering(
+    state: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """check and apply flag a binary carrying more than declared as possible tampering
+    (the verdict of reconcile.event_for), and a missing capability as plain drift."""
+    tree = state.parent
+    setcap("cap_net_raw,cap_sys_admin=ep", tree / "ping")
+    code, out, _ = run(["check", "--state", str(state)], capsys)
+    assert code == ExitStatus.DRIFT
+    assert out.splitlines()[:2] == [
+        f"drift     {tree}/web  found none, expected cap_net_bind_service=ep",
+        f"drift     {tree}/ping  found cap_net_raw,cap_sys_admin=ep, expected cap_net_raw=ep "
+        "(possible tampering: extra capabilities)",
+    ]
+    code, out, _ = run(["apply", "--state", str(state), str(tree / "ping")], capsys)
+    assert code == ExitStatus.OK
+    assert out.splitlines()[0] == (
+        f"restored  {tree}/ping  found cap_net_raw,cap_sys_admin=ep, expected cap_net_raw=ep "
+        "(possible tampering: extra capabilities)"
+    )
+
+
+def _capkeeper(
+    *argv: str, env: dict[str, str] | None = None, flags: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    """``python [flags] -m capkeeper ARGV`` in a subprocess, as the command line runs it."""
+    return subprocess.run(
+        [sys.executable, *flags, "-m", "capkeeper", *argv],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        check=False,
+        timeout=120,
+    )
+
+
+def test_invalid_log_level_from_the_environment(state: Path) -> None:
+    """CAPKEEPER_LOG_LEVEL=bogus is one line on stderr and exit 78, as every invalid setting
+    (it was "internal error: KeyError: 'BOGUS'", exit 2); an upper-case level is valid."""
+    result = _capkeeper("check", "--state", str(state), env={"CAPKEEPER_LOG_LEVEL": "bogus"})
+    assert result.returncode == ExitStatus.CONFIG
+    assert result.stdout == ""
+    assert result.stderr == (
+        "capkeeper: error: invalid setting: CAPKEEPER_LOG_LEVEL: must be one of debug, info, "
+        "warning, error, critical, got 'bogus'\n"
+    )
+    result = _capkeeper("check", "--state", str(state), env={"CAPKEEPER_LOG_LEVEL": "WARNING"})
+    assert result.returncode == ExitStatus.DRIFT, result.stderr
+
+
+def _importers(importtime: str) -> dict[str, list[str]]:
+    """From ``python -X importtime`` output: each module imported, with the chain of
+    modules that imported it (innermost first). A module is listed after the modules it
+    imports, one indentation level deeper than its importer."""
+    rows = []
+    for line in importtime.splitlines():
+        if not line.startswith("import time:") or line.endswith("| imported package"):
+            continue
+        name = line.split("|")[2]
+        rows.append((len(name) - len(name.lstrip()), name.strip()))
+    chains: dict[str, list[str]] = {}
+    for i, (depth, name) in enumerate(rows):
+        chain, want = [], depth
+        for outer_depth, outer in rows[i + 1 :]:
+            if outer_depth < want:
+                chain.append(outer)
+                want = outer_depth
+        chains[name] = chain
+    return chains
+
+
+# What a one-shot apply must never pay for: the daemon's inotify, audit, adopt and
+# doctor (and, through them, importlib.metadata for the version).
+NOT_FOR_APPLY = (
+    "pyinotify",
+    "capkeeper.daemon",
+    "capkeeper.watcher",
+    "capkeeper.audit",
+    "capkeeper.adopt",
+    "capkeeper.doctor",
+    "capkeeper.commands.check",
+    "capkeeper.commands.watch",
+)
+
+
+def test_apply_imports_only_what_it_needs(tree: Path) -> None:
+    """``capkeeper apply --state S PATH`` (ExecStartPre=) imports neither the daemon nor
+    pyinotify nor another command's module, and importlib.metadata at most through pydantic
+    (whose laziness is the settings' and state's business, not the CLI's)."""
+    binary = make_binary(tree / "tool")
+    setcap("cap_net_raw=ep", binary)
+    state = tree / "state.toml"
+    state.write_text(f'[[binary]]\npath = "{binary}"\ncaps = "cap_net_raw=ep"\n')
+    result = _capkeeper("apply", "--state", str(state), str(binary), flags=("-X", "importtime"))
+    assert result.returncode == ExitStatus.OK, result.stderr
+    assert result.stdout == f"in-sync   {binary}  cap_net_raw=ep\n1 declared: 1 in-sync\n"
+    importers = _importers(result.stderr)
+    # The parse read the right output (importlib.import_module, cli's way of importing
+    # the command's module, is not itself timed: its imports show at the top level).
+    assert "capkeeper.commands._entries" in importers
+    assert [m for m in NOT_FOR_APPLY if m in importers] == []
+    metadata = importers.get("importlib.metadata")
+    if metadata is not None:
+        assert any(m.split(".")[0] == "pydantic" for m in metadata), metadata
+
+
+@pytest.mark.parametrize(
+    ("argv", "command_modules"),
+    [
+        (["--help"], []),
+        (["show", "--help"], ["capkeeper.commands.show"]),
+        (["--state", "x", "--debug", "validate", "--help"], ["capkeeper.commands.validate"]),
+        (["frobnicate"], []),
+    ],
+)
+def test_only_the_chosen_command_is_imported(argv: list[str], command_modules: list[str]) -> None:
+    """``capkeeper --help`` lists every command from the registry without importing one;
+    ``capkeeper CMD --help`` imports CMD's module only."""
+    modules = sorted({info.module for info in COMMANDS.values()})
+    script = (
+        "import os, sys\n"
+        "from capkeeper.cli import main\n"
+        "code = main(sys.argv[1:])\n"
+        "for module in os.environ['COMMAND_MODULES'].split():\n"
+        "    if module in sys.modules:\n"
+        "        print(module, file=sys.stderr)\n"
+        "sys.exit(code)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, *argv],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COMMAND_MODULES": " ".join(modules)},
+        check=False,
+        timeout=120,
+    )
+    assert result.returncode == (ExitStatus.USAGE if argv == ["frobnicate"] else ExitStatus.OK)
+    imported = [line for line in result.stderr.splitlines() if line in modules]
+    assert imported == command_modules
+    if argv == ["--help"]:
+        listed = " ".join(result.stdout.split())
+        for name, info in COMMANDS.items():
+            assert f" {name} {info.help} " in listed, name
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["check", "--state", "s"],
+        ["--state", "check", "apply", "p"],
+        ["--state=apply", "check"],
+        ["--stat", "watch", "--debug", "check", "--json"],
+        ["--log-format", "json", "--log-level", "debug", "show", "-v", "x"],
+        ["--debug", "systemd-dropin", "--check", "--output", "-"],
+        ["watch", "--settle-time", "1", "--status-file", "s", "--state", "t"],
+        ["audit", "--state", "s", "/usr"],
+    ],
+)
+def test_parse_args_agrees_with_the_full_parser(argv: list[str]) -> None:
+    """Parsing with only the chosen command's options gives what the full parser gives,
+    even when a global option's value is a command name."""
+    assert parse_args(argv) == build_parser().parse_args(argv)
+
+
+def test_command_modules_follow_the_registry() -> None:
+    """Every registered command's module has the interface cli uses, and its HELP is the
+    registry's (the one line ``capkeeper --help`` shows without importing it)."""
+    for name, info in COMMANDS.items():
+        module = importlib.import_module(info.module)
+        assert info.help == module.HELP, name
+        assert isinstance(module.DESCRIPTION, str), name
+        assert callable(module.add_arguments), name
+        assert callable(module.run), name
+
+
+def test_exit_numbers_in_help_come_from_exit_status(capsys: pytest.CaptureFixture[str]) -> None:
+    """A help text that names an exit status names the number ExitStatus gives it."""
+    assert main(["systemd-dropin", "--help"]) == ExitStatus.OK
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"exit {int(ExitStatus.DRIFT)} when the drop-in is missing or out of date" in help_text

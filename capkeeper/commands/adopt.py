@@ -19,6 +19,7 @@ import sys
 from typing import TYPE_CHECKING, TextIO
 
 from capkeeper.classify import Adoption, StateIndex, Verdict, adopt_observation, render
+from capkeeper.commands import COMMANDS
 from capkeeper.commands._walk import add_walk_arguments, report_walk_problems, walk_options
 from capkeeper.errors import CapkeeperError, UsageError, printable
 from capkeeper.exit_codes import ExitStatus
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DESCRIPTION", "HELP", "add_arguments", "run"]
 
-HELP = "print state entries for files that already carry capabilities"
+HELP = COMMANDS["adopt"].help
 DESCRIPTION = (
     "Print [[binary]] tables (TOML) declaring the capabilities the given files carry, "
     "ready to be appended to the state. --from-audit ROOT adopts every unmanaged file "

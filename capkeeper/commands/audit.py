@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from capkeeper.capabilities import format_text
 from capkeeper.classify import Verdict
+from capkeeper.commands import COMMANDS
 from capkeeper.commands._walk import add_walk_arguments, report_walk_problems, walk_options
 from capkeeper.errors import printable
 from capkeeper.exit_codes import ExitStatus
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DESCRIPTION", "HELP", "add_arguments", "render_getcap", "render_table", "run"]
 
-HELP = "list every file with capabilities, classified against the state"
+HELP = COMMANDS["audit"].help
 DESCRIPTION = (
     "Walk local file systems (default /) for every file that carries "
     "security.capability and classify each against the state: in-sync, drifted, "

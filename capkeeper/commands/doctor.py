@@ -11,6 +11,7 @@ import json
 import sys
 from typing import TYPE_CHECKING, TextIO
 
+from capkeeper.commands import COMMANDS
 from capkeeper.diagnose import Severity, run_checks, targets, unit_properties
 from capkeeper.errors import printable
 from capkeeper.exit_codes import ExitStatus
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DESCRIPTION", "HELP", "add_arguments", "run"]
 
-HELP = "explain why declared capabilities would not take effect"
+HELP = COMMANDS["doctor"].help
 DESCRIPTION = (
     "For each declared binary (or each PATH; with --unit and no PATH, the binaries "
     "the unit's ExecStart= runs) check that its capabilities can take effect: the "

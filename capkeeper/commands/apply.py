@@ -1,0 +1,42 @@
+"""``capkeeper apply [PATH...] [--unit UNIT]``: make declared binaries carry exactly their caps.
+
+The one-shot of ``ExecStartPre=``: it imports only what reconciling needs
+(``doctor`` only with ``--unit``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING, TextIO
+
+from capkeeper.commands import COMMANDS
+from capkeeper.commands._entries import run_entries
+from capkeeper.exit_codes import ExitStatus
+from capkeeper.state import load_state
+
+if TYPE_CHECKING:
+    from capkeeper.settings import Settings
+
+HELP = COMMANDS["apply"].help
+DESCRIPTION = ""  # no paragraph beyond HELP
+UNIT_HELP = (
+    "first check that the declared capabilities can work in this systemd unit "
+    "(the checks of 'capkeeper doctor --unit'); problems are printed as warnings "
+    "and do not change the exit status"
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("paths", nargs="*", metavar="PATH", help="only these declared binaries")
+    parser.add_argument("--json", action="store_true", help="JSON lines on stdout")
+    parser.add_argument("--unit", metavar="UNIT", help=UNIT_HELP)
+
+
+def run(args: argparse.Namespace, settings: Settings, out: TextIO) -> ExitStatus:
+    """Restore what drifted; exit FAILED when any binary was refused, missing or not written."""
+    state = load_state(settings.state)
+    if args.unit:  # ExecStartPre= mode: warnings only, the exit status stays apply's
+        from capkeeper.diagnose import preflight  # noqa: PLC0415 - only --unit needs it
+
+        preflight(args.unit, state, args.paths, out, log_events=args.log_events)
+    return run_entries(args, state, out, write=True)

@@ -1,0 +1,66 @@
+"""``capkeeper watch``: run the daemon that restores capabilities as deploys drop them.
+
+Its options reach the daemon through the settings: the CLI merges them once
+(:func:`capkeeper.settings.load_settings`), so :func:`capkeeper.daemon.watch`
+gets the final values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TextIO
+
+from capkeeper.commands import COMMANDS
+from capkeeper.exit_codes import ExitStatus
+from capkeeper.settings import RESCAN_INTERVAL, SETTLE_TIME
+
+if TYPE_CHECKING:
+    from capkeeper.settings import Settings
+
+HELP = COMMANDS["watch"].help
+DESCRIPTION = ""  # no paragraph beyond HELP
+
+
+def seconds(low: float, high: float) -> Callable[[str], float]:
+    """An argparse type: a number of seconds within ``[low, high]``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not low <= value <= high:  # also rejects nan
+            raise argparse.ArgumentTypeError(
+                f"must be a number of seconds from {low:g} to {high:g}, got {text!r}"
+            )
+        return value
+
+    return parse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--rescan-interval",
+        type=seconds(*RESCAN_INTERVAL),
+        metavar="SECONDS",
+        help="seconds between full rescans (default 300; catches changes inotify cannot see)",
+    )
+    parser.add_argument(
+        "--settle-time",
+        type=seconds(*SETTLE_TIME),
+        metavar="SECONDS",
+        help="how long a write may pause before the file is checked anyway (default 0.25)",
+    )
+    parser.add_argument("--status-file", metavar="FILE", help="default /run/capkeeper/status.json")
+    parser.add_argument(
+        "--metrics-file", metavar="FILE", help="also write a Prometheus textfile (node_exporter)"
+    )
+
+
+def run(args: argparse.Namespace, settings: Settings, out: TextIO) -> ExitStatus:
+    """Run the daemon until it is stopped; its exit status."""
+    from capkeeper.daemon import watch  # noqa: PLC0415 - only the daemon needs pyinotify
+
+    return ExitStatus(watch(settings))
