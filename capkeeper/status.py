@@ -28,7 +28,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from capkeeper.errors import printable
-from capkeeper.reconcile import Outcome, Status
+from capkeeper.reconcile import Outcome, Status, tampering
 from capkeeper.schedule import Pacing
 from capkeeper.systemd import write_atomically
 
@@ -157,7 +157,9 @@ class StatusBook:
                 "cause": cause,
                 "time": stamp,
             }
-            self.last_drift_kind = "tampering" if outcome.extra else status
+            self.last_drift_kind = (
+                "tampering" if tampering(outcome.status, outcome.extra) else status
+            )
             changed = True
         elif outcome.status is Status.REFUSED and changed:
             record.refusals += 1

@@ -10,7 +10,7 @@ from capkeeper.commands._output import emit
 from capkeeper.enforce import reconcile
 from capkeeper.exit_codes import ExitStatus
 from capkeeper.log import get_logger
-from capkeeper.reconcile import Outcome, Status, event_for, log_outcome
+from capkeeper.reconcile import Outcome, Status, log_outcome, tampering
 from capkeeper.state import State
 
 
@@ -21,8 +21,8 @@ def outcome_line(outcome: Outcome) -> str:
     if outcome.status is Status.IN_SYNC:
         return f"{label}  {outcome.expected}"
     if outcome.status in (Status.RESTORED, Status.DRIFT):
-        tampering = event_for(outcome)[0] == "capability_tampering"
-        extra = " (possible tampering: extra capabilities)" if tampering else ""
+        suspect = tampering(outcome.status, outcome.extra)
+        extra = " (possible tampering: extra capabilities)" if suspect else ""
         return f"{label}  found {outcome.found}, expected {outcome.expected}{extra}"
     return f"{label}  {outcome.reason}"
 
