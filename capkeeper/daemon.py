@@ -316,7 +316,7 @@ class Daemon:
             if mounts_fd in ready:
                 self._mounts_changed(woke)
             if inotify_fd in ready:
-                self._handle(watcher.read(self._plan.concerns), woke)
+                self._handle(watcher.read(self._plan), woke)
             self._run_due()
             if self._clock() >= next_rescan:
                 self._full_reconcile("periodic")
