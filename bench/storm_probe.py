@@ -14,8 +14,14 @@ under a fresh ``/var/tmp/capkeeper-probe-*`` and measures, in one run:
    figure is events raised per second of daemon CPU (utime + stime), with the
    daemon's queue overflows counted from its log;
 3. **idleness right after activity**: the daemon's wake-ups (voluntary context
-   switches) in ``--idle`` seconds starting 0.1 s after the storm's last event
-   (and after the last deploy).
+   switches) in ``--idle`` seconds starting 0.1 s after the last of the
+   deploys, after one more deploy once that was over, and after the storm;
+4. **big batches**: the daemon is stopped (SIGSTOP) while 15,000 irrelevant
+   events queue up, then resumed, ten times; events per CPU-second it used to
+   read them (the per-event cost without the per-wake-up cost).
+
+``--src`` may be given several times (e.g. a copy of the previous tree) to
+compare trees in one run; the minimal restorer runs before them in each round.
 
 Run as root:  .venv/bin/python bench/storm_probe.py [--samples 300] [--storm 10]
 """
@@ -156,13 +162,147 @@ def compare_dispatch(events: int = 15000) -> tuple[float, float]:
     return theirs, ours
 
 
+def _minimal(binaries: list[Path], listing: Path, args: argparse.Namespace) -> list[float]:
+    """Rename-over restore latencies with the minimal pyinotify restorer running."""
+    restorer = subprocess.Popen(
+        [sys.executable, "-c", MINIMAL_RESTORER, VALUE.hex(), str(listing)],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert restorer.stdout is not None
+        restorer.stdout.readline()
+        waiter = _AttribWaiter(sorted({b.parent for b in binaries}))
+        try:
+            return _deploys(binaries, args.samples, args.gap, waiter)
+        finally:
+            waiter.close()
+    finally:
+        restorer.kill()
+        restorer.wait()
+
+
+def _batch(pid: int, directory: Path, rounds: int = 5000, repeat: int = 10) -> float:
+    """Events per daemon CPU-second in big batches: ``repeat`` times, the daemon is
+    stopped while ``3 * rounds`` irrelevant events queue up (fewer than the queue
+    holds), then resumed; its CPU is counted until it has used none for 0.3 s."""
+    used = 0.0
+    for _ in range(repeat):
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            for number in range(rounds):
+                name = directory / f"batch{number}"
+                os.close(os.open(name, os.O_CREAT | os.O_WRONLY, 0o600))
+                os.unlink(name)
+            cpu0 = cpu_seconds(pid)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        last, still = cpu0, time.monotonic()
+        while time.monotonic() - still < 0.3:
+            time.sleep(0.05)
+            now = cpu_seconds(pid)
+            if now != last:
+                last, still = now, time.monotonic()
+        used += last - cpu0
+    return 3 * rounds * repeat / max(used, 0.01)
+
+
+def _daemon(
+    src: Path, base: Path, binaries: list[Path], args: argparse.Namespace
+) -> dict[str, Any]:
+    """Start ``capkeeper watch`` from ``src`` and measure deploys, idleness and a storm."""
+    state = base / "state.toml"
+    run = Path(tempfile.mkdtemp(prefix="run-", dir=base))
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(run / "notify.sock"))
+    log = run / "daemon.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "WATCHDOG_"))}
+    env["NOTIFY_SOCKET"] = str(run / "notify.sock")
+    env["PYTHONPATH"] = str(src)
+    argv = [sys.executable, "-m", "capkeeper", "watch", "--state", str(state)]
+    argv += ["--log-format", "json", "--log-level", "info", "--rescan-interval", "300"]
+    argv += ["--status-file", str(run / "status.json")]
+    directories = sorted({b.parent for b in binaries})
+    with open(log, "wb") as handle:
+        daemon = subprocess.Popen(argv, cwd=src, env=env, stderr=handle)
+    try:
+        notify.settimeout(120)
+        while b"READY=1" not in notify.recv(4096):
+            pass
+        time.sleep(1.0)
+        waiter = _AttribWaiter(directories)
+        try:
+            ours = _deploys(binaries, args.samples, args.gap, waiter)
+        finally:
+            waiter.close()
+        time.sleep(0.1)
+        switches = context_switches(daemon.pid)
+        time.sleep(args.idle)
+        after_deploys = context_switches(daemon.pid) - switches
+        # one deploy after a quiet moment, then idleness again
+        waiter = _AttribWaiter(directories)
+        try:
+            single = _deploys(binaries, 1, args.gap, waiter)
+        finally:
+            waiter.close()
+        time.sleep(0.1)
+        switches = context_switches(daemon.pid)
+        time.sleep(args.idle)
+        after_single = context_switches(daemon.pid) - switches
+
+        time.sleep(1.0)
+        where = os.open(directories[0], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        mark = len(_events(log))
+        cpu0 = cpu_seconds(daemon.pid)
+        storm = subprocess.run(
+            ["/usr/bin/python3", "-c", STORM, str(where), str(args.storm)],
+            pass_fds=(where,),
+            capture_output=True,
+            check=True,
+        )
+        os.close(where)
+        time.sleep(0.1)
+        used = cpu_seconds(daemon.pid) - cpu0
+        raised = 3 * int(storm.stdout)
+        overflows = sum(1 for e in _events(log)[mark:] if e.get("event") == "queue_overflow")
+        switches = context_switches(daemon.pid)
+        time.sleep(args.idle)
+        after_storm = context_switches(daemon.pid) - switches
+        batch = _batch(daemon.pid, directories[0])
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(30)
+        return {
+            "src": str(src),
+            "daemon_ms": ours,
+            "idle_after_deploys": after_deploys,
+            "single_ms": single,
+            "idle_after_single": after_single,
+            "storm_events": raised,
+            "storm_cpu_s": used,
+            "events_per_cpu_s": raised / max(used, 0.01),
+            "storm_overflows": overflows,
+            "idle_after_storm": after_storm,
+            "batch_events_per_cpu_s": batch,
+        }
+    finally:
+        notify.close()
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=300)
     parser.add_argument("--gap", type=float, default=0.01)
     parser.add_argument("--storm", type=float, default=10.0, help="seconds of storm")
     parser.add_argument("--idle", type=float, default=5.0)
-    parser.add_argument("--src", type=Path, default=REPO, help="capkeeper source tree to run")
+    parser.add_argument(
+        "--src",
+        type=Path,
+        action="append",
+        help="capkeeper source tree to run (repeat to compare trees in one run; default: this one)",
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="repeat the daemon runs")
     parser.add_argument("--json", metavar="FILE")
     parser.add_argument(
         "--dispatch", action="store_true", help="only compare pyinotify's dispatch with decode"
@@ -182,117 +322,46 @@ def main() -> int:
     random.seed(1)
     base = Path(tempfile.mkdtemp(prefix="capkeeper-probe-", dir="/var/tmp"))
     os.chmod(base, 0o755)  # noqa: S103 - as bench_restore.py
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    processes: list[subprocess.Popen[bytes]] = []
-    results: dict[str, Any] = {"src": str(args.src)}
+    results: list[dict[str, Any]] = []
     try:
         root = base / "tree"
         root.mkdir(mode=0o755)
         binaries = _build_tree(root, 50, 20)
-        directories = sorted({b.parent for b in binaries})
         listing = base / "binaries.txt"
         listing.write_text("".join(f"{b}\n" for b in binaries))
-        waiter = _AttribWaiter(directories)
-
-        # 1a. the minimal pyinotify restorer
-        restorer = subprocess.Popen(
-            [sys.executable, "-c", MINIMAL_RESTORER, VALUE.hex(), str(listing)],
-            stdout=subprocess.PIPE,
-        )
-        processes.append(restorer)
-        assert restorer.stdout is not None
-        restorer.stdout.readline()
-        minimal = _deploys(binaries, args.samples, args.gap, waiter)
-        restorer.send_signal(signal.SIGTERM)
-        restorer.wait(10)
-        print(f"minimal pyinotify restorer: {_summary(minimal, args.samples)}")
-
-        # 1b. the daemon
-        state = base / "state.toml"
-        _state(state, binaries)
-        run = base / "run"
-        run.mkdir()
-        notify.bind(str(run / "notify.sock"))
-        log = run / "daemon.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "WATCHDOG_"))}
-        env["NOTIFY_SOCKET"] = str(run / "notify.sock")
-        env["PYTHONPATH"] = str(args.src)
-        argv = [sys.executable, "-m", "capkeeper", "watch", "--state", str(state)]
-        argv += ["--log-format", "json", "--log-level", "info", "--rescan-interval", "300"]
-        argv += ["--status-file", str(run / "status.json")]
-        with open(log, "wb") as handle:
-            daemon = subprocess.Popen(argv, cwd=args.src, env=env, stderr=handle)
-        processes.append(daemon)
-        notify.settimeout(120)
-        while b"READY=1" not in notify.recv(4096):
-            pass
-        time.sleep(1.0)
-        ours = _deploys(binaries, args.samples, args.gap, waiter)
-        waiter.close()
-        print(f"capkeeper watch:            {_summary(ours, args.samples)}")
-        ratio = statistics.median(ours) / statistics.median(minimal)
-        print(f"  median ratio capkeeper/minimal: {ratio:.2f}")
-        time.sleep(0.1)
-        switches = context_switches(daemon.pid)
-        time.sleep(args.idle)
-        after_deploys = context_switches(daemon.pid) - switches
-        print(f"idle right after the deploys: {after_deploys} wake-ups in {args.idle:g} s")
-        results.update(
-            minimal_ms=minimal,
-            daemon_ms=ours,
-            median_ratio=ratio,
-            idle_after_deploys=after_deploys,
-        )
-
-        # 2. the storm
-        time.sleep(1.0)
-        where = os.open(directories[0], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        mark = len(_events(log))
-        cpu0 = cpu_seconds(daemon.pid)
-        storm = subprocess.run(
-            ["/usr/bin/python3", "-c", STORM, str(where), str(args.storm)],
-            pass_fds=(where,),
-            capture_output=True,
-            check=True,
-        )
-        os.close(where)
-        time.sleep(0.1)
-        used = cpu_seconds(daemon.pid) - cpu0
-        raised = 3 * int(storm.stdout)
-        log_events = _events(log)[mark:]
-        overflows = sum(1 for e in log_events if e.get("event") == "queue_overflow")
-        print(
-            f"storm: {raised} irrelevant events in {args.storm:g} s "
-            f"({raised / args.storm:,.0f}/s); daemon CPU {used:.2f} s -> "
-            f"{raised / max(used, 0.01):,.0f} events per daemon CPU-second; "
-            f"queue overflows: {overflows}"
-        )
-        switches = context_switches(daemon.pid)
-        time.sleep(args.idle)
-        after_storm = context_switches(daemon.pid) - switches
-        idle_cpu = cpu_seconds(daemon.pid) - cpu0 - used
-        print(
-            f"idle right after the storm: {after_storm} wake-ups in {args.idle:g} s "
-            f"({idle_cpu:.2f} s CPU incl. the settle)"
-        )
-        results.update(
-            storm_events=raised,
-            storm_cpu_s=used,
-            events_per_cpu_s=raised / max(used, 0.01),
-            storm_overflows=overflows,
-            idle_after_storm=after_storm,
-        )
+        _state(base / "state.toml", binaries)
+        for _ in range(args.rounds):
+            minimal = _minimal(binaries, listing, args)
+            print(f"minimal pyinotify restorer: {_summary(minimal, args.samples)}")
+            results.append({"src": "minimal", "minimal_ms": minimal})
+            for src in args.src or [REPO]:
+                got = _daemon(src, base, binaries, args)
+                results.append(got)
+                ms = got["daemon_ms"]
+                print(f"capkeeper watch from {src}:")
+                print(f"  restore: {_summary(ms, args.samples)}")
+                ratio = statistics.median(ms) / statistics.median(minimal)
+                print(f"  median ratio to the minimal restorer just before: {ratio:.2f}")
+                print(
+                    f"  idle {args.idle:g} s right after the {args.samples} deploys: "
+                    f"{got['idle_after_deploys']} wake-ups; after one more deploy: "
+                    f"{got['idle_after_single']} wake-ups"
+                )
+                print(
+                    f"  storm: {got['storm_events']} irrelevant events in {args.storm:g} s; "
+                    f"daemon CPU {got['storm_cpu_s']:.2f} s -> "
+                    f"{got['events_per_cpu_s']:,.0f} events per daemon CPU-second; "
+                    f"queue overflows: {got['storm_overflows']}"
+                )
+                print(f"  idle right after the storm: {got['idle_after_storm']} wake-ups")
+                print(
+                    "  batches of 15,000 irrelevant events (daemon stopped meanwhile): "
+                    f"{got['batch_events_per_cpu_s']:,.0f} events per daemon CPU-second"
+                )
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
-        daemon.send_signal(signal.SIGTERM)
-        daemon.wait(30)
         return 0
     finally:
-        notify.close()
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
         shutil.rmtree(base, ignore_errors=True)
 
 

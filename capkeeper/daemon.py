@@ -5,7 +5,9 @@ everything, then ``READY=1``. The loop sleeps in one ``poll()`` on the inotify
 descriptor and a signal wake-up pipe, with a timeout that is the nearest of:
 the next periodic rescan, the next watchdog ping, a write that is settling, a
 refused or failed entry's next retry, a due status file write. Nothing else
-wakes it.
+wakes it: events on names no route goes through are read and dropped without
+the loop's bookkeeping, and a change after a quiet moment writes the status
+file in the same wake-up (only a burst leaves one write for later).
 
 Each batch of events is coalesced: every affected entry is reconciled once,
 through the same :func:`capkeeper.reconcile.reconcile` as ``apply``. A write in
@@ -190,6 +192,7 @@ class Daemon:
         self._status_written = -math.inf
         self._dirty_since: float | None = None
         self._last_activity = -math.inf
+        self._isolated = False  # the last inotify wake-up came after a quiet moment
         self._status_error: str | None = None
         self.ready = threading.Event()  # set after READY=1, for in-process callers
 
@@ -300,10 +303,9 @@ class Daemon:
         while not self._stop:
             self._tick()
             self._pace(poller, inotify_fd)
-            timeout = self._timeout_ms(next_rescan)
-            ready = {fd for fd, _ in poller.poll(timeout)}
-            woke = self._clock()
+            ready, events, woke = self._wait(poller, watcher, self._timeout_ms(next_rescan))
             if inotify_fd in ready:
+                self._isolated = woke - self._last_activity >= _STATUS_QUIET
                 self._last_activity = woke
             if self._wake_r in ready:
                 self._drain_wake()
@@ -316,12 +318,35 @@ class Daemon:
             if mounts_fd in ready:
                 self._mounts_changed(woke)
             if inotify_fd in ready:
-                self._handle(watcher.read(self._plan), woke)
+                self._handle(watcher.read(self._plan) if events is None else events, woke)
             self._run_due()
             if self._clock() >= next_rescan:
                 self._full_reconcile("periodic")
                 next_rescan = self._clock() + self._settings.rescan_interval
             self._publish()
+
+    def _wait(
+        self, poller: select.poll, watcher: Watcher, timeout_ms: int
+    ) -> tuple[set[int], list[WatchEvent] | None, float]:
+        """Poll until the loop has work: a deadline, a signal, the mount table, or inotify
+        events some route cares about; return what is ready, the events if already read,
+        and when it woke.
+
+        A batch with nothing but events on names no route goes through (anyone who can
+        write to a watched directory can raise them as fast as the kernel queues them) is
+        read and dropped here, without the loop's bookkeeping, until the deadline.
+        """
+        inotify_fd = watcher.fileno()
+        deadline = self._clock() + timeout_ms / 1000
+        while True:
+            ready = {fd for fd, _ in poller.poll(timeout_ms)}
+            woke = self._clock()
+            if ready != {inotify_fd}:
+                return ready, None, woke
+            events = watcher.read(self._plan)
+            if events or woke >= deadline:
+                return ready, events, woke
+            timeout_ms = max(0, math.ceil((deadline - woke) * 1000))
 
     def _timeout_ms(self, next_rescan: float) -> int:
         deadlines = [next_rescan, self._next_ping]
@@ -889,7 +914,12 @@ class Daemon:
         """When the status file is due: never while clean; after a quiet moment when dirty."""
         if not self._book.dirty or self._dirty_since is None:
             return math.inf
-        quiet = max(self._last_activity + _STATUS_QUIET, self._status_written + _STATUS_EVERY)
+        every = self._status_written + _STATUS_EVERY
+        if self._isolated:
+            # Activity after a quiet moment (one deploy): write at the end of this very
+            # wake-up, after its restores, rather than wake up again for it later.
+            return every
+        quiet = max(self._last_activity + _STATUS_QUIET, every)
         return min(quiet, self._dirty_since + _STATUS_STALE)
 
     def _write_status(self) -> None:
