@@ -14,10 +14,11 @@ create/close/unlink of *other* names in a watched directory (any user who can
 write there can raise it) then costs those objects per event: measured on the
 development machine (2 vCPUs, Python 3.11, 2026-11-30), 15,000 queued events
 of names nobody asked about cost 22 to 36 µs of CPU each through ``read_events``
-+ ``process_events`` with a ``ProcessEvent`` that ignores them (under 40,000
-per CPU-second for that step alone, against the daemon's goal of 100,000 per
-CPU-second in all), and 1.1 to 1.5 µs each through :meth:`Instance.read` +
-:func:`decode` with a name filter (0.4 to 0.6 µs for :func:`decode` alone).
++ ``process_events`` with a ``ProcessEvent`` that ignores them (28,000 to
+45,000 per CPU-second for that step alone, against the daemon's goal of
+100,000 per CPU-second in all), and 1.1 to 1.5 µs each through
+:meth:`Instance.read` + :func:`decode` with a name filter (0.4 to 0.6 µs for
+:func:`decode` alone).
 ``bench/storm_probe.py --dispatch`` measures both. :func:`decode` drops such
 events by watch descriptor and raw name before any object is built.
 
