@@ -5,7 +5,9 @@ everything, then ``READY=1``. The loop sleeps in one ``poll()`` on the inotify
 descriptor, the mount table and a signal wake-up pipe, with a timeout that is
 the nearest of: the next periodic rescan, the next watchdog ping, a write that
 is settling, a refused or failed entry's next retry, a due status file write.
-Nothing else wakes it. What happens on a wake-up is the
+Nothing else wakes it: events on names no route goes through are read and dropped
+without the loop's bookkeeping, and a change after a quiet moment writes the status
+file in the same wake-up (only a burst leaves one write for later). What happens on a wake-up is the
 :class:`~capkeeper.keeper.Keeper`'s; when things are due,
 :mod:`capkeeper.schedule`'s; what is shown (the status file, the metrics, the
 ``STATUS=`` text), the :class:`~capkeeper.status.StatusBook`'s.
@@ -41,7 +43,7 @@ from capkeeper.schedule import StatusFileTimer, poll_timeout_ms
 from capkeeper.settings import Settings
 from capkeeper.state import State, load_state
 from capkeeper.status import StatusBook, status_line, write_metrics, write_status
-from capkeeper.watcher import Watcher
+from capkeeper.watcher import Watcher, WatchEvent
 
 DAEMON_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 
@@ -220,10 +222,10 @@ class Daemon:
             self._pace(keeper, poller, inotify_fd)
             deadlines = [next_rescan, self._next_ping, self._status_timer.deadline()]
             deadlines += keeper.deadlines()
-            ready = {fd for fd, _ in poller.poll(poll_timeout_ms(deadlines, self._clock()))}
-            woke = self._clock()
+            timeout = poll_timeout_ms(deadlines, self._clock())
+            ready, events, woke = self._wait(poller, keeper, timeout)
             if inotify_fd in ready:
-                self._status_timer.activity = woke
+                self._status_timer.woke(woke)
             if self._wake_r in ready:
                 self._drain_wake()
             if self._stop:
@@ -235,12 +237,35 @@ class Daemon:
             if mounts_fd in ready:
                 keeper.mounts_changed(woke)
             if inotify_fd in ready:
-                keeper.handle(keeper.watcher.read(keeper.plan.concerns), woke)
+                keeper.handle(keeper.watcher.read(keeper.plan) if events is None else events, woke)
             keeper.run_due()
             if self._clock() >= next_rescan:
                 keeper.full_reconcile("periodic")
                 next_rescan = self._clock() + self._settings.rescan_interval
             self._publish()
+
+    def _wait(
+        self, poller: select.poll, keeper: Keeper, timeout_ms: int
+    ) -> tuple[set[int], list[WatchEvent] | None, float]:
+        """Poll until the loop has work: a deadline, a signal, the mount table, or inotify
+        events some route cares about; return what is ready, the events if already read,
+        and when it woke.
+
+        A batch with nothing but events on names no route goes through (anyone who can
+        write to a watched directory can raise them as fast as the kernel queues them) is
+        read and dropped here, without the loop's bookkeeping, until the deadline.
+        """
+        inotify_fd = keeper.watcher.fileno()
+        deadline = self._clock() + timeout_ms / 1000
+        while True:
+            ready = {fd for fd, _ in poller.poll(timeout_ms)}
+            woke = self._clock()
+            if ready != {inotify_fd}:
+                return ready, None, woke
+            events = keeper.watcher.read(keeper.plan)
+            if events or woke >= deadline:
+                return ready, events, woke
+            timeout_ms = max(0, math.ceil((deadline - woke) * 1000))
 
     def _tick(self) -> None:
         """Ping the watchdog when due (also called inside long reconciles)."""

@@ -289,6 +289,12 @@ class StatusFileTimer:
     dirty_since: float | None = None
     written: float = -math.inf
     activity: float = -math.inf  # the last inotify wake-up
+    isolated: bool = False  # that wake-up came after a quiet moment (one deploy)
+
+    def woke(self, now: float) -> None:
+        """An inotify wake-up at ``now``."""
+        self.isolated = now - self.activity >= STATUS_QUIET
+        self.activity = now
 
     def changed(self, now: float) -> None:
         """Something the file shows changed (idempotent until written)."""
@@ -299,7 +305,12 @@ class StatusFileTimer:
         """When the file is due: never while nothing changed."""
         if self.dirty_since is None:
             return math.inf
-        quiet = max(self.activity + STATUS_QUIET, self.written + STATUS_EVERY)
+        every = self.written + STATUS_EVERY
+        if self.isolated:
+            # Activity after a quiet moment (one deploy): write at the end of this very
+            # wake-up, after its restores, rather than wake up again for it later.
+            return every
+        quiet = max(self.activity + STATUS_QUIET, every)
         return min(quiet, self.dirty_since + STATUS_STALE)
 
     def wrote(self, now: float) -> None:

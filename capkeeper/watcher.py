@@ -1,46 +1,41 @@
-"""inotify for the daemon: the watch plan, typed events, overflow and failed watches.
+"""The watch plan, and the watcher that keeps inotify watches on it.
 
-The only module that imports pyinotify. A declared path is turned into a
-:class:`Route`: every ``(directory, name)`` it goes through, symlinks resolved
-the way :func:`capkeeper.files.open_declared` resolves them. Every directory
-of every route is watched once (shared between entries) with
-:data:`DIRECTORY_MASK`; an event matters to an entry only when its name is the
-next component of that entry's route. Events are decoded once into frozen
-:class:`WatchEvent` values; the rest of capkeeper never tests inotify bits.
+A declared path is turned into a :class:`Route`: every ``(directory, name)`` it
+goes through, symlinks resolved the way :func:`capkeeper.files.open_declared`
+resolves them. Every directory of every route is watched once (shared between
+entries) with :data:`DIRECTORY_MASK`; an event matters to an entry only when
+its name is the next component of that entry's route. Events are decoded once
+into frozen :class:`WatchEvent` values; the rest of capkeeper never tests
+inotify bits.
 
 Facts this relies on (inotify(7); shared/reference.md 4.2 and 7.1): a watch
 on the file itself dies with its inode when the file is renamed over, so only
 directories are watched; ``IN_Q_OVERFLOW`` has no watch descriptor, so it can
-only be told apart by the instance it arrives on; pyinotify reports a failed
-watch as a negative descriptor; a watch follows an inode, not a path, and
-inotify reports no mounts (a mount over a watched directory hides the watched
-inode without any event).
+only be told apart by the instance it arrives on; a watch follows an inode,
+not a path, and inotify reports no mounts (a mount over a watched directory
+hides the watched inode without any event).
 
-pyinotify adds and removes the watches; the events are read from the
-descriptors directly (:func:`parse_events`), so that events on names no
-route cares about are dropped before any object is built.
+inotify itself is :mod:`capkeeper.inotify` (pyinotify through its public API).
+Reading with the plan (:meth:`Watcher.read`) drops events on names no route
+goes through by watch descriptor and raw name, before any object is built.
 """
 
 from __future__ import annotations
 
-import array
 import errno
-import fcntl
 import logging
 import os
 import posixpath
 import select
 import stat
-import struct
-import termios
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from enum import IntFlag
 
-import pyinotify
 import structlog
 
+from capkeeper import inotify
 from capkeeper.errors import WatchError
+from capkeeper.kernel import inotify_limits
 from capkeeper.paths import Walk, posixjoin
 from capkeeper.trust import open_to_others
 
@@ -49,38 +44,21 @@ from capkeeper.trust import open_to_others
 # owner changes (IN_ATTRIB), and the directory itself going away. IN_EXCL_UNLINK
 # silences unlinked temporary files (.dpkg-tmp).
 DIRECTORY_MASK: int = (
-    pyinotify.IN_CLOSE_WRITE
-    | pyinotify.IN_MOVED_TO
-    | pyinotify.IN_MOVED_FROM
-    | pyinotify.IN_CREATE
-    | pyinotify.IN_DELETE
-    | pyinotify.IN_ATTRIB
-    | pyinotify.IN_MODIFY
-    | pyinotify.IN_MOVE_SELF
-    | pyinotify.IN_DELETE_SELF
-    | pyinotify.IN_ONLYDIR
-    | pyinotify.IN_DONT_FOLLOW
-    | pyinotify.IN_EXCL_UNLINK
+    inotify.IN_CLOSE_WRITE
+    | inotify.IN_MOVED_TO
+    | inotify.IN_MOVED_FROM
+    | inotify.IN_CREATE
+    | inotify.IN_DELETE
+    | inotify.IN_ATTRIB
+    | inotify.IN_MODIFY
+    | inotify.IN_MOVE_SELF
+    | inotify.IN_DELETE_SELF
+    | inotify.IN_ONLYDIR
+    | inotify.IN_DONT_FOLLOW
+    | inotify.IN_EXCL_UNLINK
 )
 
-_HEADER = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len
-
-
-class Change(IntFlag):
-    """What an event says happened; the values are the kernel's ``IN_*`` bits."""
-
-    MODIFY = pyinotify.IN_MODIFY
-    ATTRIB = pyinotify.IN_ATTRIB
-    CLOSE_WRITE = pyinotify.IN_CLOSE_WRITE
-    MOVED_FROM = pyinotify.IN_MOVED_FROM
-    MOVED_TO = pyinotify.IN_MOVED_TO
-    CREATE = pyinotify.IN_CREATE
-    DELETE = pyinotify.IN_DELETE
-    DELETE_SELF = pyinotify.IN_DELETE_SELF
-    MOVE_SELF = pyinotify.IN_MOVE_SELF
-    UNMOUNT = pyinotify.IN_UNMOUNT
-    Q_OVERFLOW = pyinotify.IN_Q_OVERFLOW
-    IGNORED = pyinotify.IN_IGNORED
+Change = inotify.Change  # what an event says happened (the kernel's IN_* bits)
 
 
 _KNOWN = 0
@@ -175,23 +153,16 @@ class WatchEvent:
 def decode_event(mask: int, name: str, directory: str, *, exposed: bool = False) -> WatchEvent:
     """Decode one raw event of a watch on ``directory`` into a :class:`WatchEvent`."""
     changes = Change(mask & _KNOWN)
-    return WatchEvent(directory, name, changes, bool(mask & pyinotify.IN_ISDIR), exposed)
+    return WatchEvent(directory, name, changes, bool(mask & inotify.IN_ISDIR), exposed)
 
 
 def parse_events(data: bytes) -> Iterator[tuple[int, int, int, str]]:
     """Split a buffer read from an inotify descriptor into ``(wd, mask, cookie, name)``.
 
-    Names are decoded like every path in Python (``os.fsdecode``), so a
-    non-UTF-8 file name in a watched directory cannot break the stream (it
-    would with pyinotify's own strict ``bytes.decode()``).
+    See :func:`capkeeper.inotify.decode` (this keeps every event).
     """
-    offset = 0
-    while offset + _HEADER.size <= len(data):
-        wd, mask, cookie, length = _HEADER.unpack_from(data, offset)
-        offset += _HEADER.size
-        raw = data[offset : offset + length].split(b"\0", 1)[0]
-        offset += length
-        yield wd, mask, cookie, os.fsdecode(raw)
+    for event in inotify.decode(data):
+        yield event.wd, event.mask, event.cookie, event.name
 
 
 # -- the watch plan ---------------------------------------------------------------------
@@ -293,6 +264,8 @@ class WatchPlan:
         self._routes: dict[str, Route] = {}
         self._index: dict[tuple[str, str], dict[str, Link]] = {}
         self._through: dict[str, set[str]] = {}
+        self._names: dict[str, set[str]] = {}  # directory -> names some route goes through
+        self.version = 0  # changes whenever the index does
 
     def __len__(self) -> int:
         return len(self._routes)
@@ -319,12 +292,15 @@ class WatchPlan:
         for link in route.links:
             self._index.setdefault((link.directory, link.name), {})[route.path] = link
             self._through.setdefault(link.directory, set()).add(route.path)
+            self._names.setdefault(link.directory, set()).add(link.name)
+        self.version += 1
         return True
 
     def remove(self, path: str) -> None:
         old = self._routes.pop(path, None)
         if old is not None:
             self._unlink(old)
+            self.version += 1
 
     def _unlink(self, route: Route) -> None:
         for link in route.links:
@@ -334,6 +310,10 @@ class WatchPlan:
                 users.pop(route.path, None)
                 if not users:
                     del self._index[key]
+                    names = self._names[link.directory]
+                    names.discard(link.name)
+                    if not names:
+                        del self._names[link.directory]
             through = self._through.get(link.directory)
             if through is not None:
                 through.discard(route.path)
@@ -343,6 +323,10 @@ class WatchPlan:
     def concerns(self, directory: str, name: str) -> bool:
         """Whether some route goes through ``name`` in ``directory``."""
         return (directory, name) in self._index
+
+    def names_in(self, directory: str) -> frozenset[str]:
+        """The names inside ``directory`` that some route goes through."""
+        return frozenset(self._names.get(directory, ()))
 
     def lookup(self, directory: str, name: str) -> Mapping[str, Link]:
         """The entries whose route goes through ``name`` in ``directory``, with their link."""
@@ -389,12 +373,8 @@ class WatchFailure:
         return self.errno in (errno.ENOENT, errno.ENOTDIR)
 
 
-def _read_limit(name: str) -> str:
-    try:
-        with open(f"/proc/sys/fs/inotify/{name}", encoding="ascii") as handle:
-            return handle.read().strip()
-    except OSError:
-        return "?"
+def _limit(value: int | None) -> str:
+    return "?" if value is None else str(value)
 
 
 def describe_watch_errno(code: int) -> str:
@@ -402,13 +382,13 @@ def describe_watch_errno(code: int) -> str:
     if code == errno.ENOSPC:
         return (
             "the inotify watch limit is reached (fs.inotify.max_user_watches = "
-            f"{_read_limit('max_user_watches')}); raise it, e.g. "
+            f"{_limit(inotify_limits().max_user_watches)}); raise it, e.g. "
             "sysctl -w fs.inotify.max_user_watches=524288"
         )
     if code == errno.EMFILE:
         return (
             "too many inotify instances (fs.inotify.max_user_instances = "
-            f"{_read_limit('max_user_instances')}); raise it or stop other watchers"
+            f"{_limit(inotify_limits().max_user_instances)}); raise it or stop other watchers"
         )
     if code == errno.EACCES:
         return "permission denied: capkeeper needs read access to the directory"
@@ -426,9 +406,7 @@ def _route_pyinotify_logs() -> None:
     path-tracking complaints are noise; failed watches are reported by
     :meth:`Watcher.sync` instead.
     """
-    logger = logging.getLogger("pyinotify")
-    logger.handlers[:] = [_ForwardHandler()]
-    logger.propagate = False
+    inotify.route_logs(_ForwardHandler())
 
 
 class _ForwardHandler(logging.Handler):
@@ -461,34 +439,37 @@ class DirectoryIdentity:
 
 
 class _Queue:
-    """One inotify instance and the directories its watch descriptors stand for."""
+    """One inotify instance, the directories its watch descriptors stand for, and the
+    names wanted in them (for :func:`capkeeper.inotify.decode`)."""
 
     def __init__(self, *, exposed: bool) -> None:
         try:
-            self.wm = pyinotify.WatchManager()
-        except (OSError, pyinotify.InotifyBindingNotFoundError) as exc:
+            self.instance = inotify.Instance()
+        except OSError as exc:
             raise WatchError(
-                f"cannot start inotify: {exc}",
+                f"cannot start inotify: {exc.strerror or exc}",
                 hint="raise fs.inotify.max_user_instances (now "
-                f"{_read_limit('max_user_instances')}) or stop other inotify users",
+                f"{_limit(inotify_limits().max_user_instances)}) or stop other inotify users",
             ) from exc
-        self.fd = int(self.wm.get_fd())
-        # pyinotify opens the instance without IN_CLOEXEC and IN_NONBLOCK.
-        fcntl.fcntl(self.fd, fcntl.F_SETFD, fcntl.fcntl(self.fd, fcntl.F_GETFD) | fcntl.FD_CLOEXEC)
-        fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+        self.fd = self.instance.fileno()
         self.exposed = exposed
         self.dirs_by_wd: dict[int, set[str]] = {}
+        # wd -> raw names some route goes through in its directories; valid for one
+        # (plan, plan version, watches) triple, rebuilt when any of them changes.
+        self.names_by_wd: dict[int, frozenset[bytes]] = {}
+        self.names_plan: WatchPlan | None = None
+        self.names_for = (-1, -1)
+        self.generation = 0  # changes whenever dirs_by_wd does
 
-    def drain(self) -> bytes:
-        """Every event queued now (not those that arrive while reading: a flood never ends)."""
-        size = array.array("i", [0])
-        fcntl.ioctl(self.fd, termios.FIONREAD, size, True)
-        if size[0] <= 0:
-            return b""
-        try:
-            return os.read(self.fd, size[0])
-        except BlockingIOError:
-            return b""
+    def wanted(self, plan: WatchPlan) -> Mapping[int, frozenset[bytes]]:
+        key = (plan.version, self.generation)
+        if self.names_plan is not plan or self.names_for != key:
+            self.names_by_wd = {
+                wd: inotify.encode_names(name for d in dirs for name in plan.names_in(d))
+                for wd, dirs in self.dirs_by_wd.items()
+            }
+            self.names_plan, self.names_for = plan, key
+        return self.names_by_wd
 
 
 class Watcher:
@@ -510,7 +491,7 @@ class Watcher:
         try:
             exposed = _Queue(exposed=True)
         except WatchError:
-            trusted.wm.close()
+            trusted.instance.close()
             raise
         self._queues = (trusted, exposed)
         self._epoll = select.epoll()
@@ -602,16 +583,16 @@ class Watcher:
         identity = DirectoryIdentity.of(before)
         queue = self._queues[identity.exposed]
         try:
-            result = queue.wm.add_watch(directory, self._mask, quiet=True)
-            wd = int(result.get(directory, -1))
+            wd = queue.instance.add(directory, self._mask)
         except UnicodeEncodeError:
             return WatchFailure(directory, errno.EINVAL, "the path cannot be encoded")
-        if wd < 0:
-            code = queue.wm._inotify_wrapper.get_errno() or errno.EIO
+        except OSError as exc:
+            code = exc.errno or errno.EIO
             return WatchFailure(directory, code, describe_watch_errno(code))
         self._where[directory] = (queue, wd)
         self._identity[directory] = identity
         queue.dirs_by_wd.setdefault(wd, set()).add(directory)
+        queue.generation += 1
         try:
             after: DirectoryIdentity | None = DirectoryIdentity.of(os.lstat(directory))
         except OSError:
@@ -629,59 +610,71 @@ class Watcher:
         if where is None:
             return
         queue, wd = where
+        queue.generation += 1
         sharing = queue.dirs_by_wd.get(wd, set())
         sharing.discard(directory)
         if not sharing:
             queue.dirs_by_wd.pop(wd, None)
             # EINVAL when the kernel already ended the watch; nothing to undo then.
-            queue.wm.rm_watch(wd, quiet=True)
+            queue.instance.remove(wd)
 
-    def read(self, relevant: Callable[[str, str], bool] | None = None) -> list[WatchEvent]:
+    def read(
+        self, relevant: WatchPlan | Callable[[str, str], bool] | None = None
+    ) -> list[WatchEvent]:
         """Read and decode every queued event (call when :meth:`fileno` is readable).
 
-        ``relevant(directory, name)`` filters events on names inside a watched
-        directory before any object is built (a flood of other names in a
-        shared directory then costs little); events on the directory itself,
-        ended watches and overflows are always returned. A queue that cannot
-        be read is reported as an overflow of that queue: the caller then
-        rescans rather than trusting a partial batch.
+        Events on names inside a watched directory are kept only when they are
+        ``relevant``: with a :class:`WatchPlan`, when some route goes through
+        that name (decided from the watch descriptor and the raw name, before
+        any object is built, so a flood of other names in a shared directory
+        costs little); with a function, when ``relevant(directory, name)``.
+        Events on the directory itself, ended watches and overflows are always
+        returned. A queue that cannot be read is reported as an overflow of
+        that queue: the caller then rescans rather than trusting a partial batch.
         """
         events: list[WatchEvent] = []
         for queue in self._queues:
             try:
-                data = queue.drain()
+                data = queue.instance.read()
             except OSError:
                 events.append(WatchEvent("", "", Change.Q_OVERFLOW, exposed=queue.exposed))
                 continue
-            if data:
-                self._decode(queue, data, relevant, events)
+            if not data:
+                continue
+            if isinstance(relevant, WatchPlan):
+                self._convert(queue, inotify.decode(data, queue.wanted(relevant)), None, events)
+            else:
+                self._convert(queue, inotify.decode(data), relevant, events)
         return events
 
-    def _decode(
+    def _convert(
         self,
         queue: _Queue,
-        data: bytes,
+        decoded: list[inotify.Event],
         relevant: Callable[[str, str], bool] | None,
         events: list[WatchEvent],
     ) -> None:
         dirs_by_wd = queue.dirs_by_wd
-        for wd, mask, _cookie, name in parse_events(data):
-            if mask & pyinotify.IN_Q_OVERFLOW:
+        for event in decoded:
+            if event.is_overflow:
                 events.append(WatchEvent("", "", Change.Q_OVERFLOW, exposed=queue.exposed))
                 continue
+            wd, name = event.wd, event.name
             directories = dirs_by_wd.get(wd)
             if not directories:
                 continue  # a watch we dropped; its last events are stale
-            if mask & pyinotify.IN_IGNORED:
+            if event.is_ignored:
                 dirs_by_wd.pop(wd, None)
-                queue.wm.del_watch(wd)
+                queue.generation += 1
+                queue.instance.forget(wd)
                 for directory in directories:
                     self._where.pop(directory, None)
                     self._identity.pop(directory, None)
             elif name and relevant is not None and not any(relevant(d, name) for d in directories):
                 continue
             events.extend(
-                decode_event(mask, name, d, exposed=queue.exposed) for d in sorted(directories)
+                decode_event(event.mask, name, d, exposed=queue.exposed)
+                for d in sorted(directories)
             )
 
     def close(self) -> None:
@@ -689,7 +682,7 @@ class Watcher:
             self._closed = True
             self._epoll.close()
             for queue in self._queues:
-                queue.wm.close()
+                queue.instance.close()
 
     def __enter__(self) -> Watcher:
         return self

@@ -379,6 +379,24 @@ def test_idle_daemon_does_not_wake_up(tree: Path, spawn: Callable[..., DaemonPro
     assert idle.cpu <= 0.05 + 0.001 * idle.events, idle
 
 
+def test_daemon_does_not_wake_up_after_a_restore(
+    tree: Path, spawn: Callable[..., DaemonProcess]
+) -> None:
+    """One restore after a quiet moment: everything it leads to (its status file
+    write, the echo of its setxattr) happens in that wake-up or the echo's; then no
+    wake-up at all (no timer left behind), beyond events in its directories."""
+    daemon, binary = spawn_secluded(spawn, tree, "cap_net_raw=+ep")
+    watched: list[str | Path] = ["/", seen_by(daemon, SECLUDED)]
+    measure_idle(daemon.pid, watched, 1.5)  # start-up's status file is written by now
+    for _ in range(3):
+        mark = daemon.mark()
+        os.removexattr(seen_by(daemon, binary), "security.capability")
+        daemon.restored(binary, mark)
+        daemon.wait_event(_echo_of(binary), since=mark)
+        idle = measure_idle(daemon.pid, watched, 2.0)
+        assert idle.wakeups <= idle.events, idle
+
+
 def test_invalid_state_at_start_exits_with_config_status(tree: Path) -> None:
     """An invalid state at start: exit 78 and every problem on stderr, nothing watched."""
     state = tree.parent / "state.toml"

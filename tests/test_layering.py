@@ -37,6 +37,7 @@ LAYERS: dict[str, int] = {
     "files": ADAPTER,
     "kernel": ADAPTER,
     "mounts": ADAPTER,
+    "inotify": ADAPTER,
     "watcher": ADAPTER,
     "notify": ADAPTER,
     "journal": ADAPTER,
