@@ -31,11 +31,10 @@ import stat
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
-import structlog
-
 from capkeeper import inotify
 from capkeeper.errors import WatchError
 from capkeeper.kernel import inotify_limits
+from capkeeper.log import get_logger
 from capkeeper.paths import Walk, posixjoin
 from capkeeper.trust import open_to_others
 
@@ -411,7 +410,7 @@ def _route_pyinotify_logs() -> None:
 
 class _ForwardHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
-        structlog.get_logger("capkeeper").debug("pyinotify_message", message=record.getMessage())
+        get_logger().debug("pyinotify_message", message=record.getMessage())
 
 
 @dataclass(frozen=True, slots=True)

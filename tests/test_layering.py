@@ -240,3 +240,24 @@ def test_os_xattr_calls_stay_in_the_adapter() -> None:
     """os.getxattr/setxattr/listxattr/removexattr are named in files.py and nowhere else."""
     users = {module for module, tree in MODULES.items() if _xattr_uses(tree)[1]}
     assert users == OS_XATTR_USERS, f"os.*xattr outside the adapter: {users - OS_XATTR_USERS}"
+
+
+# -- each dependency behind one adapter ---------------------------------------------------
+
+ADAPTER_OF = {
+    "xattr": {"files"},
+    "pyinotify": {"inotify"},
+    "sdnotify": {"notify"},
+    "structlog": {"log", "journal"},
+}
+
+
+@pytest.mark.parametrize("dependency", sorted(ADAPTER_OF))
+def test_each_dependency_has_one_adapter(dependency: str) -> None:
+    """A package that reaches the OS or shapes output is imported by its adapter alone."""
+    users = {
+        module
+        for module, tree in MODULES.items()
+        if any(name.split(".")[0] == dependency for name in _imports(tree))
+    }
+    assert users == ADAPTER_OF[dependency]
