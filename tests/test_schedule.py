@@ -292,6 +292,22 @@ def test_status_file_after_quiet_at_most_once_a_second_at_latest_when_stale() ->
     assert timer.deadline() == 10.3 + STATUS_STALE
 
 
+def test_status_file_after_a_lone_deploy_is_written_in_the_same_wake_up() -> None:
+    """A wake-up after a quiet moment makes the file due at once (no later wake-up for
+    it); wake-ups in a burst leave it for the quiet moment after the burst."""
+    timer = StatusFileTimer()
+    timer.wrote(0.0)
+    timer.woke(100.0)  # one deploy after a long quiet
+    timer.changed(100.0)
+    assert timer.deadline() <= 100.0
+    timer.wrote(100.001)
+    timer.woke(100.05)  # a burst: the next deploy 50 ms later
+    timer.changed(100.05)
+    assert timer.deadline() == 100.001 + STATUS_EVERY
+    timer.woke(101.5)  # quiet again: due at once, a second after the last write
+    assert timer.deadline() == 100.001 + STATUS_EVERY
+
+
 def test_throttle_says_once_per_period_with_the_count() -> None:
     """The first occurrence is said; the next ones are counted until the period ends."""
     throttle = Throttle(60.0)
