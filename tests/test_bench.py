@@ -33,9 +33,14 @@ def _run(name: str, out: Path, *args: str) -> dict[str, Any]:
     return figures
 
 
+# storm_probe.py times capkeeper.inotify's decoder against pyinotify's dispatch (the
+# figure in inotify.py's docstring): it measures the internals on purpose.
+PROBES = frozenset({"storm_probe.py"})
+
+
 def test_benchmarks_use_no_capkeeper_internals() -> None:
     """Benchmarks drive the CLI only, so they keep working while modules move."""
-    for script in sorted(BENCH.glob("*.py")):
+    for script in sorted(set(BENCH.glob("*.py")) - {BENCH / name for name in PROBES}):
         for node in ast.walk(ast.parse(script.read_text())):
             if isinstance(node, ast.Import):
                 modules = [alias.name for alias in node.names]
