@@ -13,22 +13,25 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
-from pydantic import ValidationError
-
 from capkeeper import adopt, audit, doctor
 from capkeeper.capabilities import decode_revision, format_text
 from capkeeper.enforce import reconcile
-from capkeeper.errors import CapkeeperError, FileAccessError, StateError, UsageError, printable
+from capkeeper.errors import (
+    CapkeeperError,
+    FileAccessError,
+    SettingsError,
+    StateError,
+    UsageError,
+    printable,
+)
 from capkeeper.exit_codes import ExitStatus
 from capkeeper.files import NO_XATTR, observe, read_path_caps
 from capkeeper.kernel import cap_last_cap
 from capkeeper.log import LEVELS, configure, get_logger
 from capkeeper.model import Entry
 from capkeeper.reconcile import Outcome, Status, log_outcome
-from capkeeper.settings import RESCAN_INTERVAL, SETTLE_TIME, Settings
+from capkeeper.settings import RESCAN_INTERVAL, SETTLE_TIME, Settings, load_settings
 from capkeeper.state import State, load_state
-from capkeeper.status import StatusFileError, parse_status, read_status
-from capkeeper.status import render as render_status
 from capkeeper.systemd import (
     DROPIN,
     HIDDEN_FROM_SERVICE,
@@ -178,7 +181,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         overrides["log_format"] = args.log_format
     if getattr(args, "log_level", None):
         overrides["log_level"] = args.log_level
-    return Settings(**overrides)
+    return load_settings(overrides)
 
 
 def _emit(out: TextIO, as_json: bool, record: dict[str, Any], human: str) -> None:
@@ -368,6 +371,10 @@ def cmd_systemd_dropin(args: argparse.Namespace, settings: Settings, out: TextIO
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings, out: TextIO) -> ExitStatus:
+    # Only here: the status file's parser loads pydantic, which no other command needs.
+    from capkeeper.status import StatusFileError, parse_status, read_status  # noqa: PLC0415
+    from capkeeper.status import render as render_status  # noqa: PLC0415
+
     path = Path(args.status_file) if args.status_file else settings.status_file
     try:
         data = read_status(path)
@@ -447,13 +454,8 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
     except StateError as exc:
         _report(exc, stderr)
         return int(ExitStatus.CONFIG)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"CAPKEEPER_{'_'.join(map(str, e['loc'])).upper()}: "
-            + e["msg"].removeprefix("Value error, ")
-            for e in exc.errors()
-        )
-        stderr.write(f"capkeeper: error: invalid setting: {problems}\n")
+    except SettingsError as exc:
+        _report(exc, stderr)
         return int(ExitStatus.CONFIG)
     except CapkeeperError as exc:
         if debug:
