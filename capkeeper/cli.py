@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import errno
 import json
-import math
 import os
 import signal
 import sys
@@ -30,7 +29,7 @@ from capkeeper.kernel import cap_last_cap
 from capkeeper.log import LEVELS, configure, get_logger
 from capkeeper.model import Entry
 from capkeeper.reconcile import Outcome, Status, log_outcome
-from capkeeper.settings import RESCAN_INTERVAL, SETTLE_TIME, Settings, load_settings
+from capkeeper.settings import Settings, load_settings, option_type
 from capkeeper.state import State, load_state
 from capkeeper.systemd import (
     DROPIN,
@@ -72,23 +71,6 @@ def _common(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     parser.add_argument(
         "--debug", action="store_true", default=default, help="show tracebacks and debug logs"
     )
-
-
-def _seconds(low: float, high: float) -> Callable[[str], float]:
-    """An argparse type: a number of seconds within ``[low, high]``."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
-        if not low <= value <= high:  # also rejects nan
-            raise argparse.ArgumentTypeError(
-                f"must be a number of seconds from {low:g} to {high:g}, got {text!r}"
-            )
-        return value
-
-    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,13 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     watch.add_argument(
         "--rescan-interval",
-        type=_seconds(*RESCAN_INTERVAL),
+        type=option_type("rescan_interval"),
         metavar="SECONDS",
         help="seconds between full rescans (default 300; catches changes inotify cannot see)",
     )
     watch.add_argument(
         "--settle-time",
-        type=_seconds(*SETTLE_TIME),
+        type=option_type("settle_time"),
         metavar="SECONDS",
         help="how long a write may pause before the file is checked anyway (default 0.25)",
     )

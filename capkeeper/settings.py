@@ -10,7 +10,7 @@ writable by group or others, read from the checked descriptor:
 :func:`capkeeper.state.read_trusted_file`) or nothing is run.
 
 Every value from every source goes through the one rule of its field
-(:data:`FIELDS`); any invalid value is a :class:`~capkeeper.errors.SettingsError`
+(:data:`RULES`); any invalid value is a :class:`~capkeeper.errors.SettingsError`
 naming where it came from, on one line (exit 78).
 
 Why no pydantic-settings, though the design card names it: importing
@@ -98,33 +98,21 @@ def _optional(rule: Callable[[object], object]) -> Callable[[object], object]:
     return lambda value: None if value is None else rule(value)
 
 
-@dataclass(frozen=True)
-class Field:
-    """One setting: its default, its rule (ValueError: the problem) and its meaning."""
+Rule = Callable[[object], object]
+"""A setting's rule: the value as kept, or ValueError saying what is wrong."""
 
-    default: object
-    rule: Callable[[object], object]
-    help: str
-
-
-FIELDS: dict[str, Field] = {
-    "state": Field(DEFAULT_STATE, _path("name the state file, or unset it"), "main state file"),
-    "rescan_interval": Field(300.0, _seconds(*RESCAN_INTERVAL), "seconds between full rescans"),
-    "settle_time": Field(0.25, _seconds(*SETTLE_TIME), "seconds a write may stay open"),
-    "log_format": Field("auto", _choice(FORMATS), "how log events are written"),
-    "log_level": Field(None, _optional(_choice(LEVELS)), "the least level logged (default info)"),
-    "status_file": Field(
-        Path("/run/capkeeper/status.json"),
-        _path("name the status file, or unset it"),
-        "where the daemon writes its status",
-    ),
-    "metrics_file": Field(
-        None,
-        _optional(_path("name the metrics file, or unset it")),
-        "also write a Prometheus textfile",
-    ),
+RULES: dict[str, Rule] = {
+    "state": _path("name the state file, or unset it"),
+    "rescan_interval": _seconds(*RESCAN_INTERVAL),
+    "settle_time": _seconds(*SETTLE_TIME),
+    "log_format": _choice(FORMATS),
+    "log_level": _optional(_choice(LEVELS)),  # None: info
+    "status_file": _path("name the status file"),
+    "metrics_file": _optional(_path("name the metrics file, or unset it")),
 }
-"""Every setting and its one rule, in the order they are documented."""
+"""Every setting and its one rule, in the order they are documented. The defaults are
+:class:`Settings`'; what each means is written once, for people, in capkeeper(8)
+(``packaging/manpages.py``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,16 +132,31 @@ class Settings:
     metrics_file: Path | None = None
 
     # The names pydantic's BaseSettings gave these, for callers written against it.
-    model_fields: ClassVar[Mapping[str, Field]] = FIELDS
+    model_fields: ClassVar[Mapping[str, Rule]] = RULES
 
     def __post_init__(self) -> None:
-        checked = _check({name: getattr(self, name) for name in FIELDS}, dict.fromkeys(FIELDS, ""))
+        checked = _check({name: getattr(self, name) for name in RULES}, dict.fromkeys(RULES, ""))
         for name, value in checked.items():
             object.__setattr__(self, name, value)
 
     def model_dump(self) -> dict[str, object]:
         """Every field by name (as pydantic's ``model_dump``)."""
-        return {name: getattr(self, name) for name in FIELDS}
+        return {name: getattr(self, name) for name in RULES}
+
+
+def option_type(name: str) -> Callable[[str], object]:
+    """An argparse ``type=`` for the option of setting ``name``: checked by its rule."""
+    rule = RULES[name]
+
+    def convert(text: str) -> object:
+        try:
+            return rule(text)
+        except ValueError as exc:
+            import argparse  # noqa: PLC0415 - the CLI has imported it already
+
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
 
 
 def _check(values: Mapping[str, object], sources: Mapping[str, str]) -> dict[str, object]:
@@ -164,9 +167,9 @@ def _check(values: Mapping[str, object], sources: Mapping[str, str]) -> dict[str
     """
     checked: dict[str, object] = {}
     problems: list[str] = []
-    for name in (name for name in FIELDS if name in values):  # problems in FIELDS order
+    for name in (name for name in RULES if name in values):  # problems in RULES order
         try:
-            checked[name] = FIELDS[name].rule(values[name])
+            checked[name] = RULES[name](values[name])
         except ValueError as exc:
             problems.append(f"{sources[name] or name}: {exc}")
     if problems:
@@ -189,12 +192,12 @@ def _from_file(path: str) -> tuple[dict[str, object], dict[str, str]]:
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         message = str(exc) if not isinstance(exc, RecursionError) else "nested too deeply"
         raise SettingsError(f"invalid settings file: {path}: {message}") from None
-    unknown = sorted(set(document) - set(FIELDS))
+    unknown = sorted(set(document) - set(RULES))
     if unknown:
         raise SettingsError(
             f"invalid settings file: {path}: unknown key{'s' if len(unknown) > 1 else ''} "
             + ", ".join(repr(key) for key in unknown)
-            + f" (known: {', '.join(FIELDS)})"
+            + f" (known: {', '.join(RULES)})"
         )
     return dict(document), {name: f"{path}: {name}" for name in document}
 
@@ -210,7 +213,7 @@ def load_settings(
     """
     env = os.environ if environ is None else environ
     given = {name: value for name, value in (overrides or {}).items() if value is not None}
-    unknown = sorted(set(given) - set(FIELDS))
+    unknown = sorted(set(given) - set(RULES))
     if unknown:  # a programming error in a command, reported like any setting
         raise SettingsError(f"invalid setting: unknown setting {', '.join(unknown)}")
     path = env.get(SETTINGS_FILE_VARIABLE)
@@ -220,7 +223,7 @@ def load_settings(
             "settings file, or unset it)"
         )
     values, sources = _from_file(path or str(SETTINGS_FILE))
-    for name in FIELDS:
+    for name in RULES:
         variable = ENV_PREFIX + name.upper()
         if variable in env:
             values[name], sources[name] = env[variable], variable

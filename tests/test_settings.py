@@ -3,6 +3,7 @@ checked by its field's one rule, and a settings file held to the state's trust r
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 
 from capkeeper.cli import ExitStatus, main
 from capkeeper.errors import SettingsError
-from capkeeper.settings import FIELDS, SETTINGS_FILE_VARIABLE, Settings, load_settings
+from capkeeper.settings import RULES, SETTINGS_FILE_VARIABLE, Settings, load_settings
 from tests.conftest import make_binary, setcap
 
 OTHER = 4242  # a uid that is not root (no passwd entry needed)
@@ -50,7 +51,8 @@ def test_defaults_without_a_settings_file(tmp_path: Path) -> None:
     """No settings file, no variable, no option: every field has its default."""
     settings = _load(tmp_path / "absent.toml")
     assert settings == Settings()
-    assert settings.model_dump() == {name: field.default for name, field in FIELDS.items()}
+    assert list(settings.model_dump()) == list(RULES)
+    assert settings.model_dump() == {f.name: f.default for f in dataclasses.fields(Settings)}
     assert settings.state == Path("/etc/capkeeper/state.toml")
     assert settings.log_level is None
 
