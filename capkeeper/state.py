@@ -5,6 +5,14 @@ every ``state.d/*.toml`` beside it, read in name order. Each ``[[binary]]``
 table declares one file. Everything is validated at this edge into frozen
 :class:`Entry` values; every problem is collected and reported at once, each
 naming its file and entry.
+
+The tables are checked by hand from one table of keys (:data:`TABLE_KEYS`), not
+by pydantic: the check is six exact-type tests and two rules, and importing
+pydantic would cost every ``ExecStartPre=`` apply three bare interpreter starts.
+The messages are pydantic's, word for word (a test keeps the old model as the
+oracle). A cache of validated states was the other way; it would have to be as
+trusted as the state files and keyed by all of them, for a saving this
+removes outright.
 """
 
 from __future__ import annotations
