@@ -182,7 +182,7 @@ def _from_file(path: str) -> tuple[dict[str, object], dict[str, str]]:
     try:
         data = read_trusted_file(path, why=_WHY, names=SETTINGS_FILE_VARIABLE)
     except StateError as exc:
-        raise SettingsError("untrusted settings file: " + "; ".join(exc.problems)) from None
+        raise SettingsError("settings file refused: " + "; ".join(exc.problems)) from None
     if data is None:
         return {}, {}
     import tomllib  # noqa: PLC0415 - only when there is a settings file

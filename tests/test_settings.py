@@ -152,20 +152,20 @@ def test_settings_file_writable_by_others_is_refused(tmp_path: Path) -> None:
     another user owns is refused, and what it holds is never read."""
     path = _file(tmp_path / "etc" / "settings.toml", "[[not toml\n", mode=0o666)
     assert _error(path) == (
-        "untrusted settings file: settings.toml: writable by group or others (mode 0666): "
+        "settings file refused: settings.toml: writable by group or others (mode 0666): "
         "whoever can edit the settings can point capkeeper at another state "
         f"(chmod go-w {path})"
     )
     os.chmod(path, 0o644)
     os.chown(path, OTHER, OTHER)
     assert _error(path) == (
-        f"untrusted settings file: settings.toml: owned by uid {OTHER}: whoever can edit the "
+        f"settings file refused: settings.toml: owned by uid {OTHER}: whoever can edit the "
         f"settings can point capkeeper at another state (chown root {path})"
     )
     os.chown(path, 0, 0)
     os.chown(path.parent, OTHER, OTHER)
     assert _error(path) == (
-        f"untrusted settings file: directory {path.parent} is owned by uid {OTHER}, not by "
+        f"settings file refused: directory {path.parent} is owned by uid {OTHER}, not by "
         "root: whoever can edit the settings can point capkeeper at another state "
         f"(chown root {path.parent})"
     )
@@ -176,7 +176,7 @@ def test_dangling_settings_symlink_is_an_error(tmp_path: Path) -> None:
     link = tmp_path / "settings.toml"
     link.symlink_to(tmp_path / "gone.toml")
     assert _error(link) == (
-        f"untrusted settings file: {link}: dangling symlink to {tmp_path / 'gone.toml'}: not read"
+        f"settings file refused: {link}: dangling symlink to {tmp_path / 'gone.toml'}: not read"
     )
 
 
@@ -212,7 +212,7 @@ def test_cli_refuses_an_untrusted_settings_file(
     monkeypatch.setenv(SETTINGS_FILE_VARIABLE, str(settings_file))
     code, out, err = _run(["apply", "--state", str(state)], capsys)
     assert (code, out) == (ExitStatus.CONFIG, "")
-    assert err.startswith("capkeeper: error: untrusted settings file: settings.toml: writable ")
+    assert err.startswith("capkeeper: error: settings file refused: settings.toml: writable ")
     assert err.count("\n") == 1
 
 
