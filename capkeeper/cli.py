@@ -163,6 +163,9 @@ def _settings(args: argparse.Namespace) -> Settings:
         overrides["log_format"] = args.log_format
     if getattr(args, "log_level", None):
         overrides["log_level"] = args.log_level
+    for key in ("rescan_interval", "settle_time", "status_file", "metrics_file"):
+        if getattr(args, key, None) is not None:  # only some commands have these options
+            overrides[key] = getattr(args, key)
     return load_settings(overrides)
 
 
@@ -378,14 +381,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings, out: TextIO) -> Exi
 def cmd_watch(args: argparse.Namespace, settings: Settings, out: TextIO) -> ExitStatus:
     from capkeeper.daemon import watch  # noqa: PLC0415 - only the daemon needs pyinotify
 
-    code = watch(
-        settings,
-        rescan_interval=args.rescan_interval,
-        settle_time=args.settle_time,
-        status_file=args.status_file,
-        metrics_file=args.metrics_file,
-    )
-    return ExitStatus(code)
+    return ExitStatus(watch(settings))  # its options are in settings (_settings)
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, Settings, TextIO], ExitStatus]] = {

@@ -6,6 +6,17 @@ on the way, so that :mod:`capkeeper.trust` can judge the exact route the
 kernel would take. The final file is opened with ``O_NOFOLLOW`` and the same
 descriptor is then inspected (ELF magic, hash) and written, so a concurrent
 rename cannot redirect the write to another inode.
+
+This is also the one module that touches extended attributes: the ``xattr``
+package for the descriptor calls, ``os.listxattr``/``os.getxattr`` for the
+walk over many files by name (:func:`caps_at`; they are C calls, about twice as
+fast as the package's cffi ones). Every call goes through the four
+``_*xattr`` functions below, and every errno through one policy, as in borg's
+``xattr.py``: ENOTSUP/EOPNOTSUPP means the file system has no extended
+attributes at all (not "no capabilities"); ENODATA means there is none, or it
+went away since it was listed; EINVAL and EOVERFLOW mean a value is there that
+the kernel will not return (:data:`REFUSED`); E2BIG, ERANGE, ENOSPC, EDQUOT,
+EPERM, EACCES and EROFS become sentences with a hint (:func:`file_error`).
 """
 
 from __future__ import annotations
@@ -16,6 +27,7 @@ import os
 import stat
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import xattr
 
@@ -24,42 +36,148 @@ from capkeeper.elf import ElfError, ElfFacts, parse
 from capkeeper.errors import CapabilitiesNotKept, FileAccessError, InvalidCapabilityData
 from capkeeper.interpreters import MARKER_SYMBOLS
 from capkeeper.model import Hop, Kind, Observation
+from capkeeper.paths import FD_CALLS, FdCalls, Walk, posixjoin
 
 XATTR_NAME = "security.capability"
 NO_XATTR = (
     "the file system does not support extended attributes, so it cannot keep "
     "security.capability (hint: keep managed binaries on ext4, xfs, btrfs or tmpfs)"
 )
-_MAX_SYMLINKS = 40  # the kernel's MAXSYMLINKS
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 _LIST_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def _oserror(exc: OSError, path: str, action: str) -> FileAccessError:
-    """Turn an OS error into a sentence with a hint."""
+XATTR_UNSUPPORTED = frozenset({errno.ENOTSUP, errno.EOPNOTSUPP})
+"""The errnos of a file system without extended attributes (the same number on Linux)."""
+
+REFUSED = {
+    # getxattr(2) of security.capability goes through cap_inode_getsecurity, which
+    # refuses v1 and malformed values (EINVAL) and a v3 value whose rootid is not
+    # mapped in the caller's user namespace (EOVERFLOW); exec still honours them.
+    errno.EINVAL: "present but unreadable (legacy v1 or malformed value)",
+    errno.EOVERFLOW: "present but owned by another user namespace (v3 rootid not mapped)",
+}
+"""Why a ``security.capability`` value is present but cannot be read, by errno."""
+
+_HINTS = {
+    errno.EPERM: "run as root or grant CAP_SETFCAP (the file may also be immutable)",
+    errno.EACCES: "capkeeper needs search permission on every directory and read access",
+    errno.EROFS: "the file system is read-only here; under ProtectSystem=strict list the "
+    "directory in ReadWritePaths= (capkeeper systemd-dropin writes it)",
+    errno.EOPNOTSUPP: "this file system does not support extended attributes",
+    errno.ENOENT: "the file does not exist",
+    errno.ELOOP: "too many symlinks, or a symlink where none may be",
+    errno.ENOTDIR: "a component of the path is not a directory",
+    errno.E2BIG: "the value is larger than this file system allows for one attribute",
+    errno.ERANGE: "an attribute name, value or list is too large for the kernel",
+    # ext4 keeps a file's extended attributes in its inode and one block: ENOSPC there
+    # can mean that space is full even when the disk is not.
+    errno.ENOSPC: "the file system is full, or the file's other extended attributes "
+    "fill the space kept for them",
+    errno.EDQUOT: "the owner's disk quota is exhausted",
+}
+
+
+def file_error(exc: OSError, path: str, action: str) -> FileAccessError:
+    """The one sentence, with a hint, for an OS error while doing ``action`` on ``path``
+    (``"read security.capability"``, ``"list attributes"``, ``"open"``...)."""
     code = exc.errno
-    hints = {
-        errno.EPERM: "run as root or grant CAP_SETFCAP (the file may also be immutable)",
-        errno.EACCES: "capkeeper needs search permission on every directory and read access",
-        errno.EROFS: "the file system is read-only here; under ProtectSystem=strict list the "
-        "directory in ReadWritePaths= (capkeeper systemd-dropin writes it)",
-        errno.EOPNOTSUPP: "this file system does not support extended attributes",
-        errno.ENOENT: "the file does not exist",
-        errno.ELOOP: "too many symlinks, or a symlink where none may be",
-        errno.ENOTDIR: "a component of the path is not a directory",
-    }
-    reason = os.strerror(code) if code is not None else str(exc)
-    if code == errno.EOPNOTSUPP:
+    reason = exc.strerror or (os.strerror(code) if code is not None else str(exc))
+    if code in XATTR_UNSUPPORTED:
         reason = "extended attributes not supported"
     return FileAccessError(
-        f"cannot {action}: {reason}", context=path, hint=hints.get(code or 0), errno=code
+        f"cannot {action}: {reason}", context=path, hint=_HINTS.get(code or 0), errno=code
     )
 
 
-def _split(path: str) -> list[str]:
-    return [part for part in path.split("/") if part not in ("", ".")]
+# -- the only calls of extended attributes -----------------------------------------------
+
+
+def _getxattr(target: int | str, *, follow_symlinks: bool = False) -> bytes:
+    """``security.capability`` of a descriptor (fgetxattr) or of a name (getxattr, or
+    lgetxattr without ``follow_symlinks``)."""
+    if isinstance(target, int):
+        return bytes(xattr.xattr(target).get(XATTR_NAME))
+    return os.getxattr(target, XATTR_NAME, follow_symlinks=follow_symlinks)
+
+
+def _setxattr(fd: int, value: bytes) -> None:
+    xattr.xattr(fd).set(XATTR_NAME, value)
+
+
+def _removexattr(fd: int) -> None:
+    xattr.xattr(fd).remove(XATTR_NAME)
+
+
+def _listxattr(name: str) -> list[str]:
+    """llistxattr(2): the attribute names of ``name``, a final symlink not followed."""
+    return os.listxattr(name, follow_symlinks=False)
+
+
+@dataclass(frozen=True, slots=True)
+class RawCaps:
+    """A ``security.capability`` value as read, before decoding."""
+
+    value: bytes | None  # None: present, but the kernel refused to return it
+    error: int = 0  # then a key of REFUSED (EINVAL or EOVERFLOW)
+
+    def decode(self) -> tuple[CapSet | None, str | None]:
+        """``(caps, None)``, or ``(None, problem)`` when the value cannot be read."""
+        if self.value is None:
+            return None, REFUSED.get(self.error, REFUSED[errno.EINVAL])
+        try:
+            return decode(self.value), None
+        except InvalidCapabilityData as exc:
+            return None, exc.message
+
+
+def _raw(target: int | str, *, follow_symlinks: bool = False) -> RawCaps | None:
+    """The raw value of ``target``; None when it has none (ENODATA).
+
+    Raises :class:`OSError` for every other errno, ENOTSUP and ENOENT included.
+    """
+    try:
+        return RawCaps(_getxattr(target, follow_symlinks=follow_symlinks))
+    except OSError as exc:
+        if exc.errno == errno.ENODATA:
+            return None
+        if exc.errno in REFUSED:
+            return RawCaps(None, exc.errno)
+        raise
+
+
+_NOTHING_THERE = XATTR_UNSUPPORTED | {errno.ENODATA, errno.ENOENT}
+
+
+def caps_at(name: str) -> RawCaps | None:
+    """The ``security.capability`` of ``name`` for a walk over many files.
+
+    ``name`` is absolute or relative to the working directory (a walker that
+    ``fchdir``s into each directory passes one component); a final symlink is
+    not followed. ``listxattr`` first, the value only when it is listed: most
+    files carry no attribute at all, as ``getcap -r`` does. None when the file
+    has none, its file system has no extended attributes, or it went away
+    (ENOENT, ENODATA) since the directory was read.
+
+    Raises :class:`FileAccessError` for anything else: its ``message`` is
+    ``cannot list attributes: ...`` or ``cannot read security.capability: ...``.
+    """
+    try:
+        names = _listxattr(name)
+    except OSError as exc:
+        if exc.errno in _NOTHING_THERE:
+            return None
+        raise file_error(exc, name, "list attributes") from exc
+    if XATTR_NAME not in names:
+        return None
+    try:
+        return _raw(name)
+    except OSError as exc:
+        if exc.errno in _NOTHING_THERE:
+            return None  # removed since it was listed
+        raise file_error(exc, name, f"read {XATTR_NAME}") from exc
 
 
 REPLACED = "replaced while opening"
@@ -67,68 +185,59 @@ REPLACED = "replaced while opening"
 
 
 @contextmanager
-def open_declared(path: str, *, directory: bool = False) -> Iterator[tuple[int, list[Hop], str]]:
+def open_declared(
+    path: str, *, directory: bool = False, calls: FdCalls = FD_CALLS
+) -> Iterator[tuple[int, list[Hop], str]]:
     """Walk ``path`` safely and yield ``(fd, hops, resolved)`` for its final file.
 
-    ``hops`` is the route to the final component (not the component itself).
-    With ``directory`` the final component must be a directory, opened for
-    reading (listing); otherwise a regular file is opened for reading and
-    anything else with ``O_PATH``.
+    The walk is :class:`capkeeper.paths.Walk` over descriptors: every directory
+    is opened with ``O_NOFOLLOW`` relative to the one before, so no name is
+    resolved twice. ``hops`` is the route to the final component (not the
+    component itself). With ``directory`` the final component must be a
+    directory, opened for reading (listing); otherwise a regular file is opened
+    for reading and anything else with ``O_PATH``. ``calls`` are the system
+    calls (tests inject races there).
 
     Raises :class:`FileAccessError` (``errno`` ENOENT when the file is missing,
     EAGAIN with :data:`REPLACED` when it was replaced between walk and open).
     """
-    stack: list[tuple[int, str]] = []  # (fd, path) of directories, "/" first
+    walk: Walk[int] | None = None
     fd: int | None = None
     try:
         try:
-            fd, hops, resolved = _walk(path, stack, directory=directory)
+            walk = Walk(path, calls.open("/", _DIR_FLAGS), release=calls.close)
+            fd, hops, resolved = _walk(path, walk, calls, directory=directory)
         except OSError as exc:
-            raise _oserror(exc, path, "open") from exc
+            raise file_error(exc, path, "open") from exc
         # Outside the try above: an error of the caller's is not an error opening.
         yield fd, hops, resolved
     finally:
         if fd is not None:
-            os.close(fd)
-        for dir_fd, _ in stack:
-            os.close(dir_fd)
+            calls.close(fd)
+        if walk is not None:
+            walk.close()
 
 
 def _walk(
-    path: str, stack: list[tuple[int, str]], *, directory: bool
+    path: str, walk: Walk[int], calls: FdCalls, *, directory: bool
 ) -> tuple[int, list[Hop], str]:
-    """The walk of :func:`open_declared`; directory descriptors are left on ``stack``."""
-    hops: list[Hop] = []
-    root = os.open("/", _DIR_FLAGS)
-    stack.append((root, "/"))
-    st = os.fstat(root)
-    hops.append(Hop("/", st.st_uid, st.st_mode))
-    todo = _split(path)
-    links = 0
-    while todo:
-        name = todo.pop(0)
-        dir_fd, dir_path = stack[-1]
-        if name == "..":
-            if len(stack) > 1:
-                os.close(stack.pop()[0])
-            continue
+    """The walk of :func:`open_declared`; directory descriptors are left to ``walk``."""
+    st = calls.fstat(walk.directory[0])
+    hops = [Hop("/", st.st_uid, st.st_mode)]
+    while (name := walk.next_name()) is not None:
+        dir_fd, dir_path = walk.directory
         here = posixjoin(dir_path, name)
-        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        st = calls.stat(name, dir_fd=dir_fd)
         if stat.S_ISLNK(st.st_mode):
-            links += 1
-            if links > _MAX_SYMLINKS:
-                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
-            target = os.readlink(name, dir_fd=dir_fd)
+            target = calls.readlink(name, dir_fd=dir_fd)
             hops.append(Hop(here, st.st_uid, st.st_mode, is_symlink=True, target=target))
-            if target.startswith("/"):
-                while len(stack) > 1:
-                    os.close(stack.pop()[0])
-            todo[:0] = _split(target)
+            if not walk.follow(target):
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
             continue
-        if todo:  # an intermediate component must be a directory
-            sub = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
-            stack.append((sub, here))
-            st = os.fstat(sub)
+        if not walk.last:  # an intermediate component must be a directory
+            sub = calls.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+            walk.enter(sub, here)
+            st = calls.fstat(sub)
             hops.append(Hop(here, st.st_uid, st.st_mode))
             continue
         if directory:
@@ -137,10 +246,10 @@ def _walk(
             # Only regular files are opened for reading: opening a device or FIFO
             # can have side effects. O_PATH suffices to describe anything else.
             flags = _FILE_FLAGS if stat.S_ISREG(st.st_mode) else _PATH_FLAGS
-        fd = os.open(name, flags, dir_fd=dir_fd)
-        opened = os.fstat(fd)
+        fd = calls.open(name, flags, dir_fd=dir_fd)
+        opened = calls.fstat(fd)
         if (opened.st_ino, opened.st_dev) != (st.st_ino, st.st_dev):
-            os.close(fd)
+            calls.close(fd)
             raise FileAccessError(
                 f"{REPLACED}: it changed between the walk and the open; "
                 "the next event or retry looks again",
@@ -151,31 +260,14 @@ def _walk(
     raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
 
 
-def posixjoin(directory: str, name: str) -> str:
-    return f"/{name}" if directory == "/" else f"{directory}/{name}"
-
-
 def read_caps(fd: int) -> tuple[CapSet | None, str | None]:
     """The capabilities on ``fd``: ``(caps, None)``, ``(None, None)`` when absent,
     or ``(None, problem)`` when a value is present but cannot be read.
 
-    Raises :class:`OSError` otherwise, EOPNOTSUPP included (a file system
+    Raises :class:`OSError` otherwise, ENOTSUP included (a file system
     without extended attributes cannot keep capabilities at all)."""
-    try:
-        value = xattr.xattr(fd).get(XATTR_NAME)
-    except OSError as exc:
-        if exc.errno == errno.ENODATA:
-            return None, None
-        if exc.errno == errno.EINVAL:
-            # The kernel refuses to return v1 and malformed values (still honoured at exec).
-            return None, "present but unreadable (legacy v1 or malformed value)"
-        if exc.errno == errno.EOVERFLOW:
-            return None, "present but owned by another user namespace (v3 rootid not mapped)"
-        raise  # EOPNOTSUPP included: no extended attributes at all is not "no capabilities"
-    try:
-        return decode(bytes(value)), None
-    except InvalidCapabilityData as exc:
-        return None, exc.message
+    raw = _raw(fd)
+    return (None, None) if raw is None else raw.decode()
 
 
 def _kind(fd: int, mode: int) -> tuple[Kind, str]:
@@ -211,7 +303,7 @@ def observe_fd(path: str, fd: int, hops: list[Hop], resolved: str, *, hash: bool
             try:
                 caps, problem = read_caps(fd)
             except OSError as exc:
-                if exc.errno != errno.EOPNOTSUPP:
+                if exc.errno not in XATTR_UNSUPPORTED:
                     raise
                 supported = False
         # Size and mtime once more, after the capabilities: write(2) strips them before
@@ -220,7 +312,7 @@ def observe_fd(path: str, fd: int, hops: list[Hop], resolved: str, *, hash: bool
         after = os.fstat(fd)
         digest = sha256_of(fd) if hash and regular else None
     except OSError as exc:
-        raise _oserror(exc, path, "read") from exc
+        raise file_error(exc, path, "read") from exc
     return Observation(
         path=path,
         resolved=resolved,
@@ -256,10 +348,10 @@ def write_caps(fd: int, caps: CapSet, *, path: str) -> None:
     reported as such.
     """
     try:
-        xattr.xattr(fd).set(XATTR_NAME, encode(caps))
+        _setxattr(fd, encode(caps))
         found, problem = read_caps(fd)
     except OSError as exc:
-        raise _oserror(exc, path, "write security.capability") from exc
+        raise file_error(exc, path, "write security.capability") from exc
     if found != caps:
         raise CapabilitiesNotKept(
             "the file system did not keep security.capability "
@@ -272,20 +364,21 @@ def write_caps(fd: int, caps: CapSet, *, path: str) -> None:
 def remove_caps(fd: int, *, path: str) -> None:
     """Remove ``security.capability`` from ``fd`` (absent already is fine)."""
     try:
-        xattr.xattr(fd).remove(XATTR_NAME)
+        _removexattr(fd)
     except OSError as exc:
         if exc.errno != errno.ENODATA:
-            raise _oserror(exc, path, "remove security.capability") from exc
+            raise file_error(exc, path, "remove security.capability") from exc
 
 
 def read_path_caps(path: str) -> tuple[CapSet | None, bytes | None]:
-    """Read the raw value like ``getcap`` does (following symlinks)."""
+    """Read the raw value like ``getcap`` does (following symlinks); ``(None, None)``
+    when there is none or the file system has no extended attributes."""
     try:
-        value = os.getxattr(path, XATTR_NAME)
+        value = _getxattr(path, follow_symlinks=True)
     except OSError as exc:
-        if exc.errno in (errno.ENODATA, errno.EOPNOTSUPP):
+        if exc.errno == errno.ENODATA or exc.errno in XATTR_UNSUPPORTED:
             return None, None
-        raise _oserror(exc, path, "get capabilities") from exc
+        raise file_error(exc, path, "get capabilities") from exc
     return decode(value), value
 
 

@@ -1,24 +1,41 @@
 """sd_notify for the daemon: READY, RELOADING, STOPPING, STATUS and WATCHDOG.
 
-A thin wrapper around the ``sdnotify`` package, given a socket we open
-ourselves (non-blocking, close-on-exec, closed on exit) and used with
-``debug=True`` so that it raises instead of swallowing errors: a message that
-cannot be sent is logged as ``sd_notify_failed``, once per distinct error until
-a send succeeds again, and never stops the daemon. Without ``$NOTIFY_SOCKET``
-(not started by systemd) every call is a no-op.
+Sent through ``sdnotify``'s public API: a ``sdnotify.SystemdNotifier(debug=True)``
+per connection (``debug=True`` makes it raise instead of swallowing errors) and
+its ``notify()``. A message that cannot be sent is logged as
+``sd_notify_failed``, once per distinct error until a send succeeds again, and
+never stops the daemon. Without ``$NOTIFY_SOCKET`` (not started by systemd)
+every call is a no-op.
 
-Facts (sd_notify(3), shared/reference.md 6.1): one ``AF_UNIX`` datagram of
-newline-separated ``KEY=VALUE``; ``RELOADING=1`` must be followed by
-``READY=1``; the watchdog wants ``WATCHDOG=1`` at half of ``$WATCHDOG_USEC``,
-and only when ``$WATCHDOG_PID`` is unset or names this process.
+What this module adds around sdnotify 0.3.2, and why:
+
+- The address is checked first: sdnotify hands any ``$NOTIFY_SOCKET`` to an
+  ``AF_UNIX`` ``connect()``, so a ``vsock:`` address would be reported as a
+  missing file; here it is reported as unsupported.
+- Its socket is blocking, and it takes no timeout: a manager that stops
+  reading would block the daemon in ``sendall()``. The notifier's public
+  ``socket`` attribute is set non-blocking right after it connects, so a full
+  receive queue fails the send (``EAGAIN``) and is logged instead.
+- On a failed ``connect()`` its constructor drops its socket without closing
+  it; CPython closes it at once (reference count) and warns ``ResourceWarning``:
+  that one warning is silenced around the constructor (no descriptor leaks).
+- It encodes the message as Latin-1: the UTF-8 bytes are handed to it as
+  Latin-1 text, so a status naming any path arrives as UTF-8.
+- ``ECONNREFUSED``/``ENOTCONN`` (the manager's socket was re-created): a new
+  notifier is connected, once per send.
+
+Facts (sd_notify(3)): one ``AF_UNIX`` datagram of newline-separated
+``KEY=VALUE``; ``RELOADING=1`` must be followed by ``READY=1``; the watchdog
+wants ``WATCHDOG=1`` at half of ``$WATCHDOG_USEC``, and only when
+``$WATCHDOG_PID`` is unset or names this process.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import socket
 import time
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,31 +61,15 @@ def watchdog_interval(environ: Mapping[str, str], pid: int) -> float | None:
     return usec / 2 / 1_000_000
 
 
-class _Client(sdnotify.SystemdNotifier):  # type: ignore[misc]
-    """sdnotify's notifier on a socket we connected (its own constructor leaks the socket
-    when the connect fails, and connects a blocking one)."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.debug = True  # raise instead of swallowing every error
-        self.socket = sock
-
-
-def _connect(address: str) -> socket.socket:
-    """A datagram socket connected to ``$NOTIFY_SOCKET`` (a path or an ``@abstract`` name)."""
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    elif not address.startswith("/"):
+def _connect(address: str) -> sdnotify.SystemdNotifier:
+    """A non-blocking sdnotify notifier connected to ``address`` (``$NOTIFY_SOCKET``)."""
+    if not address.startswith(("/", "@")):
         raise OSError(errno.EAFNOSUPPORT, f"unsupported NOTIFY_SOCKET address {address!r}")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-    try:
-        # A manager that stops reading must not block the daemon: with a full
-        # receive queue the send fails (EAGAIN) and is logged instead.
-        sock.setblocking(False)
-        sock.connect(address)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)  # see the module docstring
+        client = sdnotify.SystemdNotifier(debug=True)
+    client.socket.setblocking(False)
+    return client
 
 
 def _status_line(text: str) -> str:
@@ -83,11 +84,11 @@ class Notifier:
         self._last_error: str | None = None
         self.watchdog_interval = watchdog_interval(os.environ, os.getpid())
         self.socket_path = os.environ.get("NOTIFY_SOCKET") or None
-        self._client: _Client | None = None
+        self._client: sdnotify.SystemdNotifier | None = None
         if self.socket_path is None:
             return
         try:
-            self._client = _Client(_connect(self.socket_path))
+            self._client = _connect(self.socket_path)
         except OSError as exc:
             self._failed("connect", exc)
 
@@ -130,7 +131,7 @@ class Notifier:
             raise OSError(errno.ENOTCONN, "not connected")
         fresh = _connect(self.socket_path)
         self._client.socket.close()
-        self._client.socket = fresh
+        self._client = fresh
 
     def _failed(self, what: str, exc: BaseException) -> None:
         error = f"{exc.__class__.__name__}: {exc}"

@@ -1,7 +1,11 @@
-"""When the daemon looks at a declared binary again: retry back-off and the flap brake.
+"""When the daemon looks at a declared binary again, and when it writes its status file.
 
-Pure: the clock reading (``now``, monotonic seconds) and what was observed
-are passed in; nothing here sleeps, reads a file or logs.
+The daemon's timing policy: the settle time of a write in progress, the
+confirmation of a refusal a half-written file would also get, the retry
+back-off of refused and failed entries, the flap brake, the pace of reading
+inotify during a fight, the status file's write schedule and the poll
+timeout. Pure: the clock reading (``now``, monotonic seconds) and what was
+observed are passed in; nothing here sleeps, reads a file or logs.
 
 The flap brake tells a deploy from a fight by the file itself. A deploy
 brings a new inode or new content (size, mtime) or new ownership: it is
@@ -15,11 +19,15 @@ path are spaced :data:`BRAKE` apart, and the caller alerts at most once per
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+from capkeeper.reconcile import Status
 
 if TYPE_CHECKING:
     from capkeeper.model import Observation
+    from capkeeper.reconcile import Decision
 
 RETRY_FIRST = 0.5  # seconds before a refused or failed entry is looked at again
 RETRY_MAX = 30.0
@@ -29,6 +37,28 @@ FIGHT_WINDOW = 1.0
 FIGHT_ROUNDS = 3  # rounds in a row before the brake engages (4 restores)
 BRAKE = 1.0  # seconds between restores of a path while it is fought over
 ALERT_EVERY = 60.0  # restore_flapping at most this often per path
+FIGHT_PACE = 0.1  # seconds inotify is left unread after a batch that only deferred
+# Refusals that a file caught in the middle of a write would also get, and how long
+# such a refusal must persist, without write events, before it is reported.
+CONTENT_RULES = frozenset({"elf", "sha256", "interpreter"})
+CONFIRM_REFUSAL = 1.0
+MAX_POLL_MS = 86_400_000  # poll() takes a C int of milliseconds
+# The status snapshot costs ~20 ms of CPU per 1,000 entries: write it once events have
+# been quiet for a moment, at most once a second, and at the latest after a few seconds.
+STATUS_QUIET = 0.2
+STATUS_EVERY = 1.0
+STATUS_STALE = 5.0
+# Causes that announce new content or another inode at the path (not just attributes).
+ANNOUNCED = frozenset(
+    {"IN_MOVED_TO", "IN_MOVED_FROM", "IN_DELETE", "IN_CREATE", "IN_CLOSE_WRITE", "IN_MODIFY"}
+)
+SETTLED = "+settle"  # suffix of the cause of a check made when a write's settle time ended
+
+
+def announced(cause: str) -> bool:
+    """Whether ``cause`` (``IN_MODIFY+settle`` counts as ``IN_MODIFY``) announces new
+    content or another inode at the path, rather than an attribute change or a rescan."""
+    return cause.split("+", 1)[0] in ANNOUNCED
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,3 +140,192 @@ class Brake:
     def fighting(self, now: float) -> bool:
         """Whether the last restores were a fight that may still be going on."""
         return self.rounds >= FIGHT_ROUNDS and now - self.restored_at <= FIGHT_WINDOW + BRAKE
+
+
+def may_be_mid_write(
+    cause: str, known: Identity | None, seen: Identity, decision: Decision
+) -> bool:
+    """Whether the file seen as ``seen`` may be in the middle of a write: the caller waits
+    for its close or :func:`settle_wait`, as after ``IN_MODIFY``.
+
+    ``known`` is the file at the previous check; a check made when a settle time
+    ended (cause ending in ``+settle``) is not held again.
+    """
+    if cause.endswith(SETTLED):
+        return False
+    if (
+        not announced(cause)
+        and known is not None
+        and (known.dev, known.ino) == (seen.dev, seen.ino)
+        and not known.same_content(seen)
+    ):
+        # Nothing told us the content changed, yet it did: a write we have not
+        # seen finish (write(2) strips, updates mtime, and queues IN_MODIFY last).
+        # Only the same inode can be mid-write: another inode at the path (a
+        # mount over a directory, a rename) is a complete file of its own.
+        return True
+    # A file truncated or half written by the next deploy reads as "not an ELF"
+    # (or a pin mismatch) before that deploy's IN_MODIFY is even queued: ext4
+    # sets i_size inside ->setattr and notify_change() queues the event after.
+    # Such a refusal is reported only if it still holds after CONFIRM_REFUSAL
+    # without write events. Residual window: a deploy stalled in the kernel for
+    # longer than that between changing the file and queuing its event.
+    return decision.status is Status.REFUSED and any(
+        r.rule in CONTENT_RULES for r in decision.refusals
+    )
+
+
+def settle_wait(held: Status, settle_time: float) -> float:
+    """Seconds to wait before checking again a file held as mid-write with verdict ``held``."""
+    return max(settle_time, CONFIRM_REFUSAL) if held is Status.REFUSED else settle_time
+
+
+@dataclass(slots=True)
+class Pacing:
+    """One entry's timing: the file at the last check, the back-off and the brake."""
+
+    identity: Identity | None = None  # the file at the last check
+    misses: int = 0  # refused/failed verdicts in a row
+    retry_at: float = 0.0  # monotonic; events before this are deferred
+    brake: Brake = field(default_factory=Brake)
+
+    def checked(
+        self, verdict: Status, identity: Identity | None, now: float, *, transient: bool = False
+    ) -> Verdict | None:
+        """Record a check's ``verdict`` on the file seen as ``identity`` (None: none seen).
+
+        Refused and failed entries wait with a doubling delay; a fought-over file
+        is restored at most once per :data:`BRAKE`. Returns the brake's verdict
+        after a restore (or a restore undone at once), else None.
+        """
+        self.identity = identity
+        # Capabilities changed again right after our write, on a file we saw: a restore
+        # undone at once, braked like any other round of a fight (not backed off).
+        undone = verdict is Status.FAILED and transient and identity is not None
+        if verdict in (Status.REFUSED, Status.FAILED) and not undone:
+            self.misses += 1
+            self.retry_at = now + retry_delay(self.misses)
+            return None
+        self.misses = 0
+        if not (verdict is Status.RESTORED or undone) or identity is None:
+            self.retry_at = 0.0
+            return None
+        braked = self.brake.restore(identity, now)
+        self.retry_at = braked.not_before
+        return braked
+
+    def defers(
+        self, last: Status | None, cause: str, now: float, look: Callable[[], Identity | None]
+    ) -> bool:
+        """Whether an event with ``cause`` waits for the end of the back-off or brake.
+
+        A refused or failed entry waits unless the event announces a new file or
+        new content; a braked entry (a fight; ``last`` is RESTORED) waits unless
+        the file, as ``look()`` sees it now, is no longer the one restored: a new
+        deploy is never held back by either.
+        """
+        if self.retry_at <= now:
+            return False
+        if last is Status.RESTORED:
+            return look() == self.brake.restored
+        return not announced(cause)
+
+
+@dataclass(slots=True)
+class Settling:
+    """Writes in progress: path -> (when to check it anyway, the cause that started it)."""
+
+    due: dict[str, tuple[float, str]] = field(default_factory=dict)
+
+    def note(
+        self,
+        path: str,
+        now: float,
+        settle_time: float,
+        cause: str,
+        *,
+        final: bool,
+        writing: bool,
+        finished: bool,
+    ) -> bool:
+        """An event on ``path``: whether it is ready for a check now.
+
+        ``final``: the event is on the file itself (not a directory on its
+        route); ``writing``: data is being written or a file was just created;
+        ``finished``: the write was closed or a name changed.
+        """
+        if final and writing:
+            self.due[path] = (now + settle_time, cause)  # wait for the close
+            return False
+        if final and path in self.due and not finished:
+            return False  # e.g. the writer's fchmod: the close will follow
+        self.due.pop(path, None)
+        return True
+
+    def hold(self, path: str, until: float, cause: str) -> None:
+        """Check ``path`` at ``until`` unless already due (a rescan or an attribute
+        event must not postpone it forever)."""
+        self.due.setdefault(path, (until, cause))
+
+    def discard(self, path: str) -> None:
+        self.due.pop(path, None)
+
+    def pop_due(self, now: float) -> list[tuple[str, str, float]]:
+        """The writes whose settle time ended: (path, cause + ``+settle``, deadline)."""
+        ended = [(p, c, d) for p, (d, c) in self.due.items() if d <= now]
+        for path, _, _ in ended:
+            del self.due[path]
+        return [(path, cause + SETTLED, deadline) for path, cause, deadline in ended]
+
+    def deadlines(self) -> Iterable[float]:
+        return (deadline for deadline, _ in self.due.values())
+
+
+@dataclass(slots=True)
+class StatusFileTimer:
+    """When the status file is written: after a quiet moment once something changed,
+    at most once per :data:`STATUS_EVERY`, at the latest :data:`STATUS_STALE` after."""
+
+    dirty_since: float | None = None
+    written: float = -math.inf
+    activity: float = -math.inf  # the last inotify wake-up
+
+    def changed(self, now: float) -> None:
+        """Something the file shows changed (idempotent until written)."""
+        if self.dirty_since is None:
+            self.dirty_since = now
+
+    def deadline(self) -> float:
+        """When the file is due: never while nothing changed."""
+        if self.dirty_since is None:
+            return math.inf
+        quiet = max(self.activity + STATUS_QUIET, self.written + STATUS_EVERY)
+        return min(quiet, self.dirty_since + STATUS_STALE)
+
+    def wrote(self, now: float) -> None:
+        self.written, self.dirty_since = now, None
+
+
+@dataclass(slots=True)
+class Throttle:
+    """Say something at most once per ``every`` seconds, counting what was not said."""
+
+    every: float
+    said_at: float = -math.inf
+    unsaid: int = 0
+
+    def tell(self, now: float) -> int:
+        """Count one occurrence; the count to report now, or 0 to stay silent."""
+        self.unsaid += 1
+        if now - self.said_at < self.every:
+            return 0
+        count, self.said_at, self.unsaid = self.unsaid, now, 0
+        return count
+
+
+def poll_timeout_ms(deadlines: Iterable[float], now: float) -> int:
+    """Milliseconds ``poll()`` may sleep until the nearest of ``deadlines`` (monotonic)."""
+    delay = min(deadlines, default=math.inf) - now
+    if delay == math.inf:
+        return MAX_POLL_MS
+    return min(max(0, math.ceil(delay * 1000)), MAX_POLL_MS)

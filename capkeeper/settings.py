@@ -131,17 +131,13 @@ class Settings:
     status_file: Path = Path("/run/capkeeper/status.json")
     metrics_file: Path | None = None
 
-    # The names pydantic's BaseSettings gave these, for callers written against it.
+    # Every setting's name, as pydantic's BaseSettings called it (packaging/manpages.py).
     model_fields: ClassVar[Mapping[str, Rule]] = RULES
 
     def __post_init__(self) -> None:
         checked = _check({name: getattr(self, name) for name in RULES}, dict.fromkeys(RULES, ""))
         for name, value in checked.items():
             object.__setattr__(self, name, value)
-
-    def model_dump(self) -> dict[str, object]:
-        """Every field by name (as pydantic's ``model_dump``)."""
-        return {name: getattr(self, name) for name in RULES}
 
 
 def option_type(name: str) -> Callable[[str], object]:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from capkeeper.capabilities import CapSet, capability_name, format_text, parse
+from capkeeper.capabilities import CapSet, format_text, parse
 from capkeeper.errors import (
     CapkeeperError,
     FileAccessError,
@@ -42,7 +42,7 @@ from capkeeper.errors import (
 from capkeeper.files import REPLACED, open_declared
 from capkeeper.kernel import cap_last_cap
 from capkeeper.model import Entry, Hop
-from capkeeper.trust import route_refusals
+from capkeeper.trust import declaration_refusals, file_refusals, route_refusals
 
 DEFAULT_STATE = Path("/etc/capkeeper/state.toml")
 MAX_STATE_BYTES = 16 << 20
@@ -194,6 +194,11 @@ _KINDS = (
 )
 
 
+def _owners(euid: int) -> str:
+    """Who may own the state and the route to it: root, and the user reading it."""
+    return "root" if euid == 0 else f"root or uid {euid}"
+
+
 def _kind(mode: int) -> str:
     return next((name for test, name in _KINDS if test(mode)), "special file")
 
@@ -229,7 +234,7 @@ class _Reader:
             uid=st.st_uid,
             nlink=st.st_nlink,
             owners=(0, euid),
-            owner="root" if euid == 0 else f"root or uid {euid}",
+            owner=_owners(euid),
         )
         for refusal in refusals:
             fix = _STATE_FIX.get(refusal.rule, "{}").format(refusal.component)
@@ -238,23 +243,19 @@ class _Reader:
 
     def _own(self, shown: str, resolved: str, st: os.stat_result) -> bool:
         """The owner and mode rule for a state file or ``state.d`` itself; True when kept."""
-        trusted = True
-        if st.st_uid not in (0, os.geteuid()):
-            trusted = False
-            self.problems.append(
-                printable(f"{shown}: owned by uid {st.st_uid}: {self.why} (chown root {resolved})")
-            )
-        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        messages = {
+            "owner": f"owned by uid {st.st_uid}: {self.why} (chown root {resolved})",
             # No sticky exception here: in a sticky state.d anyone could add a file.
-            trusted = False
-            mode = stat.S_IMODE(st.st_mode)
-            self.problems.append(
-                printable(
-                    f"{shown}: writable by group or others (mode {mode:04o}): {self.why} "
-                    f"(chmod go-w {resolved})"
-                )
-            )
-        return trusted
+            "file-writable": f"writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}): "
+            f"{self.why} (chmod go-w {resolved})",
+        }
+        euid = os.geteuid()
+        refusals = file_refusals(
+            resolved, st.st_uid, st.st_mode, owners=(0, euid), owner=_owners(euid)
+        )
+        for refusal in refusals:
+            self.problems.append(printable(f"{shown}: {messages[refusal.rule]}"))
+        return not refusals
 
     def _read(self, fd: int, shown: str, declared: str, st: os.stat_result) -> None:
         """Read a trusted state file from ``fd``: at most :data:`MAX_STATE_BYTES`."""
@@ -570,11 +571,10 @@ def _caps(text: str, allow_inheritable: bool, last_cap: int) -> tuple[CapSet | N
         caps = parse(text, last_cap=last_cap)
     except CapkeeperError as exc:
         return None, [exc.message]
-    problems = []
-    beyond = sorted(n for n in caps.capabilities() if n > last_cap)
-    if beyond:
-        names = ", ".join(capability_name(n) for n in beyond)
-        problems.append(f"{names} not known to this kernel (last capability is {last_cap})")
-    if caps.inheritable and not allow_inheritable:
-        problems.append("inheritable capabilities need allow_inheritable = true")
+    problems = [
+        refusal.message
+        for refusal in declaration_refusals(
+            caps, allow_inheritable=allow_inheritable, last_cap=last_cap
+        )
+    ]
     return (None if problems else caps), problems

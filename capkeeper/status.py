@@ -1,9 +1,17 @@
-"""The daemon's status file and Prometheus textfile: what it enforces, and how it went.
+"""What the daemon knows about each declared binary, and the views rendered from it.
 
-The daemon keeps a :class:`StatusBook`, records every outcome in it, and
-writes a snapshot atomically (temp file + rename) to its runtime directory
-whenever something changed; ``capkeeper status`` reads it back, validated
-into a :class:`Snapshot` (anything else is "not a capkeeper status file").
+The daemon keeps one :class:`StatusBook`: an :class:`EntryState` per declared
+binary (its last verdict, counters, and its :class:`~capkeeper.schedule.Pacing`)
+plus daemon-wide counters. It records every outcome there, and renders from
+it: the status file (a JSON snapshot written atomically, temp file + rename,
+to its runtime directory whenever something changed), the Prometheus
+textfile (:func:`metrics_text`) and the one-line ``STATUS=`` text for systemd
+(:func:`status_line`). ``capkeeper status`` reads the status file back,
+validated into a :class:`Snapshot` (anything else is "not a capkeeper status
+file").
+
+Names: a *verdict* is a :class:`~capkeeper.reconcile.Status`; an entry's
+``status`` is that verdict as the status file shows it.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ import json
 import math
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -20,35 +29,83 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from capkeeper.errors import printable
 from capkeeper.reconcile import Outcome, Status
+from capkeeper.schedule import Pacing
 from capkeeper.systemd import write_atomically
 
 SCHEMA = 1
+_UNKNOWN = "unknown"  # the status of an entry not checked yet
 
 
 @dataclass
-class EntryRecord:
-    """What the daemon knows about one declared binary."""
+class EntryState:
+    """What the daemon knows about one declared binary: the one record per entry."""
 
     path: str
     expected: str
-    status: str = "unknown"
-    found: str = ""
+    verdict: Status | None = None  # the last check's verdict (None: not checked yet)
+    found: str = ""  # what the file carries now (after a restore: the expected set)
     reason: str = ""
     restores: int = 0
     refusals: int = 0
     failures: int = 0
     last_drift: float | None = None  # unix time of the last restore/drift
     last_change: float | None = None  # unix time the status last changed
+    pacing: Pacing = field(default_factory=Pacing, compare=False)
+
+    @property
+    def status(self) -> str:
+        """The verdict as the status file shows it: after a restore the file is in sync."""
+        if self.verdict is None:
+            return _UNKNOWN
+        return str(Status.IN_SYNC if self.verdict is Status.RESTORED else self.verdict)
+
+    @status.setter
+    def status(self, text: str) -> None:
+        self.verdict = None if text == _UNKNOWN else Status(text)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The entry as the status file holds it."""
+        return {
+            "path": self.path,
+            "expected": self.expected,
+            "status": self.status,
+            "found": self.found,
+            "reason": self.reason,
+            "restores": self.restores,
+            "refusals": self.refusals,
+            "failures": self.failures,
+            "last_drift": self.last_drift,
+            "last_change": self.last_change,
+        }
+
+
+# The daemon-wide fields of the status file, in the order it has them.
+_SNAPSHOT_FIELDS = (
+    "pid",
+    "started",
+    "state_files",
+    "restores",
+    "refusals",
+    "failures",
+    "rescans",
+    "overflows",
+    "reloads",
+    "rejected_reloads",
+    "watches",
+    "rescan_interval",
+    "last_drift",
+    "last_error",
+)
 
 
 @dataclass
 class StatusBook:
-    """Counters and per-entry state, fed with every outcome."""
+    """Counters and the per-entry states, fed with every outcome."""
 
     pid: int = field(default_factory=os.getpid)
     started: float = field(default_factory=time.time)
     state_files: list[str] = field(default_factory=list)
-    entries: dict[str, EntryRecord] = field(default_factory=dict)
+    entries: dict[str, EntryState] = field(default_factory=dict)
     restores: int = 0
     refusals: int = 0
     failures: int = 0
@@ -60,13 +117,21 @@ class StatusBook:
     rescan_interval: float | None = None  # the daemon's; the metrics are rewritten this often
     last_drift: dict[str, Any] | None = None
     last_error: str | None = None
+    # Not in the status file: what the STATUS= text also shows.
+    last_drift_kind: str = ""  # "restored" or "tampering" (capabilities beyond the set)
+    rejected: tuple[str, list[str]] | None = None  # a reload rejected: local time, problems
+    verdicts: Counter[Status] = field(default_factory=Counter)  # entries per last verdict
     dirty: bool = field(default=True, compare=False)
 
     def load(self, expected: dict[str, str], files: list[str]) -> None:
         """Track exactly the entries of a (re)loaded state."""
         self.state_files = files
+        for path in self.entries.keys() - expected.keys():
+            verdict = self.entries[path].verdict
+            if verdict is not None:
+                self.verdicts[verdict] -= 1
         self.entries = {
-            path: self.entries.get(path) or EntryRecord(path, text)
+            path: self.entries.get(path) or EntryState(path, text)
             for path, text in expected.items()
         }
         for path, text in expected.items():
@@ -77,7 +142,7 @@ class StatusBook:
         """Fold one outcome in; return True when the entry's status changed."""
         stamp = time.time() if now is None else now
         record = self.entries.setdefault(
-            outcome.entry.path, EntryRecord(outcome.entry.path, outcome.expected)
+            outcome.entry.path, EntryState(outcome.entry.path, outcome.expected)
         )
         status = str(outcome.status)
         changed = record.status != status or record.found != outcome.found
@@ -92,6 +157,7 @@ class StatusBook:
                 "cause": cause,
                 "time": stamp,
             }
+            self.last_drift_kind = "tampering" if outcome.extra else status
             changed = True
         elif outcome.status is Status.REFUSED and changed:
             record.refusals += 1
@@ -99,8 +165,12 @@ class StatusBook:
         elif outcome.status is Status.FAILED and changed:
             record.failures += 1
             self.failures += 1
+        if record.verdict is not outcome.status:
+            if record.verdict is not None:
+                self.verdicts[record.verdict] -= 1
+            self.verdicts[outcome.status] += 1
+        record.verdict = outcome.status
         # After a restore the file is in sync: show that, but keep the found value.
-        record.status = str(Status.IN_SYNC) if outcome.status is Status.RESTORED else status
         record.found = outcome.expected if outcome.status is Status.RESTORED else outcome.found
         record.reason = outcome.reason
         if changed:
@@ -110,11 +180,39 @@ class StatusBook:
 
     def snapshot(self) -> dict[str, Any]:
         """A JSON-ready copy; cheap (no deep copy) since the daemon takes one per write."""
-        data = {k: v for k, v in vars(self).items() if k not in ("entries", "dirty")}
+        data = {name: getattr(self, name) for name in _SNAPSHOT_FIELDS}
         data["schema"] = SCHEMA
-        data["entries"] = [dict(vars(e)) for e in self.entries.values()]
+        data["entries"] = [e.snapshot() for e in self.entries.values()]
         data["written"] = time.time()
         return data
+
+
+def status_line(book: StatusBook, *, directories: int) -> str:
+    """The one-line ``STATUS=`` text for systemd: size, trouble, last drift, rejected reload."""
+    text = (
+        f"watching {len(book.entries)} binaries in {directories} "
+        f"directories ({book.watches} inotify watches)"
+    )
+    trouble = [
+        f"{book.verdicts[v]} {v}"
+        for v in (Status.REFUSED, Status.FAILED, Status.MISSING)
+        if book.verdicts[v]
+    ]
+    if trouble:
+        text += "; " + ", ".join(trouble)
+    drift = book.last_drift
+    if drift is not None:
+        at = time.strftime("%H:%M:%S", time.localtime(drift["time"]))
+        text += f"; last drift {at} {drift['path']} {book.last_drift_kind} ({drift['cause']})"
+    else:
+        text += "; no drift seen"
+    if book.rejected is not None:
+        at, problems = book.rejected
+        text += (
+            f"; state reload rejected at {at} ({len(problems)} problem"
+            f"{'s' if len(problems) != 1 else ''}: {problems[0]}), previous state in force"
+        )
+    return text
 
 
 def write_status(path: Path, book: StatusBook) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from capkeeper.errors import CapkeeperError
 from capkeeper.events import EVENTS
+from capkeeper.paths import Walk, posixjoin
 from capkeeper.state import State
 
 DROPIN = Path("/etc/systemd/system/capkeeper.service.d/50-capkeeper-paths.conf")
@@ -61,18 +62,18 @@ def writable_directory(
     directory flipped by ``ln -sfn``): then the directory holding the first
     symlink, which stays the same across flips.
     """
-    parts = [p for p in path.split("/") if p]
-    current = "/"
-    for part in parts[:-1]:
-        candidate = posixpath.join(current, part)
+    walk: Walk[str] = Walk(path, "/")
+    while (name := walk.next_name()) is not None and not walk.last:
+        current = walk.directory[1]
+        candidate = posixjoin(current, name)
         if islink(candidate):
             if current != "/":
                 return current
             # A top-level symlink (merged /usr: /bin -> usr/bin): "/" would make the
             # whole file system writable again; take the resolved directory instead.
             return realpath(posixpath.dirname(path))
-        current = candidate
-    return current
+        walk.enter(candidate, candidate)
+    return walk.directory[1]
 
 
 def unit_word(word: str) -> str:

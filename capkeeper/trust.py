@@ -12,7 +12,7 @@ import stat
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
-from capkeeper.capabilities import capability_name
+from capkeeper.capabilities import CapSet, capability_name
 from capkeeper.errors import printable
 from capkeeper.interpreters import runs_other_code
 from capkeeper.model import Entry, Hop, Kind, Observation
@@ -20,10 +20,60 @@ from capkeeper.model import Entry, Hop, Kind, Observation
 _WRITABLE_BY_OTHERS = stat.S_IWGRP | stat.S_IWOTH
 
 
+def writable_by_others(mode: int) -> bool:
+    """Whether ``mode`` lets the group or others write (``S_IWGRP``/``S_IWOTH``)."""
+    return bool(mode & _WRITABLE_BY_OTHERS)
+
+
 def open_to_others(uid: int, mode: int) -> bool:
     """Whether users other than root can create and remove names in a directory with
     this owner and mode (and so raise any number of inotify events in it)."""
-    return uid != 0 or bool(mode & _WRITABLE_BY_OTHERS)
+    return uid != 0 or writable_by_others(mode)
+
+
+def file_refusals(
+    path: str, uid: int, mode: int, *, owners: Collection[int], owner: str
+) -> list[Refusal]:
+    """The owner and mode rule for a file whose content grants power (a binary, a
+    state file, ``state.d``): owned by one of ``owners`` (``owner`` names them), and
+    writable by nobody else. Rules ``owner`` and ``file-writable``; no sticky
+    exception, that is for the directories on a route (:func:`route_refusals`)."""
+    refusals: list[Refusal] = []
+    if uid not in owners:
+        refusals.append(
+            Refusal(
+                "owner", f"{path} is owned by uid {uid}, not by {owner}", f"chown {owner} {path}"
+            )
+        )
+    if writable_by_others(mode):
+        refusals.append(
+            Refusal(
+                "file-writable",
+                f"{path} is writable by {_who(mode)} (mode {stat.S_IMODE(mode):04o})",
+                f"chmod go-w {path}",
+            )
+        )
+    return refusals
+
+
+def declaration_refusals(caps: CapSet, *, allow_inheritable: bool, last_cap: int) -> list[Refusal]:
+    """The rules on the declared capabilities themselves, whatever the file: every one
+    known to this kernel (rule ``kernel``: one beyond ``last_cap`` is a typo or a
+    state written for a newer kernel), and inheritable ones only when declared on
+    purpose (rule ``inheritable``). The state refuses such a declaration when it is
+    loaded; :func:`assess` asks again for entries built otherwise."""
+    refusals: list[Refusal] = []
+    beyond = sorted(n for n in caps.capabilities() if n > last_cap)
+    if beyond:
+        names = ", ".join(capability_name(n) for n in beyond)
+        refusals.append(
+            Refusal("kernel", f"{names} not known to this kernel (last capability is {last_cap})")
+        )
+    if caps.inheritable and not allow_inheritable:
+        refusals.append(
+            Refusal("inheritable", "inheritable capabilities need allow_inheritable = true")
+        )
+    return refusals
 
 
 ROUTE_RULES = frozenset(
@@ -150,7 +200,7 @@ def route_refusals(
                     component=hop.path,
                 )
             )
-        if hop.mode & _WRITABLE_BY_OTHERS:
+        if writable_by_others(hop.mode):
             sticky_ok = (
                 hop.uid == 0 and hop.mode & stat.S_ISVTX and _next_owner(hops, index, uid) in owners
             )
@@ -249,23 +299,9 @@ def assess(entry: Entry, observation: Observation, *, last_cap: int) -> tuple[Re
                 f"chmod ug-s {path}",
             )
         )
-    if observation.uid != entry.owner_uid:
-        refusals.append(
-            Refusal(
-                "owner",
-                f"{path} is owned by uid {observation.uid}, not by {entry.owner}",
-                f"chown {entry.owner} {path}",
-            )
-        )
-    if observation.mode & _WRITABLE_BY_OTHERS:
-        refusals.append(
-            Refusal(
-                "file-writable",
-                f"{path} is writable by {_who(observation.mode)} "
-                f"(mode {stat.S_IMODE(observation.mode):04o})",
-                f"chmod go-w {path}",
-            )
-        )
+    refusals += file_refusals(
+        path, observation.uid, observation.mode, owners=(entry.owner_uid,), owner=entry.owner
+    )
     if entry.sha256 is not None and observation.sha256 != entry.sha256:
         refusals.append(
             Refusal(
@@ -275,12 +311,7 @@ def assess(entry: Entry, observation: Observation, *, last_cap: int) -> tuple[Re
                 "update the pin in the state if this build is trusted",
             )
         )
-    beyond = sorted(n for n in entry.caps.capabilities() if n > last_cap)
-    if beyond:
-        names = ", ".join(capability_name(n) for n in beyond)
-        refusals.append(Refusal("kernel", f"{names} not known to this kernel (last is {last_cap})"))
-    if entry.caps.inheritable and not entry.allow_inheritable:
-        refusals.append(
-            Refusal("inheritable", "inheritable capabilities need allow_inheritable = true")
-        )
+    refusals += declaration_refusals(
+        entry.caps, allow_inheritable=entry.allow_inheritable, last_cap=last_cap
+    )
     return tuple(refusals)

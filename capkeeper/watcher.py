@@ -41,7 +41,7 @@ import pyinotify
 import structlog
 
 from capkeeper.errors import WatchError
-from capkeeper.files import posixjoin
+from capkeeper.paths import Walk, posixjoin
 from capkeeper.trust import open_to_others
 
 # Every directory on a route: replacements (IN_MOVED_TO, IN_CREATE), removals,
@@ -63,7 +63,6 @@ DIRECTORY_MASK: int = (
     | pyinotify.IN_EXCL_UNLINK
 )
 
-_MAX_SYMLINKS = 40  # the kernel's MAXSYMLINKS, as in files.open_declared
 _HEADER = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len
 
 
@@ -228,10 +227,6 @@ class Route:
         return tuple(seen)
 
 
-def _components(path: str) -> list[str]:
-    return [part for part in path.split("/") if part not in ("", ".")]
-
-
 def plan_route(
     path: str,
     *,
@@ -240,47 +235,40 @@ def plan_route(
 ) -> Route:
     """Resolve ``path`` component by component, never failing.
 
-    Symlinks are followed as :func:`capkeeper.files.open_declared` follows
-    them (an absolute target restarts at ``/``). Where a component is missing
-    or not a directory, the route ends at the deepest existing directory,
-    watched for that name, so its creation is seen.
+    The resolution is :class:`capkeeper.paths.Walk`, the one that
+    :func:`capkeeper.files.open_declared` makes over descriptors, here over
+    strings with ``lstat`` and ``readlink``. Where a component is missing or not
+    a directory, the route ends at the deepest existing directory, watched for
+    that name, so its creation is seen.
     """
-    todo = _components(path)
-    current = "/"
+    walk: Walk[str] = Walk(path, "/")
     links: list[Link] = []
-    symlinks = 0
-    while todo:
-        name = todo.pop(0)
-        if name == "..":
-            current = os.path.dirname(current) or "/"
-            continue
+    while (name := walk.next_name()) is not None:
+        current = walk.directory[1]
         here = posixjoin(current, name)
+        final = walk.last
         try:
             st = lstat(here)
         except OSError as exc:
-            links.append(Link(current, name, final=not todo))
+            links.append(Link(current, name, final=final))
             if exc.errno in (errno.ENOENT, errno.ENOTDIR):
-                return Route(path, tuple(links), complete=not todo)
+                return Route(path, tuple(links), complete=final)
             return Route(path, tuple(links), complete=False, problem=_route_problem(exc, current))
         if stat.S_ISLNK(st.st_mode):
             links.append(Link(current, name, final=False))
-            symlinks += 1
             try:
                 target = readlink(here)
             except OSError:
                 return Route(path, tuple(links), complete=False)
-            if symlinks > _MAX_SYMLINKS:
+            if not walk.follow(target):  # a loop: the kernel gives ELOOP
                 return Route(path, tuple(links), complete=False)
-            if target.startswith("/"):
-                current = "/"
-            todo[:0] = _components(target)
             continue
-        links.append(Link(current, name, final=not todo))
-        if not todo:
+        links.append(Link(current, name, final=final))
+        if final:
             break
         if not stat.S_ISDIR(st.st_mode):
             return Route(path, tuple(links), complete=False)
-        current = here
+        walk.enter(here, here)
     return Route(path, tuple(links), complete=True)
 
 

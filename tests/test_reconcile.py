@@ -150,7 +150,12 @@ def test_sha256_pin_match_is_granted(tree: Path) -> None:
             "is read-only here; under ProtectSystem=strict list the directory in "
             "ReadWritePaths= (capkeeper systemd-dropin writes it))",
         ),
-        (errno.ENOSPC, "cannot write security.capability: No space left on device"),
+        (
+            errno.ENOSPC,
+            "cannot write security.capability: No space left on device (hint: the file "
+            "system is full, or the file's other extended attributes fill the space kept "
+            "for them)",
+        ),
     ],
 )
 def test_write_errors_become_sentences(tree: Path, code: int, message: str) -> None:

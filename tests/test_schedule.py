@@ -6,15 +6,31 @@ import dataclasses
 
 import pytest
 
+from capkeeper.reconcile import Decision, Status
 from capkeeper.schedule import (
     ALERT_EVERY,
     BRAKE,
+    CONFIRM_REFUSAL,
     FIGHT_ROUNDS,
+    MAX_POLL_MS,
+    RETRY_FIRST,
     RETRY_MAX,
+    STATUS_EVERY,
+    STATUS_QUIET,
+    STATUS_STALE,
     Brake,
     Identity,
+    Pacing,
+    Settling,
+    StatusFileTimer,
+    Throttle,
+    announced,
+    may_be_mid_write,
+    poll_timeout_ms,
     retry_delay,
+    settle_wait,
 )
+from capkeeper.trust import Refusal
 
 FILE = Identity(dev=1, ino=100, size=4096, mtime_ns=1_000, uid=0, gid=0, mode=0o100755)
 
@@ -106,3 +122,187 @@ def test_same_content_ignores_owner_and_mode() -> None:
     assert not FILE.same_content(dataclasses.replace(FILE, size=1))
     assert not FILE.same_content(dataclasses.replace(FILE, mtime_ns=2))
     assert not FILE.same_content(None)
+
+
+# -- what a cause says, and a file that may be mid-write -----------------------------------
+
+IN_SYNC = Decision(Status.IN_SYNC, "cap_net_raw=ep")
+NOT_ELF = Decision(Status.REFUSED, "none", refusals=(Refusal("elf", "not an ELF binary"),))
+OWNER = Decision(Status.REFUSED, "none", refusals=(Refusal("owner", "owned by uid 1000"),))
+
+
+@pytest.mark.parametrize(
+    ("cause", "expected"),
+    [
+        ("IN_MODIFY", True),
+        ("IN_MODIFY+settle", True),
+        ("IN_CLOSE_WRITE", True),
+        ("IN_MOVED_TO", True),
+        ("IN_DELETE", True),
+        ("IN_CREATE", True),
+        ("IN_ATTRIB", False),
+        ("IN_ATTRIB+settle", False),
+        ("periodic", False),
+        ("retry", False),
+        ("startup", False),
+    ],
+)
+def test_announced_causes(cause: str, expected: bool) -> None:
+    """Only causes that bring new content or another inode announce a new file."""
+    assert announced(cause) is expected
+
+
+def test_same_inode_changed_unannounced_is_mid_write() -> None:
+    """Same inode, new size or mtime, and no write event seen: wait for the write's end."""
+    written = dataclasses.replace(FILE, size=1)
+    assert may_be_mid_write("IN_ATTRIB", FILE, written, IN_SYNC)
+    assert may_be_mid_write("periodic", FILE, dataclasses.replace(FILE, mtime_ns=2), IN_SYNC)
+
+
+@pytest.mark.parametrize(
+    ("cause", "known", "seen"),
+    [
+        ("IN_ATTRIB", FILE, FILE),  # nothing changed
+        ("IN_ATTRIB", FILE, dataclasses.replace(FILE, uid=5)),  # owner only
+        ("IN_ATTRIB", FILE, dataclasses.replace(FILE, ino=7, size=1)),  # another inode
+        ("IN_ATTRIB", None, FILE),  # never seen before
+        ("IN_MODIFY", FILE, dataclasses.replace(FILE, size=1)),  # announced: settle handles it
+        ("IN_ATTRIB+settle", FILE, dataclasses.replace(FILE, size=1)),  # settled: not again
+    ],
+)
+def test_not_mid_write(cause: str, known: Identity | None, seen: Identity) -> None:
+    """No hold for an unchanged file, another inode, an announced write or a settled one."""
+    assert not may_be_mid_write(cause, known, seen, IN_SYNC)
+
+
+def test_content_refusal_is_held_for_confirmation_other_refusals_are_not() -> None:
+    """A "not an ELF" refusal waits CONFIRM_REFUSAL (a deploy's half-written file gets it
+    too); an owner refusal is reported at once; neither is held again once settled."""
+    assert may_be_mid_write("IN_ATTRIB", FILE, FILE, NOT_ELF)
+    assert not may_be_mid_write("IN_ATTRIB", FILE, FILE, OWNER)
+    assert not may_be_mid_write("IN_ATTRIB+settle", FILE, FILE, NOT_ELF)
+    assert settle_wait(Status.REFUSED, 0.2) == CONFIRM_REFUSAL
+    assert settle_wait(Status.REFUSED, 3.0) == 3.0
+    assert settle_wait(Status.IN_SYNC, 0.2) == 0.2
+
+
+# -- one entry's pacing ---------------------------------------------------------------------
+
+
+def test_pacing_backs_off_refusals_and_resets_on_success() -> None:
+    """Refused or failed: retry after 0.5 s, 1 s, 2 s ...; in sync again: no wait."""
+    pacing = Pacing()
+    waits = []
+    for n in range(4):
+        assert pacing.checked(Status.REFUSED, FILE, 10.0 * n) is None
+        waits.append(pacing.retry_at - 10.0 * n)
+    assert waits == [RETRY_FIRST, 1.0, 2.0, 4.0]
+    pacing.checked(Status.IN_SYNC, FILE, 100.0)
+    assert (pacing.misses, pacing.retry_at) == (0, 0.0)
+    pacing.checked(Status.MISSING, None, 101.0)
+    assert pacing.identity is None
+    assert pacing.retry_at == 0.0
+
+
+def test_pacing_brakes_a_fight_and_a_restore_undone_at_once() -> None:
+    """Restores of the unchanged file go to the brake; so does a failed restore found
+    undone as it was read back (transient): a round of the fight, not a back-off."""
+    pacing = Pacing()
+    verdicts = [pacing.checked(Status.RESTORED, FILE, n * 0.01) for n in range(FIGHT_ROUNDS)]
+    assert all(v is not None and not v.alert for v in verdicts)
+    undone = pacing.checked(Status.FAILED, FILE, FIGHT_ROUNDS * 0.01, transient=True)
+    assert undone is not None
+    assert undone.alert
+    assert pacing.misses == 0
+    assert pacing.retry_at == pytest.approx(FIGHT_ROUNDS * 0.01 + BRAKE)
+    # A failure that is no race is backed off instead.
+    assert pacing.checked(Status.FAILED, FILE, 5.0) is None
+    assert pacing.retry_at == 5.0 + RETRY_FIRST
+
+
+def test_deferral_of_refused_and_braked_entries() -> None:
+    """While backed off, a refused entry waits for an event announcing a new file; while
+    braked, a restored one waits unless the file is no longer the one restored."""
+    pacing = Pacing()
+    pacing.checked(Status.REFUSED, FILE, 0.0)
+
+    def never() -> Identity | None:
+        raise AssertionError("a refused entry needs no stat")
+
+    assert pacing.defers(Status.REFUSED, "IN_ATTRIB", 0.1, never)
+    assert not pacing.defers(Status.REFUSED, "IN_CLOSE_WRITE", 0.1, never)
+    assert not pacing.defers(Status.REFUSED, "IN_ATTRIB", RETRY_FIRST, never)
+    fought = Pacing()
+    for n in range(FIGHT_ROUNDS + 1):
+        fought.checked(Status.RESTORED, FILE, n * 0.01)
+    assert fought.defers(Status.RESTORED, "IN_ATTRIB", 0.1, lambda: FILE)
+    deploy = dataclasses.replace(FILE, ino=FILE.ino + 1)
+    assert not fought.defers(Status.RESTORED, "IN_ATTRIB", 0.1, lambda: deploy)
+    assert not fought.defers(Status.RESTORED, "IN_ATTRIB", 0.1, lambda: None)
+
+
+# -- writes in progress ---------------------------------------------------------------------
+
+
+def test_write_settles_until_close_or_settle_time() -> None:
+    """IN_MODIFY on the file waits; its fchmod still waits; the close makes it ready;
+    without a close, it is due at the settle time with the cause marked +settle."""
+    settling = Settling()
+    note = settling.note
+    assert not note("/b", 1.0, 0.5, "IN_MODIFY", final=True, writing=True, finished=False)
+    assert not note("/b", 1.1, 0.5, "IN_ATTRIB", final=True, writing=False, finished=False)
+    assert settling.pop_due(1.4) == []
+    assert settling.pop_due(1.5) == [("/b", "IN_MODIFY+settle", 1.5)]
+    assert settling.pop_due(9.0) == []
+    assert not note("/b", 2.0, 0.5, "IN_CREATE", final=True, writing=True, finished=False)
+    assert note("/b", 2.1, 0.5, "IN_CLOSE_WRITE", final=True, writing=False, finished=True)
+    assert list(settling.deadlines()) == []
+
+
+def test_directory_event_and_held_checks() -> None:
+    """An event on a directory of the route ends the wait; a held check is not postponed."""
+    settling = Settling()
+    settling.note("/b", 1.0, 0.5, "IN_MODIFY", final=True, writing=True, finished=False)
+    assert settling.note("/b", 1.2, 0.5, "IN_ATTRIB", final=False, writing=False, finished=False)
+    assert "/b" not in settling.due
+    settling.hold("/b", 3.0, "IN_ATTRIB")
+    settling.hold("/b", 4.0, "periodic")  # a rescan must not push it later
+    assert list(settling.deadlines()) == [3.0]
+    settling.discard("/b")
+    assert settling.due == {}
+
+
+# -- the status file's schedule, warnings and the poll timeout ------------------------------
+
+
+def test_status_file_after_quiet_at_most_once_a_second_at_latest_when_stale() -> None:
+    """Nothing changed: never due. Changed: after a quiet moment, no more than once per
+    STATUS_EVERY, and at the latest STATUS_STALE after the change, however busy."""
+    timer = StatusFileTimer()
+    assert timer.deadline() == float("inf")
+    timer.changed(10.0)
+    timer.activity = 10.0
+    assert timer.deadline() == 10.0 + STATUS_QUIET
+    timer.wrote(10.2)
+    assert timer.deadline() == float("inf")
+    timer.changed(10.3)
+    timer.changed(10.9)  # still the first change that counts
+    assert timer.deadline() == 10.2 + STATUS_EVERY
+    timer.activity = 15.2  # events keep coming
+    assert timer.deadline() == 10.3 + STATUS_STALE
+
+
+def test_throttle_says_once_per_period_with_the_count() -> None:
+    """The first occurrence is said; the next ones are counted until the period ends."""
+    throttle = Throttle(60.0)
+    said = [throttle.tell(t) for t in (0.0, 1.0, 2.0, 59.0, 60.0, 61.0)]
+    assert said == [1, 0, 0, 0, 4, 0]
+
+
+def test_poll_timeout_is_the_nearest_deadline_rounded_up_and_bounded() -> None:
+    """Milliseconds to the nearest deadline, never negative, never above a C int's bound."""
+    assert poll_timeout_ms([5.0, 2.0015, float("inf")], 2.0) == 2
+    assert poll_timeout_ms([1.0], 2.0) == 0
+    assert poll_timeout_ms([float("inf")], 0.0) == MAX_POLL_MS
+    assert poll_timeout_ms([], 0.0) == MAX_POLL_MS
+    assert poll_timeout_ms([1e9], 0.0) == MAX_POLL_MS

@@ -51,8 +51,8 @@ def test_defaults_without_a_settings_file(tmp_path: Path) -> None:
     """No settings file, no variable, no option: every field has its default."""
     settings = _load(tmp_path / "absent.toml")
     assert settings == Settings()
-    assert list(settings.model_dump()) == list(RULES)
-    assert settings.model_dump() == {f.name: f.default for f in dataclasses.fields(Settings)}
+    assert [f.name for f in dataclasses.fields(Settings)] == list(RULES)
+    assert all(getattr(settings, f.name) == f.default for f in dataclasses.fields(Settings))
     assert settings.state == Path("/etc/capkeeper/state.toml")
     assert settings.log_level is None
 

@@ -1,0 +1,485 @@
+"""What the watch daemon does between wake-ups: events in, reconciles and watches out.
+
+A :class:`Keeper` holds the watch plan and the :class:`~capkeeper.status.StatusBook`
+of the loaded state. Each batch of events is coalesced: every affected entry is
+reconciled once, through the same :func:`capkeeper.enforce.reconcile` as
+``apply``. A write in progress (``IN_MODIFY``, or a file just created) is acted
+on at ``IN_CLOSE_WRITE``, a rename, or after ``settle_time`` without events. A
+change to a directory or symlink on a path re-plans that path's watches.
+``IN_Q_OVERFLOW``, a newly failed watch, a reload and the periodic rescan
+reconcile everything; a mount table change reconciles the routes it reaches.
+
+Per entry it remembers the last verdict and logs only changes, so a refused or
+missing binary is reported once, not at every rescan; refused and failed entries
+are retried with a growing delay, never in a tight loop. Our own ``setxattr``
+raises ``IN_ATTRIB``: the re-check finds the file in sync and logs at debug
+only. When to look again is :mod:`capkeeper.schedule`'s to say.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from capkeeper.enforce import reconcile
+from capkeeper.model import Entry, Observation
+from capkeeper.mounts import MountWatch
+from capkeeper.paths import posixjoin
+from capkeeper.reconcile import Decision, Outcome, Status, log_outcome
+from capkeeper.schedule import (
+    FIGHT_PACE,
+    Identity,
+    Settling,
+    Throttle,
+    announced,
+    identity_of,
+    may_be_mid_write,
+    settle_wait,
+)
+from capkeeper.state import State
+from capkeeper.status import EntryState, StatusBook
+from capkeeper.watcher import (
+    Link,
+    Route,
+    Watcher,
+    WatchEvent,
+    WatchFailure,
+    WatchPlan,
+    plan_route,
+)
+
+_REPLAN_ROUNDS = 3  # directories vanishing while being watched: re-plan at most this often
+# Anyone can overflow the queue of a directory others can write to, as often as they
+# like: warn about it at most this often (seconds); the rescans it causes are cheap.
+_EXPOSED_OVERFLOW_WARN_EVERY = 60.0
+
+Reconcile = Callable[..., Outcome]
+
+
+class Keeper:
+    """Keeps the entries of one loaded state: watches, events, reconciles, the book."""
+
+    def __init__(
+        self,
+        watcher: Watcher,
+        book: StatusBook,
+        *,
+        logger: Any,
+        settle_time: float,
+        last_cap: int,
+        clock: Callable[[], float],
+        tick: Callable[[], None],
+        stopping: Callable[[], bool],
+        mounts: MountWatch | None = None,
+        check: Reconcile = reconcile,
+    ) -> None:
+        self.watcher = watcher
+        self.book = book
+        self.mounts = mounts
+        self.plan = WatchPlan()
+        self.entries: dict[str, Entry] = {}
+        self.quiet_until = 0.0  # inotify is left unread until then (a fight's noise)
+        self._log = logger
+        self._settle_time = settle_time
+        self._last_cap = last_cap
+        self._clock = clock
+        self._tick = tick
+        self._stopping = stopping
+        self._check = check
+        self._state = State(entries=(), files=())
+        self._settling = Settling()
+        self._deferred: dict[str, str] = {}  # refused/failed entries touched again: cause
+        self._failed_watches: dict[str, int] = {}
+        self._route_problems: dict[str, str] = {}  # paths not watchable to their end
+        self._exposed = Throttle(_EXPOSED_OVERFLOW_WARN_EVERY)
+        self._batch = Counter[str]()  # what the current batch of events led to
+        self._watcher_dirty = False  # a watch was dropped: sync even if no route changed
+
+    def install(self, state: State) -> None:
+        """Keep exactly the entries of ``state`` from now on (the caller reconciles)."""
+        keep = {entry.path for entry in state.entries}
+        for path in self.plan.paths - keep:
+            self.plan.remove(path)
+            self._route_problems.pop(path, None)
+            self._settling.discard(path)
+            self._deferred.pop(path, None)
+        self._state = state
+        self.entries = state.by_path()
+        self.book.load({e.path: e.caps_text for e in state.entries}, [str(f) for f in state.files])
+
+    def deadlines(self) -> list[float]:
+        """When something is due: a settling write, a deferred entry's retry, the pace."""
+        due = list(self._settling.deadlines())
+        due.extend(self._state_of(p).pacing.retry_at for p in self._deferred if p in self.entries)
+        if self.quiet_until:
+            due.append(self.quiet_until)
+        return due
+
+    def _state_of(self, path: str) -> EntryState:
+        return self.book.entries[path]
+
+    # -- watches -----------------------------------------------------------------------
+
+    def _replan(self, paths: Iterable[str]) -> bool:
+        """Re-resolve ``paths`` and watch what they now go through.
+
+        Returns True when a watch failed that had not failed before (the
+        caller then reconciles everything: changes there are invisible).
+        """
+        watcher = self.watcher
+        todo = {p for p in paths if p in self.entries}
+        changed = False
+        new_failure = False
+        for _ in range(_REPLAN_ROUNDS):
+            for path in todo:
+                route = plan_route(path)
+                changed |= self.plan.set_route(route)
+                self._note_route(route)
+            if not changed and not self._watcher_dirty:
+                break
+            self._watcher_dirty = False
+            failures = watcher.sync(self.plan.directories())
+            new_failure |= self._note_failures(failures)
+            vanished = [f for f in failures if f.vanished]
+            if not vanished:
+                break
+            todo = set().union(*(self.plan.through(f.directory) for f in vanished))
+            changed = False
+            self._watcher_dirty = True
+        return new_failure
+
+    def _note_route(self, route: Route) -> None:
+        """Report once a path whose route cannot be watched to its end (PATH_MAX)."""
+        if not route.problem:
+            self._route_problems.pop(route.path, None)
+            return
+        if self._route_problems.get(route.path) != route.problem:
+            directory = route.links[-1].directory if route.links else "/"
+            self.book.last_error = f"cannot watch {route.path}: {route.problem}"
+            self._log.error(
+                "watch_failed", directory=directory, path=route.path, reason=route.problem
+            )
+        self._route_problems[route.path] = route.problem
+
+    def _note_failures(self, failures: list[WatchFailure]) -> bool:
+        current = {f.directory: f for f in failures if not f.vanished}
+        new = False
+        for directory, failure in current.items():
+            if self._failed_watches.get(directory) != failure.errno:
+                new = True
+                self.book.last_error = f"cannot watch {directory}: {failure.reason}"
+                self._log.error(
+                    "watch_failed",
+                    directory=directory,
+                    reason=failure.reason,
+                    errno=failure.errno,
+                    entries=len(self.plan.through(directory)),
+                )
+        for directory in set(self._failed_watches) - set(current):
+            if directory in self.watcher.directories:
+                self._log.info("watch_recovered", directory=directory)
+        self._failed_watches = {d: f.errno for d, f in current.items()}
+        return new
+
+    # -- events ------------------------------------------------------------------------
+
+    def handle(self, events: list[WatchEvent], woke: float) -> None:
+        """Coalesce one batch of events and reconcile every affected entry once."""
+        watcher = self.watcher
+        overflow = exposed_overflow = False
+        replan: set[str] = set()
+        ready: dict[str, str] = {}
+        for event in events:
+            if event.is_overflow:
+                if event.exposed:
+                    exposed_overflow = True
+                else:
+                    overflow = True
+                continue
+            if event.is_directory_gone:
+                self._watcher_dirty |= watcher.invalidate(event.directory)
+                for path in self.plan.through(event.directory):
+                    replan.add(path)
+                    self._note(path, None, event, woke, ready)
+                continue
+            for path, link in self.plan.lookup(event.directory, event.name).items():
+                if event.is_namespace or not link.final:
+                    replan.add(path)
+                    if not link.final and event.is_namespace:
+                        self._watcher_dirty |= watcher.invalidate(event.path)
+                    elif not link.final and event.is_attrib:
+                        # A new owner or mode may move the directory to the other queue.
+                        self._watcher_dirty |= bool(watcher.revalidate([event.path]))
+                self._note(path, link, event, woke, ready)
+        if overflow:
+            self._log.warning("queue_overflow", events=len(events))
+            self.book.overflows += 1
+            self.full_reconcile("overflow", since=woke)
+            return
+        if replan and self._replan(replan):
+            self.full_reconcile("watch_failed", since=woke)
+            return
+        self._batch.clear()
+        if exposed_overflow:
+            for path in self._exposed_overflow(woke):
+                ready.pop(path, None)
+        for path, cause in ready.items():
+            self._check_or_defer(path, cause, woke)
+            self._tick()
+        if self._batch["deferred"] and not self._batch["checked"] and not replan:
+            self.quiet_until = woke + FIGHT_PACE
+
+    def _note(
+        self, path: str, link: Link | None, event: WatchEvent, woke: float, ready: dict[str, str]
+    ) -> None:
+        """Decide whether ``event`` makes ``path`` ready now or after its write settles."""
+        now_ready = self._settling.note(
+            path,
+            woke,
+            self._settle_time,
+            event.cause,
+            final=link is not None and link.final,
+            writing=event.is_write or event.is_created,
+            finished=event.is_write_closed or event.is_namespace,
+        )
+        if not now_ready:
+            ready.pop(path, None)
+        elif path not in ready or announced(event.cause):
+            ready[path] = event.cause  # the most telling cause of the batch
+
+    def _exposed_overflow(self, since: float) -> set[str]:
+        """The queue of the directories others can write to overflowed: rescan what it covers.
+
+        Only events on names inside those directories were lost. A declared
+        binary there is reconciled. A directory there is watched on its own
+        (on whichever queue suits it), so only its identity can have changed
+        unseen: it is re-validated. A symlink or missing name there is
+        re-planned. Returns the entries reconciled.
+        """
+        watcher = self.watcher
+        self.book.overflows += 1
+        overflows = self._exposed.tell(self._clock())
+        if overflows:
+            self._log.warning(
+                "queue_overflow",
+                queue="exposed",
+                overflows=overflows,
+                directories=", ".join(sorted(watcher.exposed_directories)),
+            )
+        check: set[str] = set()
+        replan: set[str] = set()
+        looks: set[str] = set(watcher.exposed_directories)
+        watched = watcher.directories
+        for directory in watcher.exposed_directories:
+            for path, link in self.plan.links_in(directory):
+                if link.final:
+                    check.add(path)
+                elif (child := posixjoin(directory, link.name)) in watched:
+                    looks.add(child)
+                else:
+                    replan.add(path)
+        for directory in watcher.revalidate(looks):
+            self._watcher_dirty = True
+            check |= self.plan.through(directory)
+        before = {path: self.plan.route(path) for path in replan}
+        if self._replan(replan | check):
+            self.full_reconcile("watch_failed", since=since)
+            return set(self.entries)
+        check |= {path for path, route in before.items() if self.plan.route(path) != route}
+        self._rescan(check, "overflow", since=since, scope="exposed")
+        return check
+
+    def mounts_changed(self, since: float) -> None:
+        """The mount table changed: re-watch and reconcile the routes the change reaches.
+
+        inotify sees no mounts: a mount over a watched directory, or over one
+        of its parents, hides the watched inode (its watch then reports on
+        nothing anybody reaches), and an unmount reveals another directory.
+        Every route through a changed mount point is re-watched and its entry
+        reconciled; every watched directory is re-validated too (a mount id can
+        be reused for a new mount on the same point).
+        """
+        watcher = self.watcher
+        if self.mounts is None:
+            return
+        try:
+            points = self.mounts.changed()
+        except (OSError, ValueError) as exc:
+            self._log.warning("mount_watch_failed", error=str(exc))
+            self.full_reconcile("mount", since=since)
+            return
+        affected: set[str] = set()
+        for point in points:
+            self._watcher_dirty |= watcher.invalidate(point)
+            affected |= self.plan.at_or_below(point)
+        for directory in watcher.revalidate():
+            self._watcher_dirty = True
+            affected |= self.plan.through(directory)
+        self._log.debug("mounts_changed", mount_points=sorted(points), entries=len(affected))
+        if not affected and not self._watcher_dirty:
+            return
+        if self._replan(affected):
+            self.full_reconcile("watch_failed", since=since)
+            return
+        self._rescan(affected, "mount", since=since, mount_points=", ".join(sorted(points)))
+
+    def run_due(self) -> None:
+        """Check the writes whose settle time ended and the entries whose back-off did."""
+        now = self._clock()
+        for path, cause, deadline in self._settling.pop_due(now):
+            self._check_or_defer(path, cause, deadline)
+        for path, cause in list(self._deferred.items()):
+            if path not in self.entries or self._state_of(path).pacing.retry_at <= now:
+                del self._deferred[path]
+                if path not in self._settling.due:  # being written: its close or settle does
+                    self._check_entry(path, cause, None)
+
+    def _check_or_defer(self, path: str, cause: str, since: float | None) -> None:
+        """Check ``path`` now, or when its back-off or brake ends (see
+        :meth:`capkeeper.schedule.Pacing.defers`)."""
+        if path in self.entries:
+            record = self._state_of(path)
+            if record.pacing.defers(
+                record.verdict, cause, self._clock(), lambda: _stat_identity(path)
+            ):
+                self._deferred.setdefault(path, cause)
+                self._batch["deferred"] += 1
+                return
+        self._batch["checked"] += 1
+        self._check_entry(path, cause, since)
+
+    # -- reconciling -------------------------------------------------------------------
+
+    def full_reconcile(self, cause: str, *, since: float | None = None) -> None:
+        """Re-validate every watch, re-plan every path and reconcile every entry."""
+        started = self._clock()
+        self._watcher_dirty = True  # also retries watches that failed before
+        # A watch on a directory hidden by a mount (or replaced unseen) keeps its path
+        # string: compare the inode it watches with what the path reaches now.
+        self.watcher.revalidate()
+        self._replan(self.entries)
+        self._deferred.clear()  # every entry is checked now; failed ones re-queue themselves
+        counts: dict[str, int] = {}
+        for entry in self._state.entries:
+            if self._stopping():
+                break
+            outcome = self._check_entry(entry.path, cause, since)
+            if outcome is not None:
+                counts[str(outcome.status)] = counts.get(str(outcome.status), 0) + 1
+            self._tick()
+        self.book.rescans += 1
+        self.book.dirty = True
+        quiet = cause == "periodic" and set(counts) <= {str(Status.IN_SYNC)}
+        (self._log.debug if quiet else self._log.info)(
+            "rescan",
+            cause=cause,
+            entries=len(self._state.entries),
+            duration_ms=round((self._clock() - started) * 1000, 3),
+            **{k.replace("-", "_"): v for k, v in counts.items()},
+        )
+
+    def _rescan(self, paths: Iterable[str], cause: str, *, since: float, **fields: Any) -> None:
+        """Reconcile ``paths`` (part of the state) and log one ``rescan`` event for them."""
+        started = self._clock()
+        counts: dict[str, int] = {}
+        todo = sorted(p for p in paths if p in self.entries)
+        for path in todo:
+            if self._stopping():
+                break
+            outcome = self._check_entry(path, cause, since)
+            if outcome is not None:
+                counts[str(outcome.status)] = counts.get(str(outcome.status), 0) + 1
+            self._tick()
+        self.book.dirty = True
+        # Anyone can cause overflow rescans: log them above debug only when they found drift.
+        quiet = cause == "overflow" and set(counts) <= {str(Status.IN_SYNC)}
+        (self._log.debug if quiet else self._log.info)(
+            "rescan",
+            cause=cause,
+            entries=len(todo),
+            duration_ms=round((self._clock() - started) * 1000, 3),
+            **fields,
+            **{k.replace("-", "_"): v for k, v in counts.items()},
+        )
+
+    def _check_entry(self, path: str, cause: str, since: float | None) -> Outcome | None:
+        entry = self.entries.get(path)
+        if entry is None:
+            return None
+        self._deferred.pop(path, None)
+        known = self._state_of(path).pacing.identity
+
+        def hold(observation: Observation, decision: Decision) -> bool:
+            return may_be_mid_write(cause, known, identity_of(observation), decision)
+
+        try:
+            outcome = self._check(entry, write=True, last_cap=self._last_cap, hold=hold)
+        except Exception as exc:  # a bug on one file must not stop enforcing all the others
+            self._log.exception("reconcile_crashed", path=path, cause=cause)
+            outcome = Outcome(
+                entry, Status.FAILED, "unknown", reason=f"internal error: {exc!r} (please report)"
+            )
+        if outcome.held:
+            wait = settle_wait(outcome.status, self._settle_time)
+            self._settling.hold(path, self._clock() + wait, cause)
+            self._log.debug("write_in_progress", path=path, cause=cause, found=outcome.found)
+            return None
+        self._report(outcome, cause, since)
+        return outcome
+
+    def _report(self, outcome: Outcome, cause: str, since: float | None) -> None:
+        now = self._clock()
+        path = outcome.entry.path
+        record = self._state_of(path)
+        last, last_detail = record.verdict, record.reason or record.found
+        verdict = outcome.status
+        fields: dict[str, Any] = {"cause": cause}
+        if since is not None and verdict is Status.RESTORED:
+            fields["latency_ms"] = round((now - since) * 1000, 3)
+        if verdict is Status.RESTORED:
+            log_outcome(self._log, outcome, **fields)
+        elif verdict is Status.IN_SYNC and last is not None and not last.ok:
+            self._log.info("capability_in_sync", **outcome.fields(), **fields)
+        elif verdict is Status.IN_SYNC or (verdict, outcome.reason or outcome.found) != (
+            last,
+            last_detail,
+        ):
+            log_outcome(self._log, outcome, **fields)
+        else:
+            self._log.debug("verdict_unchanged", path=path, status=str(verdict), cause=cause)
+        observed = outcome.observation
+        braked = record.pacing.checked(
+            verdict,
+            identity_of(observed) if observed is not None else None,
+            now,
+            transient=outcome.transient,
+        )
+        if braked is not None and braked.alert:
+            self._log.warning(
+                "restore_flapping",
+                path=path,
+                restores=braked.rounds + 1,
+                found=outcome.found,
+                expected=outcome.expected,
+                hint="something keeps undoing the restore of an unchanged file: another "
+                "declared path resolving to the same file with other capabilities, or a "
+                "process stripping them in a loop; capkeeper now restores it at most once "
+                "a second and says so at most once a minute",
+            )
+        if verdict is Status.FAILED:
+            # EROFS, ENOSPC, EIO: the fix (a remount, freed space) raises no event.
+            self._deferred.setdefault(path, "retry")
+        self.book.record(outcome, cause=cause)
+
+
+def _stat_identity(path: str) -> Identity | None:
+    """The identity of what ``path`` names now, from one stat() (None if it cannot)."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return Identity(
+        st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_uid, st.st_gid, st.st_mode
+    )
