@@ -13,14 +13,15 @@ Every value from every source goes through the one rule of its field
 (:data:`RULES`); any invalid value is a :class:`~capkeeper.errors.SettingsError`
 naming where it came from, on one line (exit 78).
 
-Why no pydantic-settings, though the design card names it: importing
-``pydantic_settings`` costs 8.8 times a bare ``python -I -c pass`` (pydantic
-alone 3.2 times; medians of 15 runs), twice the whole budget of a one-shot
-``capkeeper apply`` in ``ExecStartPre=`` (4 times). Loading it only when a
-settings file or a ``CAPKEEPER_*`` variable is present would not help: that is
-exactly a production host, where the unit or ``/etc/capkeeper`` sets them. The
-seven fields need four small rules (a path, a bounded number of seconds, a
-choice, optional), written once here and applied to all sources alike.
+pydantic-settings (the design card's tool) merges and validates the sources
+whenever a source besides the command line is present: a settings file or a
+``CAPKEEPER_*`` variable (the daemon's unit sets them). Its field validators are
+the rules of :data:`RULES`, so no rule is written twice. A one-shot command with
+neither, e.g. ``ExecStartPre=+capkeeper apply ...`` in another service's unit
+(which does not carry capkeeper's environment), checks its options with the same
+rules and never imports pydantic: ``pydantic_settings`` alone costs 8.8 times a
+bare ``python -I -c pass`` (pydantic 3.2 times; medians of 15 runs), twice the
+whole budget of such a one-shot ``apply`` (4 times).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from capkeeper.errors import SettingsError, StateError
 from capkeeper.log import FORMATS, LEVELS, LogFormat
@@ -219,10 +220,96 @@ def load_settings(
             "settings file, or unset it)"
         )
     values, sources = _from_file(path or str(SETTINGS_FILE))
+    from_env: dict[str, object] = {}
     for name in RULES:
         variable = ENV_PREFIX + name.upper()
         if variable in env:
-            values[name], sources[name] = env[variable], variable
-    for name, value in given.items():
-        values[name], sources[name] = value, "--" + name.replace("_", "-")
-    return Settings(**_check(values, sources))  # type: ignore[arg-type]
+            from_env[name], sources[name] = env[variable], variable
+    for name in given:
+        sources[name] = "--" + name.replace("_", "-")
+    if values or from_env:
+        checked = _validate_with_pydantic_settings(given, from_env, values, sources)
+    else:  # only options: the same rules, without importing pydantic
+        checked = _check(given, sources)
+    return Settings(**checked)  # type: ignore[arg-type]
+
+
+def _validate_with_pydantic_settings(
+    options: Mapping[str, object],
+    environment: Mapping[str, object],
+    file: Mapping[str, object],
+    sources: Mapping[str, str],
+) -> dict[str, object]:
+    """Merge options > environment > file > defaults and validate every field with
+    pydantic-settings, whose validators are :data:`RULES`; one :class:`SettingsError`
+    naming each invalid value's source."""
+    # Imported here: the cost a one-shot command with only options never pays.
+    from pydantic import ValidationError, ValidationInfo, field_validator  # noqa: PLC0415
+    from pydantic_settings import (  # noqa: PLC0415
+        BaseSettings,
+        PydanticBaseSettingsSource,
+        SettingsConfigDict,
+    )
+
+    class Layer(PydanticBaseSettingsSource):
+        """One source's values by field name, already read (the file from its checked fd)."""
+
+        def __init__(self, settings_cls: type[BaseSettings], values: Mapping[str, object]):
+            super().__init__(settings_cls)
+            self.values = dict(values)
+
+        def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+            return self.values.get(field_name), field_name, False
+
+        def __call__(self) -> dict[str, Any]:
+            return dict(self.values)
+
+    defaults = Settings()
+
+    class SettingsModel(BaseSettings):
+        """:class:`Settings` as pydantic-settings sees it: same fields and defaults."""
+
+        model_config = SettingsConfigDict(extra="forbid", frozen=True)
+
+        state: object = defaults.state
+        rescan_interval: object = defaults.rescan_interval
+        settle_time: object = defaults.settle_time
+        log_format: object = defaults.log_format
+        log_level: object = defaults.log_level
+        status_file: object = defaults.status_file
+        metrics_file: object = defaults.metrics_file
+
+        @field_validator("*", mode="before")
+        @classmethod
+        def _rule(cls, value: object, info: ValidationInfo) -> object:
+            return RULES[str(info.field_name)](value)
+
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            # The options (init), then the environment, then the file: first one wins.
+            return (
+                init_settings,
+                Layer(settings_cls, environment),
+                Layer(settings_cls, file),
+            )
+
+    if set(SettingsModel.model_fields) != set(RULES):  # one table of fields, kept in step
+        raise RuntimeError("SettingsModel and RULES disagree")
+    try:
+        merged = SettingsModel(**options)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            name = str(error["loc"][0]) if error["loc"] else "?"
+            cause = (error.get("ctx") or {}).get("error")
+            message = str(cause) if cause is not None else error["msg"]
+            problems.append(f"{sources.get(name) or name}: {message}")
+        raise SettingsError("invalid setting: " + "; ".join(problems)) from None
+    return {name: getattr(merged, name) for name in RULES}

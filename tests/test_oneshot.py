@@ -64,8 +64,8 @@ def test_in_sync_apply_imports_no_heavy_module(in_sync: tuple[Path, Path]) -> No
 
 
 def test_with_settings_file_and_variables(in_sync: tuple[Path, Path]) -> None:
-    """A production host: the state comes from a settings file, the unit sets CAPKEEPER_*
-    variables. Still none of the heavy modules."""
+    """With a settings file and CAPKEEPER_* variables, pydantic-settings merges and checks
+    them (the price of those sources); structlog still stays out of an in-sync apply."""
     state, tool = in_sync
     settings = state.parent / "settings.toml"
     settings.write_text(f'state = "{state}"\nrescan_interval = 600\n')
@@ -79,7 +79,8 @@ def test_with_settings_file_and_variables(in_sync: tuple[Path, Path]) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.endswith("1 declared: 1 in-sync\n")
-    assert _heavy(imported) == []
+    assert "pydantic_settings" in imported
+    assert [name for name in _heavy(imported) if name.startswith("structlog")] == []
 
 
 def test_under_the_journal_nothing_above_debug_is_logged(in_sync: tuple[Path, Path]) -> None:
