@@ -17,12 +17,9 @@ import errno
 import fcntl
 import os
 import re
-import socket
 import struct
 from collections.abc import Iterable, Mapping
 from typing import Any, TextIO
-
-import structlog
 
 from capkeeper.events import render_message, spec_for
 
@@ -125,6 +122,9 @@ def stderr_is_journal(environ: Mapping[str, str] | None = None, fd: int = 2) -> 
 
 def _send_payload(payload: bytes, socket_path: str) -> None:
     """Send an encoded entry: one datagram, or the sealed-memfd fallback."""
+    # Imported here: log.py imports this module for stderr_is_journal() on every run.
+    import socket  # noqa: PLC0415
+
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
         try:
             sock.sendto(payload, socket_path)
@@ -194,4 +194,8 @@ class JournalRenderer:
             priority = fields[1][1]
             self._fallback.write(f"<{priority}>{fields[0][1]}\n")
             self._fallback.flush()
+        # Imported here: this module is imported to tell whether stderr is the journal,
+        # before anything is logged (see capkeeper.log); structlog is loaded by now.
+        import structlog  # noqa: PLC0415
+
         raise structlog.DropEvent

@@ -1,23 +1,46 @@
-"""structlog configuration, done once at the entry point.
+"""structlog configuration, done once at the entry point, and paid for only when used.
 
 Events are named (``capability_restored``) and carry fields. On a terminal
 they render as readable lines, in a pipe as JSON lines, and under systemd
 (when stderr is journald's stream) as native journal entries.
+
+Importing structlog costs about four times a bare interpreter start, more than
+a one-shot ``capkeeper apply`` in ``ExecStartPre=`` may spend in total, and an
+in-sync apply logs nothing above debug. So :func:`configure` only records the
+configuration while structlog is not imported yet, and :func:`get_logger`
+returns a logger that drops an event below the configured level without
+importing anything; the first event at or above it imports and configures
+structlog, then goes through it like every later one. Once structlog is
+imported (the daemon, tests), both act on it directly.
 """
 
 from __future__ import annotations
 
-import logging
 import sys
-from typing import Any, Literal, TextIO
-
-import structlog
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 from capkeeper.events import render_message
-from capkeeper.journal import JournalRenderer, stderr_is_journal
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 LogFormat = Literal["auto", "console", "json", "journal"]
+FORMATS: tuple[LogFormat, ...] = ("auto", "console", "json", "journal")
 LEVELS = ("debug", "info", "warning", "error", "critical")
+# The numbers of the logging module's levels (logging.DEBUG ... logging.CRITICAL),
+# by every name a structlog bound logger answers to: the gate needs no import.
+_NUMBERS = {
+    "debug": 10,
+    "info": 20,
+    "msg": 20,
+    "warning": 30,
+    "warn": 30,
+    "error": 40,
+    "exception": 40,
+    "critical": 50,
+    "fatal": 50,
+}
 
 
 class ConsoleRenderer:
@@ -36,37 +59,92 @@ def resolve_format(fmt: LogFormat, stream: TextIO) -> LogFormat:
     """Pick the concrete format for ``auto``."""
     if fmt != "auto":
         return fmt
+    from capkeeper.journal import stderr_is_journal  # noqa: PLC0415 - only for "auto"
+
     if stream is sys.stderr and stderr_is_journal():
         return "journal"
     return "console" if stream.isatty() else "json"
 
 
-def configure(fmt: LogFormat = "auto", level: str = "info", stream: TextIO | None = None) -> str:
-    """Configure structlog for the whole process; return the concrete format used."""
-    out = stream if stream is not None else sys.stderr
-    concrete = resolve_format(fmt, out)
+@dataclass(frozen=True)
+class _Config:
+    fmt: LogFormat  # concrete
+    level: int
+    stream: TextIO
+
+
+_pending: _Config | None = None  # recorded by configure(), not yet given to structlog
+
+
+def _apply(config: _Config) -> None:
+    """Configure structlog for the whole process."""
+    import structlog  # noqa: PLC0415 - see the module docstring
+
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info,
     ]
-    if concrete == "journal":
-        processors.append(JournalRenderer(fallback=out))
-    elif concrete == "console":
+    if config.fmt == "journal":
+        from capkeeper.journal import JournalRenderer  # noqa: PLC0415
+
+        processors.append(JournalRenderer(fallback=config.stream))
+    elif config.fmt == "console":
         processors.append(ConsoleRenderer())
     else:
         processors.append(structlog.processors.JSONRenderer(sort_keys=False))
     structlog.configure(
         processors=processors,
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping()[level.upper()]
-        ),
-        logger_factory=structlog.PrintLoggerFactory(file=out),
+        wrapper_class=structlog.make_filtering_bound_logger(config.level),
+        logger_factory=structlog.PrintLoggerFactory(file=config.stream),
         cache_logger_on_first_use=False,
     )
-    return concrete
+
+
+def configure(fmt: LogFormat = "auto", level: str = "info", stream: TextIO | None = None) -> str:
+    """Configure logging for the whole process; return the concrete format used.
+
+    ``level`` is one of :data:`LEVELS`. structlog is configured now if it is
+    imported already, else when the first event at or above ``level`` is logged.
+    """
+    global _pending  # noqa: PLW0603 - the process's one logging configuration
+    out = stream if stream is not None else sys.stderr
+    config = _Config(resolve_format(fmt, out), _NUMBERS[level], out)
+    if "structlog" in sys.modules:
+        _pending = None
+        _apply(config)
+    else:
+        _pending = config
+    return config.fmt
+
+
+def _drop(*_args: Any, **_kwargs: Any) -> None:
+    """An event below the configured level: nothing to do."""
+
+
+class _Logger:
+    """The capkeeper logger before structlog is imported: see the module docstring."""
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        pending = _pending
+        if pending is not None and _NUMBERS.get(name, pending.level) < pending.level:
+            return _drop
+        return getattr(_structlog_logger(), name)  # type: ignore[no-any-return]
+
+
+def _structlog_logger() -> Any:
+    global _pending  # applied once, then forgotten
+    import structlog  # noqa: PLC0415 - see the module docstring
+
+    if _pending is not None:
+        config, _pending = _pending, None
+        _apply(config)
+    return structlog.get_logger("capkeeper")
 
 
 def get_logger() -> Any:
-    return structlog.get_logger("capkeeper")
+    """The ``capkeeper`` logger (structlog's, or a stand-in until it is needed)."""
+    if "structlog" in sys.modules and _pending is None:
+        return _structlog_logger()
+    return _Logger()

@@ -5,6 +5,14 @@ every ``state.d/*.toml`` beside it, read in name order. Each ``[[binary]]``
 table declares one file. Everything is validated at this edge into frozen
 :class:`Entry` values; every problem is collected and reported at once, each
 naming its file and entry.
+
+The tables are checked by hand from one table of keys (:data:`TABLE_KEYS`), not
+by pydantic: the check is six exact-type tests and two rules, and importing
+pydantic would cost every ``ExecStartPre=`` apply three bare interpreter starts.
+The messages are pydantic's, word for word (a test keeps the old model as the
+oracle). A cache of validated states was the other way; it would have to be as
+trusted as the state files and keyed by all of them, for a saving this
+removes outright.
 """
 
 from __future__ import annotations
@@ -20,8 +28,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from capkeeper.capabilities import CapSet, format_text, parse
 from capkeeper.errors import (
@@ -46,10 +52,9 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _UID = re.compile(r"[0-9]+")  # ASCII only: str.isdigit() also accepts "²" and "١٢"
 
 
-class _BinaryTable(BaseModel):
-    """One ``[[binary]]`` table exactly as written in the file."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+@dataclass(frozen=True, slots=True)
+class _BinaryTable:
+    """One ``[[binary]]`` table exactly as written in the file, once :func:`_table` accepts it."""
 
     path: str
     caps: str
@@ -58,26 +63,68 @@ class _BinaryTable(BaseModel):
     allow_inheritable: bool = False
     allow_interpreter: bool = False
 
-    @field_validator("path")
-    @classmethod
-    def _absolute(cls, value: str) -> str:
-        if not value.startswith("/"):
-            raise ValueError(f"must be an absolute path, got {value!r}")
-        if needs_escape(value):
-            raise ValueError("must not contain control or format characters")
-        # normpath keeps a leading "//" (POSIX leaves it implementation-defined);
-        # Linux treats it as "/", and so must duplicate detection.
-        normal = "/" + posixpath.normpath(value).lstrip("/")
-        if normal == "/":
-            raise ValueError("must name a file, not /")
-        return normal
 
-    @field_validator("sha256")
-    @classmethod
-    def _hex_digest(cls, value: str | None) -> str | None:
-        if value is not None and not _SHA256.fullmatch(value.lower()):
-            raise ValueError("must be 64 hexadecimal digits")
-        return value.lower() if value is not None else None
+def _absolute(value: str) -> str:
+    if not value.startswith("/"):
+        raise ValueError(f"must be an absolute path, got {value!r}")
+    if needs_escape(value):
+        raise ValueError("must not contain control or format characters")
+    # normpath keeps a leading "//" (POSIX leaves it implementation-defined);
+    # Linux treats it as "/", and so must duplicate detection.
+    normal = "/" + posixpath.normpath(value).lstrip("/")
+    if normal == "/":
+        raise ValueError("must name a file, not /")
+    return normal
+
+
+def _hex_digest(value: str) -> str:
+    if not _SHA256.fullmatch(value.lower()):
+        raise ValueError("must be 64 hexadecimal digits")
+    return value.lower()
+
+
+# Each key of a [[binary]] table: its type, whether it must be present, and the rule
+# that normalises it (ValueError: the message). TOML gives exact types, so a value
+# of another type (1 for true, 7 for a string) is refused, never converted.
+TABLE_KEYS: dict[str, tuple[type, bool, Callable[[Any], Any] | None]] = {
+    "path": (str, True, _absolute),
+    "caps": (str, True, None),
+    "sha256": (str, False, _hex_digest),
+    "owner": (str, False, None),
+    "allow_inheritable": (bool, False, None),
+    "allow_interpreter": (bool, False, None),
+}
+_TYPE_NAMES = {str: "string", bool: "boolean"}
+
+
+def _table(table: dict[str, Any]) -> tuple[_BinaryTable | None, list[tuple[str, str]]]:
+    """Validate one ``[[binary]]`` table: the table, or every ``(key, problem)`` in it.
+
+    Problems come in the order of :data:`TABLE_KEYS`, then unknown keys in the
+    order written. The wording is the one pydantic used for this model when it
+    validated the state (``Field required``, ``Input should be a valid
+    string``): importing pydantic costs a one-shot ``apply`` three times a bare
+    interpreter start, and these few exact-type checks are all it did here.
+    """
+    values: dict[str, Any] = {}
+    problems: list[tuple[str, str]] = []
+    for key, (kind, required, rule) in TABLE_KEYS.items():
+        if key not in table:
+            if required:
+                problems.append((key, "Field required"))
+            continue
+        value = table[key]
+        if type(value) is not kind:
+            problems.append((key, f"Input should be a valid {_TYPE_NAMES[kind]}"))
+            continue
+        try:
+            values[key] = value if rule is None else rule(value)
+        except ValueError as exc:
+            problems.append((key, str(exc)))
+    problems += [(key, "unknown key") for key in table if key not in TABLE_KEYS]
+    if problems:
+        return None, problems
+    return _BinaryTable(**values), []
 
 
 @dataclass(frozen=True)
@@ -168,6 +215,8 @@ class _Reader:
     """
 
     main: Path  # absolute
+    why: str = _WHY  # what whoever can change the file could do
+    names: str = "--state / CAPKEEPER_STATE"  # how to point capkeeper at another file
     problems: list[str] = field(default_factory=list)
     documents: list[tuple[Path, str, bytes]] = field(default_factory=list)
 
@@ -189,16 +238,16 @@ class _Reader:
         )
         for refusal in refusals:
             fix = _STATE_FIX.get(refusal.rule, "{}").format(refusal.component)
-            self.problems.append(printable(f"{refusal.message}: {_WHY} ({fix})"))
+            self.problems.append(printable(f"{refusal.message}: {self.why} ({fix})"))
         return not refusals
 
     def _own(self, shown: str, resolved: str, st: os.stat_result) -> bool:
         """The owner and mode rule for a state file or ``state.d`` itself; True when kept."""
         messages = {
-            "owner": f"owned by uid {st.st_uid}: {_WHY} (chown root {resolved})",
+            "owner": f"owned by uid {st.st_uid}: {self.why} (chown root {resolved})",
             # No sticky exception here: in a sticky state.d anyone could add a file.
             "file-writable": f"writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}): "
-            f"{_WHY} (chmod go-w {resolved})",
+            f"{self.why} (chmod go-w {resolved})",
         }
         euid = os.geteuid()
         refusals = file_refusals(
@@ -254,7 +303,7 @@ class _Reader:
                     raise StateError(
                         [
                             f"{printable(declared)}: not a regular file (create it, or point "
-                            "--state / CAPKEEPER_STATE at another file)"
+                            f"{self.names} at another file)"
                         ]
                     )
                 self._checked_read(fd, hops, declared, resolved, st)
@@ -262,8 +311,8 @@ class _Reader:
             if exc.errno == errno.ENOENT:
                 raise StateNotFound(
                     [
-                        f"{printable(declared)}: not found (create it, or point --state / "
-                        "CAPKEEPER_STATE at another file)"
+                        f"{printable(declared)}: not found (create it, or point {self.names} "
+                        "at another file)"
                     ]
                 ) from None
             raise StateError([printable(str(exc))]) from None
@@ -384,8 +433,28 @@ def _display(path: Path, main: Path) -> str:
     return shown if shown != "." else str(path)
 
 
-def _loc(loc: tuple[int | str, ...]) -> str:
-    return ".".join(str(part) for part in loc) or "entry"
+def read_trusted_file(path: str, *, why: str, names: str) -> bytes | None:
+    """Read a configuration file other than the state (the settings file) under the
+    state's main-file rules; None when nothing is at ``path``.
+
+    The route, owner and mode rules are the state's, and the content is read from
+    the checked descriptor. ``why`` says what whoever can change the file could
+    do, ``names`` how to point capkeeper at another file. Raises
+    :class:`StateError` listing every rule broken; a dangling symlink is one.
+    """
+    reader = _Reader(Path(os.path.abspath(path)), why=why, names=names)
+    try:
+        reader.main_file()
+    except StateNotFound:
+        try:
+            target = os.readlink(path)
+        except OSError:  # nothing there at all (EINVAL: something that is no symlink)
+            return None
+        # A removed release or an unmounted file system must not silently drop the file.
+        reader.problems.append(printable(f"{path}: dangling symlink to {target}: not read"))
+    if reader.problems:
+        raise StateError(list(dict.fromkeys(reader.problems)))
+    return reader.documents[0][2]
 
 
 def load_state(
@@ -467,16 +536,8 @@ def _entry(
         return None, [f"{where}: must be a table"]
     path = table.get("path")
     label = f"{where} ({printable(path)})" if isinstance(path, str) else where
-    errors: list[str] = []
-    raw: _BinaryTable | None = None
-    try:
-        raw = _BinaryTable.model_validate(table)
-    except ValidationError as exc:
-        for err in exc.errors():
-            message = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                message = "unknown key"
-            errors.append(f"{label}: {_loc(err['loc'])}: {message}")
+    raw, invalid = _table(table)
+    errors = [f"{label}: {key}: {message}" for key, message in invalid]
     caps: CapSet | None = None
     text = table.get("caps")
     if isinstance(text, str):

@@ -12,6 +12,7 @@ Usage: ``python packaging/manpages.py [OUTDIR]`` (default ``man/``; ``make man``
 
 from __future__ import annotations
 
+import dataclasses
 import email.utils
 import re
 import sys
@@ -20,11 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from argparse_manpage.manpage import Manpage
-from pydantic_core import PydanticUndefined
 
 from capkeeper.cli import ExitStatus, build_parser
 from capkeeper.settings import Settings
-from capkeeper.state import _BinaryTable
+from capkeeper.state import TABLE_KEYS, _BinaryTable
 
 REPO = Path(__file__).resolve().parents[1]
 MAN = REPO / "man"
@@ -116,7 +116,13 @@ def environment_section() -> str:
     _missing("settings", set(fields) - SETTINGS.keys())
     lines = [f".TP\n.B CAPKEEPER_{name.upper()}\n{escape(SETTINGS[name])}\n" for name in fields]
     lines.append(
-        ".PP\nCommand-line options override these. capkeeper watch also reads "
+        ".TP\n.B CAPKEEPER_SETTINGS_FILE\n"
+        + escape("The settings file (default /etc/capkeeper/settings.toml; it may be absent).")
+        + "\n"
+    )
+    lines.append(
+        ".PP\nThese override the settings file; command-line options override these. "
+        "capkeeper watch also reads "
         "\\fBNOTIFY_SOCKET\\fR, \\fBWATCHDOG_USEC\\fR and \\fBWATCHDOG_PID\\fR "
         "(systemd notifications), and \\fBJOURNAL_STREAM\\fR (is stderr the journal?).\n"
     )
@@ -129,15 +135,15 @@ def _type_name(annotation: Any) -> str:
 
 
 def keys_section() -> str:
-    fields = _BinaryTable.model_fields
-    _missing("state keys", set(fields) - KEYS.keys())
+    _missing("state keys", set(TABLE_KEYS) - KEYS.keys())
+    defaults = {field.name: field.default for field in dataclasses.fields(_BinaryTable)}
     chunks = []
-    for name, field in fields.items():
-        kind = _type_name(field.annotation)
-        if field.default is PydanticUndefined:
+    for name, (annotation, required, _rule) in TABLE_KEYS.items():
+        kind = _type_name(annotation)
+        if required:
             head = f".TP\n\\fB{name}\\fR = \\fI{kind}\\fR (required)\n"
         else:
-            default = field.default
+            default = defaults[name]
             shown = "none" if default is None else str(default).lower()
             head = f".TP\n\\fB{name}\\fR = \\fI{kind}\\fR (optional, default {escape(shown)})\n"
         chunks.append(head + escape(KEYS[name]) + "\n")

@@ -8,13 +8,11 @@ gets the final values.
 from __future__ import annotations
 
 import argparse
-import math
-from collections.abc import Callable
 from typing import TYPE_CHECKING, TextIO
 
 from capkeeper.commands import COMMANDS
 from capkeeper.exit_codes import ExitStatus
-from capkeeper.settings import RESCAN_INTERVAL, SETTLE_TIME
+from capkeeper.settings import option_type
 
 if TYPE_CHECKING:
     from capkeeper.settings import Settings
@@ -23,33 +21,16 @@ HELP = COMMANDS["watch"].help
 DESCRIPTION = ""  # no paragraph beyond HELP
 
 
-def seconds(low: float, high: float) -> Callable[[str], float]:
-    """An argparse type: a number of seconds within ``[low, high]``."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
-        if not low <= value <= high:  # also rejects nan
-            raise argparse.ArgumentTypeError(
-                f"must be a number of seconds from {low:g} to {high:g}, got {text!r}"
-            )
-        return value
-
-    return parse
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--rescan-interval",
-        type=seconds(*RESCAN_INTERVAL),
+        type=option_type("rescan_interval"),
         metavar="SECONDS",
         help="seconds between full rescans (default 300; catches changes inotify cannot see)",
     )
     parser.add_argument(
         "--settle-time",
-        type=seconds(*SETTLE_TIME),
+        type=option_type("settle_time"),
         metavar="SECONDS",
         help="how long a write may pause before the file is checked anyway (default 0.25)",
     )
