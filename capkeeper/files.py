@@ -291,12 +291,70 @@ def sha256_of(fd: int) -> str:
     return digest.hexdigest()
 
 
+_ElfKey = tuple[int, int, int, int, int]
+_ELF_CACHE_SIZE = 1 << 15
+
+
+class _ElfCache:
+    """The :class:`ElfFacts` of files already inspected, keyed by what any change of
+    their content moves: device, inode, size, mtime and ctime.
+
+    A write moves mtime and ctime; setting mtime back (``utimensat``) moves ctime,
+    which no system call sets back, and only a trusted owner may do either to a
+    file we would grant capabilities to. Since Linux 6.13 (multigrain timestamps)
+    a ctime that was read is never reused by the next change; before, a change
+    in the same clock tick as a read could keep it, which needs the owner's
+    write anyway. Our own ``setxattr`` moves ctime too: :func:`write_caps`
+    carries the facts over to the new ctime when nothing else changed
+    (:meth:`carry`). Equal facts are shared, so thousands of copies of one
+    binary cost one :class:`ElfFacts`.
+    """
+
+    def __init__(self, size: int = _ELF_CACHE_SIZE) -> None:
+        self._size = size
+        self._facts: dict[_ElfKey, ElfFacts | None] = {}
+        self._shared: dict[ElfFacts, ElfFacts] = {}
+
+    @staticmethod
+    def key(st: os.stat_result) -> _ElfKey:
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def facts(self, fd: int, st: os.stat_result) -> ElfFacts | None:
+        """The facts of the ELF file ``fd`` whose fstat is ``st`` (inspected on a miss)."""
+        key = self.key(st)
+        try:
+            return self._facts[key]
+        except KeyError:
+            pass
+        facts = inspect_fd(fd, MARKER_SYMBOLS)
+        if facts is not None:
+            facts = self._shared.setdefault(facts, facts)
+        self._remember(key, facts)
+        return facts
+
+    def carry(self, before: os.stat_result, after: os.stat_result) -> None:
+        """The file went from ``before`` to ``after`` by our own ``setxattr`` alone."""
+        old = self.key(before)
+        if old not in self._facts or old[:4] != self.key(after)[:4]:
+            return
+        self._remember(self.key(after), self._facts.pop(old))
+
+    def _remember(self, key: _ElfKey, facts: ElfFacts | None) -> None:
+        if len(self._facts) >= self._size:
+            self._facts.clear()
+            self._shared.clear()
+        self._facts[key] = facts
+
+
+_ELF_CACHE = _ElfCache()
+
+
 def observe_fd(path: str, fd: int, hops: list[Hop], resolved: str, *, hash: bool) -> Observation:
     """Gather the :class:`Observation` of an already opened file."""
     try:
         st = os.fstat(fd)
         kind, interpreter = _kind(fd, st.st_mode)
-        elf = inspect_fd(fd, MARKER_SYMBOLS) if kind is Kind.ELF else None
+        elf = _ELF_CACHE.facts(fd, st) if kind is Kind.ELF else None
         regular = kind is not Kind.NOT_REGULAR
         caps, problem, supported = None, None, True
         if regular:
@@ -348,8 +406,10 @@ def write_caps(fd: int, caps: CapSet, *, path: str) -> None:
     reported as such.
     """
     try:
+        before = os.fstat(fd)
         _setxattr(fd, encode(caps))
         found, problem = read_caps(fd)
+        _ELF_CACHE.carry(before, os.fstat(fd))
     except OSError as exc:
         raise file_error(exc, path, "write security.capability") from exc
     if found != caps:

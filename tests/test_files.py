@@ -101,6 +101,31 @@ def test_observe_fd_tells_scripts_other_files_and_non_regular_files(tree: Path) 
     }
 
 
+def test_observe_inspects_again_content_changed_under_the_same_size_and_mtime(
+    tree: Path,
+) -> None:
+    """The ELF facts are cached by identity: new content of the same size with its
+    mtime set back (utimensat) still moves ctime, so it is inspected afresh, and
+    the facts carried over our own setxattr are those of the unchanged file."""
+    binary = make_binary(tree / "tool")
+    first = observe(str(binary))
+    assert first.elf is not None
+    with open_declared(str(binary)) as (fd, _hops, _resolved):
+        write_caps(fd, NET_RAW, path=str(binary))
+    assert observe(str(binary)).elf == first.elf
+    before = os.stat(binary)
+    content = bytearray(binary.read_bytes())
+    content[4] = 7  # EI_CLASS: neither ELFCLASS32 nor ELFCLASS64, no longer readable ELF
+    with open(binary, "r+b") as handle:
+        handle.write(content)
+    os.utime(binary, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(binary)
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    seen = observe(str(binary))
+    assert seen.kind is Kind.ELF
+    assert seen.elf is None
+
+
 # -- write, read back, remove ------------------------------------------------------------
 
 
