@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from capkeeper.enforce import reconcile
+from capkeeper.files import Pins
 from capkeeper.model import Entry, Observation
 from capkeeper.mounts import MountWatch
 from capkeeper.paths import posixjoin
@@ -47,7 +48,7 @@ from capkeeper.watcher import (
     WatchEvent,
     WatchFailure,
     WatchPlan,
-    plan_route,
+    plan_routes,
 )
 
 _REPLAN_ROUNDS = 3  # directories vanishing while being watched: re-plan at most this often
@@ -133,8 +134,7 @@ class Keeper:
         changed = False
         new_failure = False
         for _ in range(_REPLAN_ROUNDS):
-            for path in todo:
-                route = plan_route(path)
+            for route in plan_routes(todo):
                 changed |= self.plan.set_route(route)
                 self._note_route(route)
             if not changed and not self._watcher_dirty:
@@ -362,13 +362,14 @@ class Keeper:
         self._replan(self.entries)
         self._deferred.clear()  # every entry is checked now; failed ones re-queue themselves
         counts: dict[str, int] = {}
-        for entry in self._state.entries:
-            if self._stopping():
-                break
-            outcome = self._check_entry(entry.path, cause, since)
-            if outcome is not None:
-                counts[str(outcome.status)] = counts.get(str(outcome.status), 0) + 1
-            self._tick()
+        with Pins() as pins:
+            for entry in self._state.entries:
+                if self._stopping():
+                    break
+                outcome = self._check_entry(entry.path, cause, since, pins)
+                if outcome is not None:
+                    counts[str(outcome.status)] = counts.get(str(outcome.status), 0) + 1
+                self._tick()
         self.book.rescans += 1
         self.book.dirty = True
         quiet = cause == "periodic" and set(counts) <= {str(Status.IN_SYNC)}
@@ -404,7 +405,9 @@ class Keeper:
             **{k.replace("-", "_"): v for k, v in counts.items()},
         )
 
-    def _check_entry(self, path: str, cause: str, since: float | None) -> Outcome | None:
+    def _check_entry(
+        self, path: str, cause: str, since: float | None, pins: Pins | None = None
+    ) -> Outcome | None:
         entry = self.entries.get(path)
         if entry is None:
             return None
@@ -415,7 +418,7 @@ class Keeper:
             return may_be_mid_write(cause, known, identity_of(observation), decision)
 
         try:
-            outcome = self._check(entry, write=True, last_cap=self._last_cap, hold=hold)
+            outcome = self._check(entry, write=True, last_cap=self._last_cap, hold=hold, pins=pins)
         except Exception as exc:  # a bug on one file must not stop enforcing all the others
             self._log.exception("reconcile_crashed", path=path, cause=cause)
             outcome = Outcome(

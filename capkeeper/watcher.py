@@ -210,7 +210,7 @@ class Link:
     final: bool
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Route:
     """Where a declared path leads today, as the kernel would resolve it."""
 
@@ -270,6 +270,44 @@ def plan_route(
             return Route(path, tuple(links), complete=False)
         walk.enter(here, here)
     return Route(path, tuple(links), complete=True)
+
+
+def plan_routes(paths: Iterable[str]) -> Iterator[Route]:
+    """:func:`plan_route` of each of ``paths``, at one moment: every ``lstat`` and
+    ``readlink`` of a name is made once for all of them (thousands of entries
+    share a few directories), and equal links are one object."""
+    seen: dict[str, os.stat_result | OSError] = {}
+    targets: dict[str, str | OSError] = {}
+    links: dict[Link, Link] = {}
+
+    def lstat(name: str) -> os.stat_result:
+        found = seen.get(name)
+        if found is None:
+            try:
+                found = os.lstat(name)
+            except OSError as exc:
+                found = exc
+            seen[name] = found
+        if isinstance(found, OSError):
+            raise found
+        return found
+
+    def readlink(name: str) -> str:
+        found = targets.get(name)
+        if found is None:
+            try:
+                found = os.readlink(name)
+            except OSError as exc:
+                found = exc
+            targets[name] = found
+        if isinstance(found, OSError):
+            raise found
+        return found
+
+    for path in paths:
+        route = plan_route(path, lstat=lstat, readlink=readlink)
+        shared = tuple(links.setdefault(link, link) for link in route.links)
+        yield Route(route.path, shared, route.complete, route.problem)
 
 
 def _route_problem(exc: OSError, directory: str) -> str:
