@@ -225,9 +225,10 @@ class Keeper:
         if exposed_overflow:
             for path in self._exposed_overflow(woke):
                 ready.pop(path, None)
-        for path, cause in ready.items():
-            self._check_or_defer(path, cause, woke)
-            self._tick()
+        with Pins() as pins:  # the entries of one batch share their directories' walks
+            for path, cause in ready.items():
+                self._check_or_defer(path, cause, woke, pins)
+                self._tick()
         if self._batch["deferred"] and not self._batch["checked"] and not replan:
             self.quiet_until = woke + FIGHT_PACE
 
@@ -336,7 +337,9 @@ class Keeper:
                 if path not in self._settling.due:  # being written: its close or settle does
                     self._check_entry(path, cause, None)
 
-    def _check_or_defer(self, path: str, cause: str, since: float | None) -> None:
+    def _check_or_defer(
+        self, path: str, cause: str, since: float | None, pins: Pins | None = None
+    ) -> None:
         """Check ``path`` now, or when its back-off or brake ends (see
         :meth:`capkeeper.schedule.Pacing.defers`)."""
         if path in self.entries:
@@ -348,7 +351,7 @@ class Keeper:
                 self._batch["deferred"] += 1
                 return
         self._batch["checked"] += 1
-        self._check_entry(path, cause, since)
+        self._check_entry(path, cause, since, pins)
 
     # -- reconciling -------------------------------------------------------------------
 
@@ -386,13 +389,14 @@ class Keeper:
         started = self._clock()
         counts: dict[str, int] = {}
         todo = sorted(p for p in paths if p in self.entries)
-        for path in todo:
-            if self._stopping():
-                break
-            outcome = self._check_entry(path, cause, since)
-            if outcome is not None:
-                counts[str(outcome.status)] = counts.get(str(outcome.status), 0) + 1
-            self._tick()
+        with Pins() as pins:
+            for path in todo:
+                if self._stopping():
+                    break
+                outcome = self._check_entry(path, cause, since, pins)
+                if outcome is not None:
+                    counts[str(outcome.status)] = counts.get(str(outcome.status), 0) + 1
+                self._tick()
         self.book.dirty = True
         # Anyone can cause overflow rescans: log them above debug only when they found drift.
         quiet = cause == "overflow" and set(counts) <= {str(Status.IN_SYNC)}
