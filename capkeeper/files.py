@@ -25,6 +25,7 @@ import errno
 import hashlib
 import os
 import stat
+import struct
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -399,7 +400,9 @@ def sha256_of(fd: int) -> str:
     return digest.hexdigest()
 
 
-_ElfKey = tuple[int, int, int, int, int]
+# dev, ino, size, mtime_ns, ctime_ns packed: 73 bytes a file instead of ~210 as a tuple.
+_ELF_KEY = struct.Struct("=QQqqq")
+_IDENTITY = 32  # the bytes of the key without ctime
 _ELF_CACHE_SIZE = 1 << 15
 
 
@@ -420,12 +423,12 @@ class _ElfCache:
 
     def __init__(self, size: int = _ELF_CACHE_SIZE) -> None:
         self._size = size
-        self._facts: dict[_ElfKey, ElfFacts | None] = {}
+        self._facts: dict[bytes, ElfFacts | None] = {}
         self._shared: dict[ElfFacts, ElfFacts] = {}
 
     @staticmethod
-    def key(st: os.stat_result) -> _ElfKey:
-        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    def key(st: os.stat_result) -> bytes:
+        return _ELF_KEY.pack(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
     def facts(self, fd: int, st: os.stat_result) -> ElfFacts | None:
         """The facts of the ELF file ``fd`` whose fstat is ``st`` (inspected on a miss)."""
@@ -443,11 +446,11 @@ class _ElfCache:
     def carry(self, before: os.stat_result, after: os.stat_result) -> None:
         """The file went from ``before`` to ``after`` by our own ``setxattr`` alone."""
         old = self.key(before)
-        if old not in self._facts or old[:4] != self.key(after)[:4]:
+        if old not in self._facts or old[:_IDENTITY] != self.key(after)[:_IDENTITY]:
             return
         self._remember(self.key(after), self._facts.pop(old))
 
-    def _remember(self, key: _ElfKey, facts: ElfFacts | None) -> None:
+    def _remember(self, key: bytes, facts: ElfFacts | None) -> None:
         if len(self._facts) >= self._size:
             self._facts.clear()
             self._shared.clear()
