@@ -304,10 +304,63 @@ def plan_routes(paths: Iterable[str]) -> Iterator[Route]:
             raise found
         return found
 
+    prefixes: dict[str, tuple[tuple[Link, ...], str] | None] = {}
+
+    def prefix(parent: str) -> tuple[tuple[Link, ...], str] | None:
+        """The links of a walk through ``parent`` to the directory it names, and that
+        directory; None when ``parent`` does not simply end in a directory."""
+        if parent not in prefixes:
+            found = None
+            route = plan_route(parent, lstat=lstat, readlink=readlink)
+            last = route.links[-1] if route.links else None
+            if route.complete and not route.problem and last is not None and last.final:
+                directory = posixjoin(last.directory, last.name)
+                try:
+                    is_directory = stat.S_ISDIR(lstat(directory).st_mode)
+                except OSError:
+                    is_directory = False
+                if is_directory:
+                    # Walked on to a name below it, the last link is an intermediate one.
+                    walked = (*route.links[:-1], Link(last.directory, last.name, False))
+                    found = (tuple(links.setdefault(link, link) for link in walked), directory)
+            prefixes[parent] = found
+        return prefixes[parent]
+
     for path in paths:
-        route = plan_route(path, lstat=lstat, readlink=readlink)
-        shared = tuple(links.setdefault(link, link) for link in route.links)
-        yield Route(route.path, shared, route.complete, route.problem)
+        route = _below_prefix(path, prefix, lstat)
+        if route is None:
+            route = plan_route(path, lstat=lstat, readlink=readlink)
+            shared = tuple(links.setdefault(link, link) for link in route.links)
+            route = Route(route.path, shared, route.complete, route.problem)
+        yield route
+
+
+def _below_prefix(
+    path: str,
+    prefix: Callable[[str], tuple[tuple[Link, ...], str] | None],
+    lstat: Callable[[str], os.stat_result],
+) -> Route | None:
+    """The route of ``path`` from the walk to its parent directory, as :func:`plan_route`
+    would make it; None when its final name is not a plain name (``..``, a symlink) or
+    its parent does not simply end in a directory: then only the full plan says."""
+    parent, _, name = path.rpartition("/")
+    if not parent or name in ("", ".", ".."):
+        return None
+    found = prefix(parent)
+    if found is None:
+        return None
+    links, directory = found
+    here = posixjoin(directory, name)
+    try:
+        st = lstat(here)
+    except OSError as exc:
+        final = (*links, Link(directory, name, final=True))
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            return Route(path, final, complete=True)
+        return Route(path, final, complete=False, problem=_route_problem(exc, directory))
+    if stat.S_ISLNK(st.st_mode):
+        return None
+    return Route(path, (*links, Link(directory, name, final=True)), complete=True)
 
 
 def _route_problem(exc: OSError, directory: str) -> str:

@@ -115,13 +115,30 @@ def test_routes_planned_together_are_those_planned_one_by_one(tmp_path: Path) ->
     (tmp_path / "r1" / "bin" / "tool").write_bytes(b"x")
     (tmp_path / "current").symlink_to("r1")
     (tmp_path / "loop").symlink_to("loop")
+    (tmp_path / "r1" / "bin" / "link").symlink_to("tool")
+    (tmp_path / "r1" / "bin-link").symlink_to("bin")
     paths = [
         str(tmp_path / "r1" / "bin" / "tool"),
         str(tmp_path / "r1" / "bin" / "other"),
+        str(tmp_path / "r1" / "bin" / "link"),
+        str(tmp_path / "r1" / "bin" / ".." / "bin" / "tool"),
+        str(tmp_path / "r1" / "bin" / ".." / "tool"),
+        str(tmp_path / "r1" / "bin" / ".."),
+        str(tmp_path / "r1" / "bin-link" / "tool"),
+        str(tmp_path / "r1" / "bin-link" / "other"),
         str(tmp_path / "current" / "bin" / "tool"),
+        str(tmp_path / "current" / "bin" / "other"),
         str(tmp_path / "loop" / "tool"),
+        str(tmp_path / "loop" / "other"),
         str(tmp_path / "no" / "such" / "tool"),
+        str(tmp_path / "no" / "such" / "other"),
         str(tmp_path / "r1" / "bin" / "tool" / "below"),
+        str(tmp_path / "r1" / "bin" / "tool" / "other"),
+        str(tmp_path / "r1" / "bin" / "link" / "below"),
+        str(tmp_path / "r1" / "bin" / "tool") + "/",
+        str(tmp_path / ("x" * 300)) + "/tool",
+        str(tmp_path / ("x" * 300)) + "/other",
+        "/tool-not-there",
     ]
     together = list(plan_routes(paths))
     assert together == [plan_route(path) for path in paths]
