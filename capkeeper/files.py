@@ -8,9 +8,10 @@ descriptor is then inspected (ELF magic, hash) and written, so a concurrent
 rename cannot redirect the write to another inode.
 
 This is also the one module that touches extended attributes: the ``xattr``
-package for the descriptor calls, ``os.listxattr``/``os.getxattr`` for the
-walk over many files by name (:func:`caps_at`; they are C calls, about twice as
-fast as the package's cffi ones). Every call goes through the four
+package to write and remove through a descriptor, ``os.getxattr`` to read
+(through the descriptor, or by name in :func:`caps_at`'s walk over many files)
+and ``os.listxattr`` (C calls, about twice as fast as the package's cffi ones:
+every observation reads the value). Every call goes through the four
 ``_*xattr`` functions below, and every errno through one policy, as in borg's
 ``xattr.py``: ENOTSUP/EOPNOTSUPP means the file system has no extended
 attributes at all (not "no capabilities"); ENODATA means there is none, or it
@@ -100,7 +101,8 @@ def _getxattr(target: int | str, *, follow_symlinks: bool = False) -> bytes:
     """``security.capability`` of a descriptor (fgetxattr) or of a name (getxattr, or
     lgetxattr without ``follow_symlinks``)."""
     if isinstance(target, int):
-        return bytes(xattr.xattr(target).get(XATTR_NAME))
+        # fgetxattr(2); follow_symlinks cannot be given with a descriptor (ValueError).
+        return os.getxattr(target, XATTR_NAME)
     return os.getxattr(target, XATTR_NAME, follow_symlinks=follow_symlinks)
 
 
