@@ -17,6 +17,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
+from functools import lru_cache
 
 from capkeeper.errors import InvalidCapabilityData, InvalidCapabilityText
 
@@ -423,7 +424,13 @@ def parse(text: str, *, last_cap: int | None = None) -> CapSet:
 
     Raises :class:`InvalidCapabilityText` naming the offending clause.
     """
-    all_mask = (1 << _resolve_last_cap(last_cap) + 1) - 1
+    # A state declares the same few texts thousands of times: parse each once.
+    return _parse(text, _resolve_last_cap(last_cap))
+
+
+@lru_cache(maxsize=256)
+def _parse(text: str, last_cap: int) -> CapSet:
+    all_mask = (1 << last_cap + 1) - 1
     clauses = _split_clauses(text)
     if not clauses:
         raise InvalidCapabilityText(
@@ -464,7 +471,12 @@ def format_text(caps: CapSet, *, last_cap: int | None = None) -> str:
     one ``+``/``-`` clause per other combination; capabilities above
     ``last_cap`` come last as ``+`` clauses. The rootid is not shown.
     """
-    limit = _resolve_last_cap(last_cap) + 1
+    # Every verdict describes what it found: the same few values, thousands of times.
+    return _format_text(caps, _resolve_last_cap(last_cap) + 1)
+
+
+@lru_cache(maxsize=256)
+def _format_text(caps: CapSet, limit: int) -> str:
     effective = (caps.permitted | caps.inheritable) if caps.effective else 0
     states = [
         _E * (effective >> n & 1)

@@ -94,6 +94,12 @@ class _DT(enum.IntEnum):
     GNU_HASH = 0x6FFFFEF5
 
 
+# Plain ints for the loops over every program header and dynamic entry: comparing
+# with an IntEnum member costs a class attribute lookup each time.
+_PT_LOAD, _PT_DYNAMIC, _PT_INTERP = int(_PT.LOAD), int(_PT.DYNAMIC), int(_PT.INTERP)
+_DT_NULL, _DT_NEEDED = int(_DT.NULL), int(_DT.NEEDED)
+
+
 @dataclass(frozen=True)
 class ElfFacts:
     """What an ELF file says about itself."""
@@ -397,12 +403,12 @@ def parse(read: Read, symbols: Collection[str] = ()) -> ElfFacts:
             p_type, _, p_offset, p_vaddr, _, p_filesz, _, _ = fields
         else:
             p_type, p_offset, p_vaddr, _, p_filesz, _, _, _ = fields
-        if p_type == _PT.LOAD:
+        if p_type == _PT_LOAD:
             loads.append((p_vaddr, p_filesz, p_offset))
-        elif p_type == _PT.INTERP and interp is None:
+        elif p_type == _PT_INTERP and interp is None:
             raw = src.get(p_offset, min(p_filesz, MAX_NAME + 1))
             interp = _text(raw.split(b"\0", 1)[0])
-        elif p_type == _PT.DYNAMIC and dynamic is None:
+        elif p_type == _PT_DYNAMIC and dynamic is None:
             dynamic = (p_offset, p_filesz)
     facts = ElfFacts(elf_class, data, e_type, machine, interp, dynamic is not None)
     if dynamic is None:
@@ -412,7 +418,7 @@ def parse(read: Read, symbols: Collection[str] = ()) -> ElfFacts:
     raw = src.get(dynamic[0], count * entry_size)
     tags: list[tuple[int, int]] = []
     for tag, value in struct.iter_unpack(lay.order + lay.word * 2, raw):
-        if tag == _DT.NULL:
+        if tag == _DT_NULL:
             break
         tags.append((tag, value))
     dyn = _Dynamic(src, lay, loads, tags)
@@ -421,7 +427,7 @@ def parse(read: Read, symbols: Collection[str] = ()) -> ElfFacts:
     soname = None
     if strtab_addr is not None:
         strtab = dyn.offset(strtab_addr, "DT_STRTAB")
-        wanted = itertools.islice((v for t, v in tags if t == _DT.NEEDED), MAX_NEEDED)
+        wanted = itertools.islice((v for t, v in tags if t == _DT_NEEDED), MAX_NEEDED)
         needed = [dyn.string(strtab, v) for v in wanted]
         so = dyn.first(_DT.SONAME)
         soname = dyn.string(strtab, so) if so is not None else None

@@ -12,7 +12,7 @@ import errno
 from collections.abc import Callable
 
 from capkeeper.errors import CapabilitiesNotKept, FileAccessError
-from capkeeper.files import NO_XATTR, observe_fd, open_declared, remove_caps, write_caps
+from capkeeper.files import NO_XATTR, Pins, observe_fd, open_declared, remove_caps, write_caps
 from capkeeper.kernel import cap_last_cap
 from capkeeper.model import Entry, Observation
 from capkeeper.reconcile import Decision, Outcome, Status, decide
@@ -27,6 +27,7 @@ def reconcile(
     write: bool,
     last_cap: int | None = None,
     hold: Callable[[Observation, Decision], bool] | None = None,
+    pins: Pins | None = None,
 ) -> Outcome:
     """Observe ``entry``'s file, decide, and (when ``write``) restore its capabilities.
 
@@ -35,12 +36,14 @@ def reconcile(
     A file replaced between the walk and the open is walked again (a deploy
     renaming a new build into place); after a few such races in a row the
     outcome is a transient failure that the next event or retry looks at again.
+    ``pins`` shares the walk of a directory between the entries of one batch
+    (:class:`capkeeper.files.Pins`).
     """
     limit = cap_last_cap() if last_cap is None else last_cap
     attempt = 1
     while True:
         try:
-            return _reconcile_once(entry, write=write, last_cap=limit, hold=hold)
+            return _reconcile_once(entry, write=write, last_cap=limit, hold=hold, pins=pins)
         except FileAccessError as exc:
             if exc.errno == errno.ENOENT:
                 return Outcome(entry, Status.MISSING, "none", reason="file does not exist")
@@ -57,8 +60,9 @@ def _reconcile_once(
     write: bool,
     last_cap: int,
     hold: Callable[[Observation, Decision], bool] | None,
+    pins: Pins | None,
 ) -> Outcome:
-    with open_declared(entry.path) as (fd, hops, resolved):
+    with open_declared(entry.path, pins=pins) as (fd, hops, resolved):
         observation = observe_fd(entry.path, fd, hops, resolved, hash=entry.sha256 is not None)
         decision = decide(entry, observation, last_cap=last_cap)
         if hold is not None and hold(observation, decision):

@@ -8,9 +8,10 @@ descriptor is then inspected (ELF magic, hash) and written, so a concurrent
 rename cannot redirect the write to another inode.
 
 This is also the one module that touches extended attributes: the ``xattr``
-package for the descriptor calls, ``os.listxattr``/``os.getxattr`` for the
-walk over many files by name (:func:`caps_at`; they are C calls, about twice as
-fast as the package's cffi ones). Every call goes through the four
+package to write and remove through a descriptor, ``os.getxattr`` to read
+(through the descriptor, or by name in :func:`caps_at`'s walk over many files)
+and ``os.listxattr`` (C calls, about twice as fast as the package's cffi ones:
+every observation reads the value). Every call goes through the four
 ``_*xattr`` functions below, and every errno through one policy, as in borg's
 ``xattr.py``: ENOTSUP/EOPNOTSUPP means the file system has no extended
 attributes at all (not "no capabilities"); ENODATA means there is none, or it
@@ -25,6 +26,7 @@ import errno
 import hashlib
 import os
 import stat
+import struct
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -99,7 +101,8 @@ def _getxattr(target: int | str, *, follow_symlinks: bool = False) -> bytes:
     """``security.capability`` of a descriptor (fgetxattr) or of a name (getxattr, or
     lgetxattr without ``follow_symlinks``)."""
     if isinstance(target, int):
-        return bytes(xattr.xattr(target).get(XATTR_NAME))
+        # fgetxattr(2); follow_symlinks cannot be given with a descriptor (ValueError).
+        return os.getxattr(target, XATTR_NAME)
     return os.getxattr(target, XATTR_NAME, follow_symlinks=follow_symlinks)
 
 
@@ -184,9 +187,69 @@ REPLACED = "replaced while opening"
 """The reason given when the file changed between the walk and the open."""
 
 
+class Pins:
+    """Directories reached by one batch of walks, kept open for the next entries in them.
+
+    A batch (the daemon's full reconcile) opens thousands of declared files in
+    a few directories: walking each from ``/`` costs about five system calls
+    per path component. The first walk to a declared path's directory pins it
+    (a duplicate ``O_PATH`` descriptor and the route to it); a later entry of
+    the batch declared in the same directory (the same text before its last
+    ``/``) starts there. Its final name is still looked up and opened with
+    ``O_NOFOLLOW`` relative to that pinned descriptor, and the directory's own
+    owner and mode are read again (``fstat``) at every use; only the ancestors
+    are as they were when pinned. A final name that is a symlink, ``..`` or
+    missing walks from ``/`` as usual. At most ``limit`` directories stay open
+    (the least recently used is closed). :meth:`close` releases them all.
+    """
+
+    def __init__(self, *, limit: int = 64, calls: FdCalls = FD_CALLS) -> None:
+        self._limit = limit
+        self._calls = calls
+        self._pinned: dict[str, tuple[int, str, tuple[Hop, ...]]] = {}
+
+    def __enter__(self) -> Pins:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def get(self, parent: str) -> tuple[int, str, tuple[Hop, ...]] | None:
+        """The descriptor, resolved path and route of the directory ``parent`` names."""
+        pinned = self._pinned.pop(parent, None)
+        if pinned is not None:
+            self._pinned[parent] = pinned  # most recently used last
+        return pinned
+
+    def pin(self, parent: str, fd: int, resolved: str, hops: list[Hop]) -> None:
+        """Keep a duplicate of ``fd``, the directory ``parent`` reached by ``hops``."""
+        if parent in self._pinned:
+            return
+        if len(self._pinned) >= self._limit:
+            oldest = next(iter(self._pinned))
+            self._calls.close(self._pinned.pop(oldest)[0])
+        self._pinned[parent] = (os.dup(fd), resolved, tuple(hops))
+
+    def close(self) -> None:
+        while self._pinned:
+            self._calls.close(self._pinned.popitem()[1][0])
+
+
+def _split(path: str) -> tuple[str, str]:
+    """The text before the last ``/`` of ``path`` and its final name ("" when none)."""
+    parent, _, name = path.rstrip("/").rpartition("/")
+    if name in ("", ".", "..") or path.endswith("/"):
+        return "", ""
+    return parent or "/", name
+
+
 @contextmanager
 def open_declared(
-    path: str, *, directory: bool = False, calls: FdCalls = FD_CALLS
+    path: str,
+    *,
+    directory: bool = False,
+    calls: FdCalls = FD_CALLS,
+    pins: Pins | None = None,
 ) -> Iterator[tuple[int, list[Hop], str]]:
     """Walk ``path`` safely and yield ``(fd, hops, resolved)`` for its final file.
 
@@ -196,7 +259,8 @@ def open_declared(
     component itself). With ``directory`` the final component must be a
     directory, opened for reading (listing); otherwise a regular file is opened
     for reading and anything else with ``O_PATH``. ``calls`` are the system
-    calls (tests inject races there).
+    calls (tests inject races there). With ``pins``, the walk starts at the
+    directory an earlier walk of the same batch pinned (see :class:`Pins`).
 
     Raises :class:`FileAccessError` (``errno`` ENOENT when the file is missing,
     EAGAIN with :data:`REPLACED` when it was replaced between walk and open).
@@ -205,8 +269,11 @@ def open_declared(
     fd: int | None = None
     try:
         try:
-            walk = Walk(path, calls.open("/", _DIR_FLAGS), release=calls.close)
-            fd, hops, resolved = _walk(path, walk, calls, directory=directory)
+            opened = _from_pin(path, pins, calls, directory=directory)
+            if opened is None:
+                walk = Walk(path, calls.open("/", _DIR_FLAGS), release=calls.close)
+                opened = _walk(path, walk, calls, directory=directory, pins=pins)
+            fd, hops, resolved = opened
         except OSError as exc:
             raise file_error(exc, path, "open") from exc
         # Outside the try above: an error of the caller's is not an error opening.
@@ -218,14 +285,42 @@ def open_declared(
             walk.close()
 
 
+def _from_pin(
+    path: str, pins: Pins | None, calls: FdCalls, *, directory: bool
+) -> tuple[int, list[Hop], str] | None:
+    """The final file opened from a pinned directory; None: walk from ``/`` instead."""
+    if pins is None:
+        return None
+    parent, name = _split(path)
+    pinned = pins.get(parent) if name else None
+    if pinned is None:
+        return None
+    dir_fd, dir_path, route = pinned
+    try:
+        st = calls.stat(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None  # said by the full walk, with the route as it is now
+    if stat.S_ISLNK(st.st_mode):
+        return None
+    here = calls.fstat(dir_fd)
+    hops = [*route[:-1], Hop(route[-1].path, here.st_uid, here.st_mode)]
+    return _open_final(path, name, st, (dir_fd, dir_path), hops, calls=calls, directory=directory)
+
+
 def _walk(
-    path: str, walk: Walk[int], calls: FdCalls, *, directory: bool
+    path: str, walk: Walk[int], calls: FdCalls, *, directory: bool, pins: Pins | None = None
 ) -> tuple[int, list[Hop], str]:
     """The walk of :func:`open_declared`; directory descriptors are left to ``walk``."""
     st = calls.fstat(walk.directory[0])
     hops = [Hop("/", st.st_uid, st.st_mode)]
+    parent = _split(path)[0] if pins is not None else ""
     while (name := walk.next_name()) is not None:
         dir_fd, dir_path = walk.directory
+        if pins is not None and parent and walk.last:
+            # The first name with nothing after it is the declared final name: the
+            # directory it is looked up in is the one its parent text names.
+            pins.pin(parent, dir_fd, dir_path, hops)
+            parent = ""
         here = posixjoin(dir_path, name)
         st = calls.stat(name, dir_fd=dir_fd)
         if stat.S_ISLNK(st.st_mode):
@@ -240,24 +335,40 @@ def _walk(
             st = calls.fstat(sub)
             hops.append(Hop(here, st.st_uid, st.st_mode))
             continue
-        if directory:
-            flags = _LIST_FLAGS
-        else:
-            # Only regular files are opened for reading: opening a device or FIFO
-            # can have side effects. O_PATH suffices to describe anything else.
-            flags = _FILE_FLAGS if stat.S_ISREG(st.st_mode) else _PATH_FLAGS
-        fd = calls.open(name, flags, dir_fd=dir_fd)
-        opened = calls.fstat(fd)
-        if (opened.st_ino, opened.st_dev) != (st.st_ino, st.st_dev):
-            calls.close(fd)
-            raise FileAccessError(
-                f"{REPLACED}: it changed between the walk and the open; "
-                "the next event or retry looks again",
-                context=path,
-                errno=errno.EAGAIN,
-            )
-        return fd, hops, here
+        where = (dir_fd, dir_path)
+        return _open_final(path, name, st, where, hops, calls=calls, directory=directory)
     raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
+
+
+def _open_final(
+    path: str,
+    name: str,
+    st: os.stat_result,
+    where: tuple[int, str],
+    hops: list[Hop],
+    *,
+    calls: FdCalls,
+    directory: bool,
+) -> tuple[int, list[Hop], str]:
+    """Open the final ``name`` (not a symlink, ``st`` its lstat) in the directory
+    ``where`` (descriptor, resolved path)."""
+    dir_fd, dir_path = where
+    # Only regular files are opened for reading: opening a device or FIFO can have
+    # side effects. O_PATH suffices to describe anything else.
+    flags = _FILE_FLAGS if stat.S_ISREG(st.st_mode) else _PATH_FLAGS
+    if directory:
+        flags = _LIST_FLAGS
+    fd = calls.open(name, flags, dir_fd=dir_fd)
+    opened = calls.fstat(fd)
+    if (opened.st_ino, opened.st_dev) != (st.st_ino, st.st_dev):
+        calls.close(fd)
+        raise FileAccessError(
+            f"{REPLACED}: it changed between the walk and the open; "
+            "the next event or retry looks again",
+            context=path,
+            errno=errno.EAGAIN,
+        )
+    return fd, hops, posixjoin(dir_path, name)
 
 
 def read_caps(fd: int) -> tuple[CapSet | None, str | None]:
@@ -291,12 +402,72 @@ def sha256_of(fd: int) -> str:
     return digest.hexdigest()
 
 
+# dev, ino, size, mtime_ns, ctime_ns packed: 73 bytes a file instead of ~210 as a tuple.
+_ELF_KEY = struct.Struct("=QQqqq")
+_IDENTITY = 32  # the bytes of the key without ctime
+_ELF_CACHE_SIZE = 1 << 15
+
+
+class _ElfCache:
+    """The :class:`ElfFacts` of files already inspected, keyed by what any change of
+    their content moves: device, inode, size, mtime and ctime.
+
+    A write moves mtime and ctime; setting mtime back (``utimensat``) moves ctime,
+    which no system call sets back, and only a trusted owner may do either to a
+    file we would grant capabilities to. Since Linux 6.13 (multigrain timestamps)
+    a ctime that was read is never reused by the next change; before, a change
+    in the same clock tick as a read could keep it, which needs the owner's
+    write anyway. Our own ``setxattr`` moves ctime too: :func:`write_caps`
+    carries the facts over to the new ctime when nothing else changed
+    (:meth:`carry`). Equal facts are shared, so thousands of copies of one
+    binary cost one :class:`ElfFacts`.
+    """
+
+    def __init__(self, size: int = _ELF_CACHE_SIZE) -> None:
+        self._size = size
+        self._facts: dict[bytes, ElfFacts | None] = {}
+        self._shared: dict[ElfFacts, ElfFacts] = {}
+
+    @staticmethod
+    def key(st: os.stat_result) -> bytes:
+        return _ELF_KEY.pack(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def facts(self, fd: int, st: os.stat_result) -> ElfFacts | None:
+        """The facts of the ELF file ``fd`` whose fstat is ``st`` (inspected on a miss)."""
+        key = self.key(st)
+        try:
+            return self._facts[key]
+        except KeyError:
+            pass
+        facts = inspect_fd(fd, MARKER_SYMBOLS)
+        if facts is not None:
+            facts = self._shared.setdefault(facts, facts)
+        self._remember(key, facts)
+        return facts
+
+    def carry(self, before: os.stat_result, after: os.stat_result) -> None:
+        """The file went from ``before`` to ``after`` by our own ``setxattr`` alone."""
+        old = self.key(before)
+        if old not in self._facts or old[:_IDENTITY] != self.key(after)[:_IDENTITY]:
+            return
+        self._remember(self.key(after), self._facts.pop(old))
+
+    def _remember(self, key: bytes, facts: ElfFacts | None) -> None:
+        if len(self._facts) >= self._size:
+            self._facts.clear()
+            self._shared.clear()
+        self._facts[key] = facts
+
+
+_ELF_CACHE = _ElfCache()
+
+
 def observe_fd(path: str, fd: int, hops: list[Hop], resolved: str, *, hash: bool) -> Observation:
     """Gather the :class:`Observation` of an already opened file."""
     try:
         st = os.fstat(fd)
         kind, interpreter = _kind(fd, st.st_mode)
-        elf = inspect_fd(fd, MARKER_SYMBOLS) if kind is Kind.ELF else None
+        elf = _ELF_CACHE.facts(fd, st) if kind is Kind.ELF else None
         regular = kind is not Kind.NOT_REGULAR
         caps, problem, supported = None, None, True
         if regular:
@@ -348,8 +519,10 @@ def write_caps(fd: int, caps: CapSet, *, path: str) -> None:
     reported as such.
     """
     try:
+        before = os.fstat(fd)
         _setxattr(fd, encode(caps))
         found, problem = read_caps(fd)
+        _ELF_CACHE.carry(before, os.fstat(fd))
     except OSError as exc:
         raise file_error(exc, path, "write security.capability") from exc
     if found != caps:

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from capkeeper.enforce import reconcile
+from capkeeper.files import Pins
 from capkeeper.model import Entry, Observation
 from capkeeper.mounts import MountWatch
 from capkeeper.paths import posixjoin
@@ -47,7 +48,7 @@ from capkeeper.watcher import (
     WatchEvent,
     WatchFailure,
     WatchPlan,
-    plan_route,
+    plan_routes,
 )
 
 _REPLAN_ROUNDS = 3  # directories vanishing while being watched: re-plan at most this often
@@ -133,8 +134,7 @@ class Keeper:
         changed = False
         new_failure = False
         for _ in range(_REPLAN_ROUNDS):
-            for path in todo:
-                route = plan_route(path)
+            for route in plan_routes(todo):
                 changed |= self.plan.set_route(route)
                 self._note_route(route)
             if not changed and not self._watcher_dirty:
@@ -225,9 +225,10 @@ class Keeper:
         if exposed_overflow:
             for path in self._exposed_overflow(woke):
                 ready.pop(path, None)
-        for path, cause in ready.items():
-            self._check_or_defer(path, cause, woke)
-            self._tick()
+        with Pins() as pins:  # the entries of one batch share their directories' walks
+            for path, cause in ready.items():
+                self._check_or_defer(path, cause, woke, pins)
+                self._tick()
         if self._batch["deferred"] and not self._batch["checked"] and not replan:
             self.quiet_until = woke + FIGHT_PACE
 
@@ -336,7 +337,9 @@ class Keeper:
                 if path not in self._settling.due:  # being written: its close or settle does
                     self._check_entry(path, cause, None)
 
-    def _check_or_defer(self, path: str, cause: str, since: float | None) -> None:
+    def _check_or_defer(
+        self, path: str, cause: str, since: float | None, pins: Pins | None = None
+    ) -> None:
         """Check ``path`` now, or when its back-off or brake ends (see
         :meth:`capkeeper.schedule.Pacing.defers`)."""
         if path in self.entries:
@@ -348,7 +351,7 @@ class Keeper:
                 self._batch["deferred"] += 1
                 return
         self._batch["checked"] += 1
-        self._check_entry(path, cause, since)
+        self._check_entry(path, cause, since, pins)
 
     # -- reconciling -------------------------------------------------------------------
 
@@ -362,13 +365,14 @@ class Keeper:
         self._replan(self.entries)
         self._deferred.clear()  # every entry is checked now; failed ones re-queue themselves
         counts: dict[str, int] = {}
-        for entry in self._state.entries:
-            if self._stopping():
-                break
-            outcome = self._check_entry(entry.path, cause, since)
-            if outcome is not None:
-                counts[str(outcome.status)] = counts.get(str(outcome.status), 0) + 1
-            self._tick()
+        with Pins() as pins:
+            for entry in self._state.entries:
+                if self._stopping():
+                    break
+                outcome = self._check_entry(entry.path, cause, since, pins)
+                if outcome is not None:
+                    counts[str(outcome.status)] = counts.get(str(outcome.status), 0) + 1
+                self._tick()
         self.book.rescans += 1
         self.book.dirty = True
         quiet = cause == "periodic" and set(counts) <= {str(Status.IN_SYNC)}
@@ -385,13 +389,14 @@ class Keeper:
         started = self._clock()
         counts: dict[str, int] = {}
         todo = sorted(p for p in paths if p in self.entries)
-        for path in todo:
-            if self._stopping():
-                break
-            outcome = self._check_entry(path, cause, since)
-            if outcome is not None:
-                counts[str(outcome.status)] = counts.get(str(outcome.status), 0) + 1
-            self._tick()
+        with Pins() as pins:
+            for path in todo:
+                if self._stopping():
+                    break
+                outcome = self._check_entry(path, cause, since, pins)
+                if outcome is not None:
+                    counts[str(outcome.status)] = counts.get(str(outcome.status), 0) + 1
+                self._tick()
         self.book.dirty = True
         # Anyone can cause overflow rescans: log them above debug only when they found drift.
         quiet = cause == "overflow" and set(counts) <= {str(Status.IN_SYNC)}
@@ -404,7 +409,9 @@ class Keeper:
             **{k.replace("-", "_"): v for k, v in counts.items()},
         )
 
-    def _check_entry(self, path: str, cause: str, since: float | None) -> Outcome | None:
+    def _check_entry(
+        self, path: str, cause: str, since: float | None, pins: Pins | None = None
+    ) -> Outcome | None:
         entry = self.entries.get(path)
         if entry is None:
             return None
@@ -415,7 +422,7 @@ class Keeper:
             return may_be_mid_write(cause, known, identity_of(observation), decision)
 
         try:
-            outcome = self._check(entry, write=True, last_cap=self._last_cap, hold=hold)
+            outcome = self._check(entry, write=True, last_cap=self._last_cap, hold=hold, pins=pins)
         except Exception as exc:  # a bug on one file must not stop enforcing all the others
             self._log.exception("reconcile_crashed", path=path, cause=cause)
             outcome = Outcome(

@@ -26,7 +26,7 @@ class Kind(StrEnum):
     NOT_REGULAR = "not a regular file"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Hop:
     """One directory or symlink crossed on the way to the file."""
 
@@ -37,7 +37,7 @@ class Hop:
     target: str = ""  # symlink text
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Observation:
     """Facts about a declared file, all taken from one open descriptor."""
 
@@ -61,7 +61,7 @@ class Observation:
     elf: ElfFacts | None = None  # for ELF files whose headers could be read
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Entry:
     """One declared binary, validated."""
 

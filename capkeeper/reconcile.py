@@ -46,7 +46,7 @@ def describe(
     return f"{text} [rootid={caps.rootid}]" if caps.rootid else text
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Decision:
     """What :func:`decide` concluded, before any write."""
 
@@ -56,7 +56,7 @@ class Decision:
     refusals: tuple[Refusal, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Outcome:
     """The result of reconciling one entry."""
 

@@ -36,7 +36,7 @@ SCHEMA = 1
 _UNKNOWN = "unknown"  # the status of an entry not checked yet
 
 
-@dataclass
+@dataclass(slots=True)
 class EntryState:
     """What the daemon knows about one declared binary: the one record per entry."""
 

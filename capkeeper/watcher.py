@@ -180,7 +180,7 @@ class Link:
     final: bool
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Route:
     """Where a declared path leads today, as the kernel would resolve it."""
 
@@ -240,6 +240,97 @@ def plan_route(
             return Route(path, tuple(links), complete=False)
         walk.enter(here, here)
     return Route(path, tuple(links), complete=True)
+
+
+def plan_routes(paths: Iterable[str]) -> Iterator[Route]:
+    """:func:`plan_route` of each of ``paths``, at one moment: every ``lstat`` and
+    ``readlink`` of a name is made once for all of them (thousands of entries
+    share a few directories), and equal links are one object."""
+    seen: dict[str, os.stat_result | OSError] = {}
+    targets: dict[str, str | OSError] = {}
+    links: dict[Link, Link] = {}
+
+    def lstat(name: str) -> os.stat_result:
+        found = seen.get(name)
+        if found is None:
+            try:
+                found = os.lstat(name)
+            except OSError as exc:
+                found = exc
+            seen[name] = found
+        if isinstance(found, OSError):
+            raise found
+        return found
+
+    def readlink(name: str) -> str:
+        found = targets.get(name)
+        if found is None:
+            try:
+                found = os.readlink(name)
+            except OSError as exc:
+                found = exc
+            targets[name] = found
+        if isinstance(found, OSError):
+            raise found
+        return found
+
+    prefixes: dict[str, tuple[tuple[Link, ...], str] | None] = {}
+
+    def prefix(parent: str) -> tuple[tuple[Link, ...], str] | None:
+        """The links of a walk through ``parent`` to the directory it names, and that
+        directory; None when ``parent`` does not simply end in a directory."""
+        if parent not in prefixes:
+            found = None
+            route = plan_route(parent, lstat=lstat, readlink=readlink)
+            last = route.links[-1] if route.links else None
+            if route.complete and not route.problem and last is not None and last.final:
+                directory = posixjoin(last.directory, last.name)
+                try:
+                    is_directory = stat.S_ISDIR(lstat(directory).st_mode)
+                except OSError:
+                    is_directory = False
+                if is_directory:
+                    # Walked on to a name below it, the last link is an intermediate one.
+                    walked = (*route.links[:-1], Link(last.directory, last.name, False))
+                    found = (tuple(links.setdefault(link, link) for link in walked), directory)
+            prefixes[parent] = found
+        return prefixes[parent]
+
+    for path in paths:
+        route = _below_prefix(path, prefix, lstat)
+        if route is None:
+            route = plan_route(path, lstat=lstat, readlink=readlink)
+            shared = tuple(links.setdefault(link, link) for link in route.links)
+            route = Route(route.path, shared, route.complete, route.problem)
+        yield route
+
+
+def _below_prefix(
+    path: str,
+    prefix: Callable[[str], tuple[tuple[Link, ...], str] | None],
+    lstat: Callable[[str], os.stat_result],
+) -> Route | None:
+    """The route of ``path`` from the walk to its parent directory, as :func:`plan_route`
+    would make it; None when its final name is not a plain name (``..``, a symlink) or
+    its parent does not simply end in a directory: then only the full plan says."""
+    parent, _, name = path.rpartition("/")
+    if not parent or name in ("", ".", ".."):
+        return None
+    found = prefix(parent)
+    if found is None:
+        return None
+    links, directory = found
+    here = posixjoin(directory, name)
+    try:
+        st = lstat(here)
+    except OSError as exc:
+        final = (*links, Link(directory, name, final=True))
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            return Route(path, final, complete=True)
+        return Route(path, final, complete=False, problem=_route_problem(exc, directory))
+    if stat.S_ISLNK(st.st_mode):
+        return None
+    return Route(path, (*links, Link(directory, name, final=True)), complete=True)
 
 
 def _route_problem(exc: OSError, directory: str) -> str:

@@ -29,6 +29,7 @@ from capkeeper.errors import CapabilitiesNotKept, FileAccessError
 from capkeeper.files import (
     REFUSED,
     REPLACED,
+    Pins,
     RawCaps,
     caps_at,
     observe,
@@ -99,6 +100,31 @@ def test_observe_fd_tells_scripts_other_files_and_non_regular_files(tree: Path) 
         "data": (Kind.OTHER, "", False),
         "fifo": (Kind.NOT_REGULAR, "", True),
     }
+
+
+def test_observe_inspects_again_content_changed_under_the_same_size_and_mtime(
+    tree: Path,
+) -> None:
+    """The ELF facts are cached by identity: new content of the same size with its
+    mtime set back (utimensat) still moves ctime, so it is inspected afresh, and
+    the facts carried over our own setxattr are those of the unchanged file."""
+    binary = make_binary(tree / "tool")
+    first = observe(str(binary))
+    assert first.elf is not None
+    with open_declared(str(binary)) as (fd, _hops, _resolved):
+        write_caps(fd, NET_RAW, path=str(binary))
+    assert observe(str(binary)).elf == first.elf
+    before = os.stat(binary)
+    content = bytearray(binary.read_bytes())
+    content[4] = 7  # EI_CLASS: neither ELFCLASS32 nor ELFCLASS64, no longer readable ELF
+    with open(binary, "r+b") as handle:
+        handle.write(content)
+    os.utime(binary, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(binary)
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    seen = observe(str(binary))
+    assert seen.kind is Kind.ELF
+    assert seen.elf is None
 
 
 # -- write, read back, remove ------------------------------------------------------------
@@ -486,6 +512,81 @@ def test_directory_renamed_after_it_was_opened_keeps_the_walk_pinned(tree: Path)
     with open_declared(str(binary), calls=SwapDirectories()) as (fd, _, resolved):
         assert resolved == str(binary)
         assert os.fstat(fd).st_ino == (tree / "old" / "tool").stat().st_ino
+
+
+class _CountingCalls(FdCalls):
+    """The real calls, counting the opens."""
+
+    def __init__(self) -> None:
+        self.opens = 0
+
+    def open(self, path: str, flags: int, *, dir_fd: int | None = None) -> int:
+        self.opens += 1
+        return super().open(path, flags, dir_fd=dir_fd)
+
+
+def test_pins_share_the_walk_of_a_directory_and_see_its_mode_now(tree: Path) -> None:
+    """The second entry of a batch in a directory is opened from the pinned
+    descriptor (one open, not one per component), with the same route; the
+    directory's own mode is read again at each use; every descriptor is closed."""
+    (tree / "bin").mkdir(mode=0o755)
+    first, second = make_binary(tree / "bin" / "one"), make_binary(tree / "bin" / "two")
+    before = len(os.listdir("/proc/self/fd"))
+    calls = _CountingCalls()
+    with Pins(calls=calls) as pins:
+        with open_declared(str(first), calls=calls, pins=pins) as (_fd, hops_one, _):
+            pass
+        walked = calls.opens
+        os.chmod(tree / "bin", 0o757)
+        with open_declared(str(second), calls=calls, pins=pins) as (fd, hops_two, resolved):
+            assert os.fstat(fd).st_ino == second.stat().st_ino
+            assert resolved == str(second)
+        assert calls.opens == walked + 1
+        assert walked == len(components(str(first))) + 1  # "/" and every component
+    assert [hop.path for hop in hops_two] == [hop.path for hop in hops_one]
+    assert hops_two[:-1] == hops_one[:-1]
+    assert stat.S_IMODE(hops_one[-1].mode) == 0o755
+    assert stat.S_IMODE(hops_two[-1].mode) == 0o757
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_pins_walk_from_the_root_for_a_final_symlink_and_a_missing_name(tree: Path) -> None:
+    """A final symlink is never resolved from a pin: the full walk records it as a
+    hop, as without pins; a missing name is ENOENT as without pins."""
+    (tree / "bin").mkdir(mode=0o755)
+    target = make_binary(tree / "target")
+    first = make_binary(tree / "bin" / "one")
+    (tree / "bin" / "link").symlink_to(target)
+    with Pins() as pins:
+        with open_declared(str(first), pins=pins):
+            pass
+        with open_declared(str(tree / "bin" / "link"), pins=pins) as (fd, hops, resolved):
+            assert os.fstat(fd).st_ino == target.stat().st_ino
+        with open_declared(str(tree / "bin" / "link")) as (_fd, unpinned, _resolved):
+            pass
+        with (
+            pytest.raises(FileAccessError) as info,
+            open_declared(str(tree / "bin" / "gone"), pins=pins),
+        ):
+            pass
+    assert resolved == str(target)
+    assert hops == unpinned
+    assert any(hop.is_symlink and hop.target == str(target) for hop in hops)
+    assert info.value.errno == errno.ENOENT
+
+
+def test_pins_keep_a_bounded_number_of_directories_open(tree: Path) -> None:
+    binaries = []
+    for index in range(5):
+        (tree / f"d{index}").mkdir(mode=0o755)
+        binaries.append(make_binary(tree / f"d{index}" / "tool"))
+    before = len(os.listdir("/proc/self/fd"))
+    with Pins(limit=2) as pins:
+        for binary in binaries:
+            with open_declared(str(binary), pins=pins):
+                pass
+            assert len(os.listdir("/proc/self/fd")) <= before + 2
+    assert len(os.listdir("/proc/self/fd")) == before
 
 
 def test_directory_mode_opens_a_directory_for_listing(tree: Path) -> None:

@@ -23,6 +23,7 @@ from capkeeper.watcher import (
     describe_watch_errno,
     parse_events,
     plan_route,
+    plan_routes,
 )
 
 
@@ -105,6 +106,43 @@ def test_route_final_symlink_is_not_the_binary(tmp_path: Path) -> None:
         Link(str(tmp_path), "tool", final=False),
         Link(str(tmp_path), "tool-1.2", final=True),
     )
+
+
+def test_routes_planned_together_are_those_planned_one_by_one(tmp_path: Path) -> None:
+    """plan_routes looks each name up once for all paths and gives the same routes,
+    through symlinks, loops and missing directories, with shared links."""
+    (tmp_path / "r1" / "bin").mkdir(parents=True)
+    (tmp_path / "r1" / "bin" / "tool").write_bytes(b"x")
+    (tmp_path / "current").symlink_to("r1")
+    (tmp_path / "loop").symlink_to("loop")
+    (tmp_path / "r1" / "bin" / "link").symlink_to("tool")
+    (tmp_path / "r1" / "bin-link").symlink_to("bin")
+    paths = [
+        str(tmp_path / "r1" / "bin" / "tool"),
+        str(tmp_path / "r1" / "bin" / "other"),
+        str(tmp_path / "r1" / "bin" / "link"),
+        str(tmp_path / "r1" / "bin" / ".." / "bin" / "tool"),
+        str(tmp_path / "r1" / "bin" / ".." / "tool"),
+        str(tmp_path / "r1" / "bin" / ".."),
+        str(tmp_path / "r1" / "bin-link" / "tool"),
+        str(tmp_path / "r1" / "bin-link" / "other"),
+        str(tmp_path / "current" / "bin" / "tool"),
+        str(tmp_path / "current" / "bin" / "other"),
+        str(tmp_path / "loop" / "tool"),
+        str(tmp_path / "loop" / "other"),
+        str(tmp_path / "no" / "such" / "tool"),
+        str(tmp_path / "no" / "such" / "other"),
+        str(tmp_path / "r1" / "bin" / "tool" / "below"),
+        str(tmp_path / "r1" / "bin" / "tool" / "other"),
+        str(tmp_path / "r1" / "bin" / "link" / "below"),
+        str(tmp_path / "r1" / "bin" / "tool") + "/",
+        str(tmp_path / ("x" * 300)) + "/tool",
+        str(tmp_path / ("x" * 300)) + "/other",
+        "/tool-not-there",
+    ]
+    together = list(plan_routes(paths))
+    assert together == [plan_route(path) for path in paths]
+    assert together[0].links[0] is together[1].links[0]
 
 
 def test_route_of_symlink_loop_ends(tmp_path: Path) -> None:
