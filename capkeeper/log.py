@@ -20,8 +20,6 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TextIO
 
-from capkeeper.events import render_message
-
 if TYPE_CHECKING:
     from collections.abc import Callable
 
@@ -47,6 +45,8 @@ class ConsoleRenderer:
     """``HH:MM:SS level sentence`` lines for people at a terminal."""
 
     def __call__(self, _logger: Any, method: str, event_dict: dict[str, Any]) -> str:
+        from capkeeper.events import render_message  # noqa: PLC0415 - the registry, when logging
+
         event = str(event_dict.pop("event", ""))
         stamp = str(event_dict.pop("timestamp", ""))[11:19]
         level = str(event_dict.pop("level", method))
