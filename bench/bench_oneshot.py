@@ -11,6 +11,11 @@ their capabilities: the in-sync case every service start meets) under a fresh
 3. ``setcap -v CAPS PATH``: what the C tool needs to verify the same thing;
 4. ``capkeeper check --state S PATH``.
 
+The capkeeper package is byte-compiled first, as the packages' postinst does
+(``compileall``): an editable install run under ``PYTHONDONTWRITEBYTECODE=1``
+would otherwise compile every module from source on every run, ~70 ms that no
+installed capkeeper pays. ``--source`` skips that, to measure the cold case.
+
 After ``--warmup`` rounds, ``--rounds`` rounds are timed (wall clock, from
 before ``fork`` to after ``wait``). Reports each command's median, the ratio
 of the medians apply/python and the median of the per-round ratios (the
@@ -19,12 +24,14 @@ figure the goal is about: both commands of a round meet the same load).
 With ``--importtime``, also runs the apply once under ``-X importtime`` and
 prints the 15 imports with the largest cumulative time.
 
-    .venv/bin/python bench/bench_oneshot.py [--rounds 21] [--importtime] [--json OUT]
+    .venv/bin/python bench/bench_oneshot.py [--rounds 21] [--importtime] [--source] [--json OUT]
 """
 
 from __future__ import annotations
 
 import argparse
+import compileall
+import importlib.util
 import os
 import shutil
 import statistics
@@ -61,6 +68,17 @@ def importtime(argv: list[str], top: int = 15) -> list[tuple[int, int, str]]:
     return sorted(rows, reverse=True)[:top]
 
 
+def byte_compile() -> str:
+    """Byte-compile the capkeeper package this interpreter imports; return its directory."""
+    spec = importlib.util.find_spec("capkeeper")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("capkeeper is not importable from this interpreter")
+    directory = next(iter(spec.submodule_search_locations))
+    if not compileall.compile_dir(directory, quiet=1):
+        raise SystemExit(f"could not byte-compile {directory}")
+    return directory
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=21)
@@ -68,6 +86,7 @@ def main() -> int:
     parser.add_argument("--entries", type=int, default=1, help="binaries declared in the state")
     parser.add_argument("--importtime", action="store_true", help="print the top 15 imports")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    parser.add_argument("--source", action="store_true", help="do not byte-compile capkeeper first")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench_oneshot.py needs root (setcap, root-owned declared files)")
@@ -82,6 +101,7 @@ def main() -> int:
         state = base / "state.toml"
         write_state(state, binaries)
         target = str(binaries[0])
+        compiled = None if args.source else byte_compile()
         capkeeper = capkeeper_argv()
         commands = {
             "apply": [*capkeeper, "apply", "--state", str(state), target],
@@ -99,6 +119,7 @@ def main() -> int:
         median = {name: statistics.median(values) for name, values in times.items()}
         ratios = [a / p for a, p in zip(times["apply"], times["python"], strict=True)]
         print(f"state: {args.entries} declared binaries, all in sync; {args.rounds} rounds")
+        print(f"capkeeper: byte-compiled in {compiled}" if compiled else "capkeeper: source only")
         for name, argv in commands.items():
             print(
                 f"  {name:<7} median {median[name] * 1000:8.1f} ms  "
@@ -112,6 +133,7 @@ def main() -> int:
         results: dict[str, object] = {
             "rounds": args.rounds,
             "entries": args.entries,
+            "byte_compiled": compiled is not None,
             **{f"{name}_median_s": round(value, 5) for name, value in median.items()},
             "ratio_of_medians": round(median["apply"] / median["python"], 3),
             "median_ratio": round(statistics.median(ratios), 3),

@@ -62,7 +62,45 @@ class _Version(argparse.Action):
         parser.exit()
 
 
+def _columns() -> int:
+    """``shutil.get_terminal_size().columns``: ``$COLUMNS`` when a positive number, else
+    the width of the terminal on stdout, else 80."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns > 0:
+        return columns
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns or 80  # type: ignore[union-attr]
+    except (AttributeError, ValueError, OSError):  # stdout None, closed, or not a terminal
+        return 80
+
+
+class _Formatter(argparse.HelpFormatter):
+    """argparse's help layout, with the width found without importing shutil.
+
+    argparse builds a formatter for every option it adds (to check its metavar)
+    and, given no width, imports shutil (and with it bz2, lzma) to ask for the
+    terminal's: a few ms of every one-shot run for no output.
+    """
+
+    def __init__(
+        self,
+        prog: str,
+        indent_increment: int = 2,
+        max_help_position: int = 24,
+        width: int | None = None,
+    ) -> None:
+        width = _columns() - 2 if width is None else width  # as argparse computes it
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see '{self.prog} --help')")
 

@@ -23,7 +23,6 @@ EPERM, EACCES and EROFS become sentences with a hint (:func:`file_error`).
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import stat
 import struct
@@ -394,6 +393,10 @@ def _kind(fd: int, mode: int) -> tuple[Kind, str]:
 
 
 def sha256_of(fd: int) -> str:
+    # Imported here: loading OpenSSL's libcrypto costs a few ms, and only pinned
+    # entries (sha256 = ...) and adopt hash a file.
+    import hashlib  # noqa: PLC0415
+
     digest = hashlib.sha256()
     offset = 0
     while chunk := os.pread(fd, 1 << 20, offset):

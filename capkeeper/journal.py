@@ -21,8 +21,6 @@ import struct
 from collections.abc import Iterable, Mapping
 from typing import Any, TextIO
 
-from capkeeper.events import render_message, spec_for
-
 __all__ = [
     "JOURNAL_SOCKET",
     "JournalRenderer",
@@ -170,6 +168,9 @@ class JournalRenderer:
         level = str(data.pop("level", method))
         data.pop("timestamp", None)
         exc = data.pop("exception", None)
+        # Imported here, like socket: see _send_payload.
+        from capkeeper.events import render_message, spec_for  # noqa: PLC0415
+
         spec = spec_for(event)
         priority = int(spec.priority) if spec else _LEVEL_PRIORITY.get(level, 6)
         message = render_message(event, data)

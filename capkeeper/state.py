@@ -25,9 +25,9 @@ import re
 import stat
 import tomllib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from capkeeper.capabilities import CapSet, format_text, parse
 from capkeeper.errors import (
@@ -52,9 +52,11 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _UID = re.compile(r"[0-9]+")  # ASCII only: str.isdigit() also accepts "²" and "١٢"
 
 
-@dataclass(frozen=True, slots=True)
-class _BinaryTable:
-    """One ``[[binary]]`` table exactly as written in the file, once :func:`_table` accepts it."""
+class _BinaryTable(NamedTuple):
+    """One ``[[binary]]`` table exactly as written in the file, once :func:`_table` accepts it.
+
+    A NamedTuple, not a dataclass: creating a dataclass costs ~1 ms of every run.
+    """
 
     path: str
     caps: str
@@ -203,7 +205,6 @@ def _kind(mode: int) -> str:
     return next((name for test, name in _KINDS if test(mode)), "special file")
 
 
-@dataclass
 class _Reader:
     """Reads the state files through checked descriptors, collecting every problem.
 
@@ -212,13 +213,21 @@ class _Reader:
     ``O_NOFOLLOW`` walk from ``/`` as a binary (:func:`capkeeper.files.open_declared`),
     its route judged by :func:`capkeeper.trust.route_refusals`, and its content read
     from the very descriptor whose owner and mode were checked.
+
+    A plain class, not a dataclass: creating a dataclass costs ~1 ms of every run.
     """
 
-    main: Path  # absolute
-    why: str = _WHY  # what whoever can change the file could do
-    names: str = "--state / CAPKEEPER_STATE"  # how to point capkeeper at another file
-    problems: list[str] = field(default_factory=list)
-    documents: list[tuple[Path, str, bytes]] = field(default_factory=list)
+    def __init__(
+        self,
+        main: Path,  # absolute
+        why: str = _WHY,  # what whoever can change the file could do
+        names: str = "--state / CAPKEEPER_STATE",  # how to point capkeeper at another file
+    ) -> None:
+        self.main = main
+        self.why = why
+        self.names = names
+        self.problems: list[str] = []
+        self.documents: list[tuple[Path, str, bytes]] = []
 
     def _shown(self, path: str) -> str:
         """How problems and entry sources name ``path`` (a file name may hold anything)."""

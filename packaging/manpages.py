@@ -12,7 +12,6 @@ Usage: ``python packaging/manpages.py [OUTDIR]`` (default ``man/``; ``make man``
 
 from __future__ import annotations
 
-import dataclasses
 import email.utils
 import re
 import sys
@@ -136,7 +135,7 @@ def _type_name(annotation: Any) -> str:
 
 def keys_section() -> str:
     _missing("state keys", set(TABLE_KEYS) - KEYS.keys())
-    defaults = {field.name: field.default for field in dataclasses.fields(_BinaryTable)}
+    defaults = _BinaryTable._field_defaults
     chunks = []
     for name, (annotation, required, _rule) in TABLE_KEYS.items():
         kind = _type_name(annotation)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any, TextIO
 
 from capkeeper.errors import printable
@@ -10,4 +9,9 @@ from capkeeper.errors import printable
 
 def emit(out: TextIO, as_json: bool, record: dict[str, Any], human: str) -> None:
     """Write ``record`` as one JSON line, or ``human`` through :func:`printable`."""
-    out.write((json.dumps(record) if as_json else printable(human)) + "\n")
+    if as_json:
+        import json  # noqa: PLC0415 - only --json needs it; apply in ExecStartPre= does not
+
+        out.write(json.dumps(record) + "\n")
+        return
+    out.write(printable(human) + "\n")
