@@ -18,6 +18,7 @@ removes outright.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import posixpath
 import pwd
@@ -489,6 +490,9 @@ def load_state(
                 f"directory, which is gone ({exc.strerror}): give an absolute path"
             ]
         ) from None
+    # One lookup per owner name and load (a reload looks again): 10,000 entries owned
+    # by root made 10,000 getpwnam(3) calls through NSS.
+    uid_of = functools.lru_cache(maxsize=None)(uid_of)
     reader = _Reader(Path(absolute))
     reader.main_file()
     reader.dropins()
