@@ -317,8 +317,13 @@ def _walk(
         dir_fd, dir_path = walk.directory
         if pins is not None and parent and walk.last:
             # The first name with nothing after it is the declared final name: the
-            # directory it is looked up in is the one its parent text names.
-            pins.pin(parent, dir_fd, dir_path, hops)
+            # directory it is looked up in is the one its parent text names. Pin it
+            # only when the route's last hop is that very directory, entered: after a
+            # symlink to ".", ".." or "/" the last hop is the symlink, and a later
+            # entry judged on a route ending in the directory would lose it.
+            last = hops[-1]
+            if not last.is_symlink and last.path == dir_path:
+                pins.pin(parent, dir_fd, dir_path, hops)
             parent = ""
         here = posixjoin(dir_path, name)
         st = calls.stat(name, dir_fd=dir_fd)

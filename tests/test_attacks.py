@@ -36,6 +36,7 @@ import unicodedata
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -607,6 +608,43 @@ def test_declared_target_reached_through_attacker_route_does_not_fight(
         and e.get("event") in ("capability_restored", "capability_tampering")
     ]
     assert len(restores) <= 1, restores
+
+
+@pytest.mark.parametrize("link", ["..", "."])
+def test_batch_sharing_a_directory_walk_never_drops_an_attacker_symlink(
+    arena: Path, spawn: Callable[..., DaemonProcess], link: str
+) -> None:
+    """Attack: root declares several binaries under ``pub/link/`` in a root-owned sticky
+    world-writable directory ``pub``; the attacker makes ``pub/link`` a symlink to
+    ``link`` (".." or "."), which enters no new directory. The daemon's start-up
+    reconcile shares each directory's walk between the entries of the batch.
+    Runs as: attacker uid 4242 plants the symlink; the daemon runs as root.
+    Never: a later entry judged on a route without the attacker's symlink: the
+    capability-less binary granted cap_net_raw, or the undeclared cap_sys_admin
+    removed from the binary whose sha256 pin fails.
+    """
+    pub = make_dir(arena / "pub", mode=0o1777)
+    home = arena if link == ".." else pub
+    plain, capable = make_binary(home / "b"), make_binary(home / "c")
+    setcap("cap_sys_admin=ep", capable)
+    as_attacker("ln", "-s", link, str(pub / "link"))
+    text = state_text({pub / "link" / "a": "cap_net_raw=ep", pub / "link" / "b": "cap_net_raw=ep"})
+    text += f'[[binary]]\npath = "{pub / "link" / "c"}"\ncaps = "cap_net_raw=ep"\n'
+    text += f'sha256 = "{"0" * 64}"\n'
+    state = write_file(arena / "etc" / "state.toml", text)
+    daemon = spawn(state)
+    daemon.wait_ready()
+    for name in ("b", "c"):  # c's pin is a content rule: reported once it stays so (1 s)
+        declared = str(pub / "link" / name)
+
+        def refusal(event: dict[str, Any], declared: str = declared) -> bool:
+            return event.get("event") == "restore_refused" and event.get("path") == declared
+
+        refused = daemon.wait_event(refusal)
+        assert "uid 4242" in refused["reason"], refused
+    assert getcap(plain) == ""
+    assert getcap(capable) == "cap_sys_admin=ep"
+    assert daemon.process.poll() is None
 
 
 # -- item 3: programs that run other code --
