@@ -30,6 +30,8 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from capkeeper.errors import ElfError
+
 __all__ = [
     "EIClass",
     "EIData",
@@ -53,10 +55,6 @@ MAX_CHAIN = 4096  # hash chain entries visited by all lookups of one file togeth
 MAX_BUCKETS = 1 << 20
 MAX_BLOOM_WORDS = 1 << 16
 _BLOCK = 4096
-
-
-class ElfError(Exception):
-    """The bytes are not an ELF file this module can read; the message shows the value."""
 
 
 class EIClass(enum.IntEnum):

@@ -138,3 +138,12 @@ class WatchError(CapkeeperError):
 
 class SettingsError(CapkeeperError):
     """A setting (environment ``CAPKEEPER_*``, settings file or option) is invalid (exit 78)."""
+
+
+class ElfError(CapkeeperError):
+    """The bytes are not an ELF file :mod:`capkeeper.elf` can read; the message shows the
+    value. Never reaches a user: the ``inspect_*`` helpers turn it into "not recognised"."""
+
+
+class StatusFileError(CapkeeperError):
+    """The status file holds something the daemon does not write; says what, on one line."""

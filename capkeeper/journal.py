@@ -1,7 +1,7 @@
 """Send structured entries to journald over its native protocol.
 
 The protocol is documented in systemd's ``docs/JOURNAL_NATIVE_PROTOCOL.md``
-(summarised in ``shared/reference.md`` section 6.2): one ``AF_UNIX`` datagram
+(https://systemd.io/JOURNAL_NATIVE_PROTOCOL/): one ``AF_UNIX`` datagram
 per entry on ``/run/systemd/journal/socket``, each field either ``KEY=value\\n``
 or, for values holding a newline (and binary-safe for any value),
 ``KEY\\n<little-endian u64 length><value>\\n``. An entry too large for one

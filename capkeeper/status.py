@@ -27,7 +27,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from capkeeper.errors import printable
+from capkeeper.errors import StatusFileError, printable
 from capkeeper.reconcile import Outcome, Status, tampering
 from capkeeper.schedule import Pacing
 from capkeeper.systemd import write_atomically
@@ -221,10 +221,6 @@ def write_status(path: Path, book: StatusBook) -> None:
     """Atomically replace the status file with the book's snapshot."""
     write_atomically(path, json.dumps(book.snapshot(), separators=(",", ":")) + "\n")
     book.dirty = False
-
-
-class StatusFileError(ValueError):
-    """The status file holds something the daemon does not write; says what, on one line."""
 
 
 def _finite(text: str) -> float:

@@ -8,7 +8,7 @@ its name is the next component of that entry's route. Events are decoded once
 into frozen :class:`WatchEvent` values; the rest of capkeeper never tests
 inotify bits.
 
-Facts this relies on (inotify(7); shared/reference.md 4.2 and 7.1): a watch
+Facts this relies on (inotify(7)): a watch
 on the file itself dies with its inode when the file is renamed over, so only
 directories are watched; ``IN_Q_OVERFLOW`` has no watch descriptor, so it can
 only be told apart by the instance it arrives on; a watch follows an inode,

@@ -7,9 +7,9 @@ import json
 from typing import TYPE_CHECKING, TextIO
 
 from capkeeper.commands import COMMANDS
-from capkeeper.errors import CapkeeperError
+from capkeeper.errors import CapkeeperError, StatusFileError
 from capkeeper.exit_codes import ExitStatus
-from capkeeper.status import StatusFileError, parse_status, read_status
+from capkeeper.status import parse_status, read_status
 from capkeeper.status import render as render_status
 
 if TYPE_CHECKING:
