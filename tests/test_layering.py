@@ -45,6 +45,7 @@ LAYERS: dict[str, int] = {
     "state": ADAPTER,
     "settings": ADAPTER,
     "status": ADAPTER,
+    "snapshot": ADAPTER,
     "systemd": ADAPTER,
     "enforce": ADAPTER,
     "keeper": ADAPTER,

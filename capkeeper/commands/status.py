@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, TextIO
 from capkeeper.commands import COMMANDS
 from capkeeper.errors import CapkeeperError, StatusFileError
 from capkeeper.exit_codes import ExitStatus
-from capkeeper.status import parse_status, read_status
-from capkeeper.status import render as render_status
+from capkeeper.snapshot import parse_status, read_status
+from capkeeper.snapshot import render as render_status
 
 if TYPE_CHECKING:
     from capkeeper.settings import Settings
