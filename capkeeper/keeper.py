@@ -51,7 +51,7 @@ from capkeeper.watcher import (
     plan_routes,
 )
 
-_REPLAN_ROUNDS = 3  # directories vanishing while being watched: re-plan at most this often
+_REPLAN_ROUNDS = 8  # plan, watch, look again: at most this often per batch (a deep tree)
 # Anyone can overflow the queue of a directory others can write to, as often as they
 # like: warn about it at most this often (seconds); the rescans it causes are cheap.
 _EXPOSED_OVERFLOW_WARN_EVERY = 60.0
@@ -131,9 +131,9 @@ class Keeper:
         """
         watcher = self.watcher
         todo = {p for p in paths if p in self.entries}
-        changed = False
         new_failure = False
         for _ in range(_REPLAN_ROUNDS):
+            changed = False
             for route in plan_routes(todo):
                 changed |= self.plan.set_route(route)
                 self._note_route(route)
@@ -143,11 +143,12 @@ class Keeper:
             failures = watcher.sync(self.plan.directories())
             new_failure |= self._note_failures(failures)
             vanished = [f for f in failures if f.vanished]
-            if not vanished:
-                break
-            todo = set().union(*(self.plan.through(f.directory) for f in vanished))
-            changed = False
-            self._watcher_dirty = True
+            if vanished:
+                todo = set().union(*(self.plan.through(f.directory) for f in vanished))
+                self._watcher_dirty = True
+            # Else plan once more: a component created between the look that planned a
+            # route and the watch that now covers its directory raised no event we saw
+            # (dpkg renames opt.dpkg-new to opt, then creates ckdemo inside at once).
         return new_failure
 
     def _note_route(self, route: Route) -> None:
