@@ -30,6 +30,7 @@ import select
 import stat
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 from capkeeper import inotify
 from capkeeper.errors import WatchError
@@ -242,37 +243,34 @@ def plan_route(
     return Route(path, tuple(links), complete=True)
 
 
+_T = TypeVar("_T")
+
+
+def _remembered(call: Callable[[str], _T]) -> Callable[[str], _T]:
+    """``call`` made once per name: later calls return (or raise) what the first did."""
+    found: dict[str, _T | OSError] = {}
+
+    def remembered(name: str) -> _T:
+        if name not in found:
+            try:
+                found[name] = call(name)
+            except OSError as exc:
+                found[name] = exc
+        answer = found[name]
+        if isinstance(answer, OSError):
+            raise answer
+        return answer
+
+    return remembered
+
+
 def plan_routes(paths: Iterable[str]) -> Iterator[Route]:
     """:func:`plan_route` of each of ``paths``, at one moment: every ``lstat`` and
     ``readlink`` of a name is made once for all of them (thousands of entries
     share a few directories), and equal links are one object."""
-    seen: dict[str, os.stat_result | OSError] = {}
-    targets: dict[str, str | OSError] = {}
+    lstat = _remembered(os.lstat)
+    readlink = _remembered(os.readlink)
     links: dict[Link, Link] = {}
-
-    def lstat(name: str) -> os.stat_result:
-        found = seen.get(name)
-        if found is None:
-            try:
-                found = os.lstat(name)
-            except OSError as exc:
-                found = exc
-            seen[name] = found
-        if isinstance(found, OSError):
-            raise found
-        return found
-
-    def readlink(name: str) -> str:
-        found = targets.get(name)
-        if found is None:
-            try:
-                found = os.readlink(name)
-            except OSError as exc:
-                found = exc
-            targets[name] = found
-        if isinstance(found, OSError):
-            raise found
-        return found
 
     prefixes: dict[str, tuple[tuple[Link, ...], str] | None] = {}
 
