@@ -133,12 +133,14 @@ class Keeper:
         todo = {p for p in paths if p in self.entries}
         new_failure = False
         for _ in range(_REPLAN_ROUNDS):
-            changed = False
+            moved = set()
             for route in plan_routes(todo):
-                changed |= self.plan.set_route(route)
+                if self.plan.set_route(route):
+                    moved.add(route.path)
                 self._note_route(route)
-            if not changed and not self._watcher_dirty:
+            if not moved and not self._watcher_dirty:
                 break
+            rewatched = self._watcher_dirty  # watches re-added: every route looks again
             self._watcher_dirty = False
             failures = watcher.sync(self.plan.directories())
             new_failure |= self._note_failures(failures)
@@ -146,9 +148,12 @@ class Keeper:
             if vanished:
                 todo = set().union(*(self.plan.through(f.directory) for f in vanished))
                 self._watcher_dirty = True
-            # Else plan once more: a component created between the look that planned a
-            # route and the watch that now covers its directory raised no event we saw
-            # (dpkg renames opt.dpkg-new to opt, then creates ckdemo inside at once).
+            elif not rewatched:
+                # Look once more at the routes that changed: a component created between
+                # the look that planned one and the watch now covering its directory
+                # raised no event we saw (dpkg renames opt.dpkg-new to opt, then creates
+                # ckdemo inside at once). An unchanged route was watched before its look.
+                todo = moved
         return new_failure
 
     def _note_route(self, route: Route) -> None:
