@@ -18,7 +18,9 @@ only. When to look again is :mod:`capkeeper.schedule`'s to say.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -194,8 +196,9 @@ class Keeper:
     def handle(self, events: list[WatchEvent], woke: float) -> None:
         """Coalesce one batch of events and reconcile every affected entry once."""
         watcher = self.watcher
-        overflow = exposed_overflow = False
+        overflow = exposed_overflow = renamed = False
         replan: set[str] = set()
+        looked: dict[str, bool] = {}  # final names of this batch: whether each leads on
         ready: dict[str, str] = {}
         for event in events:
             if event.is_overflow:
@@ -211,13 +214,17 @@ class Keeper:
                     self._note(path, None, event, woke, ready)
                 continue
             for path, link in self.plan.lookup(event.directory, event.name).items():
-                if event.is_namespace or not link.final:
+                if not link.final:
                     replan.add(path)
-                    if not link.final and event.is_namespace:
+                    if event.is_namespace:
                         self._watcher_dirty |= watcher.invalidate(event.path)
-                    elif not link.final and event.is_attrib:
+                    elif event.is_attrib:
                         # A new owner or mode may move the directory to the other queue.
                         self._watcher_dirty |= bool(watcher.revalidate([event.path]))
+                elif event.is_namespace:
+                    renamed = True
+                    if self._leads_on(path, event.path, looked):
+                        replan.add(path)
                 self._note(path, link, event, woke, ready)
         if overflow:
             self._log.warning("queue_overflow", events=len(events))
@@ -235,8 +242,30 @@ class Keeper:
             for path, cause in ready.items():
                 self._check_or_defer(path, cause, woke, pins)
                 self._tick()
-        if self._batch["deferred"] and not self._batch["checked"] and not replan:
+        if self._batch["deferred"] and not self._batch["checked"] and not (replan or renamed):
             self.quiet_until = woke + FIGHT_PACE
+
+    def _leads_on(self, path: str, name: str, looked: dict[str, bool]) -> bool:
+        """Whether a name change of ``name``, the final name of ``path``'s route, may
+        change that route (then it is re-planned).
+
+        A route ends at its final name whatever is there, a file, a directory or
+        nothing, unless it is a symlink, which the route follows on
+        (:func:`capkeeper.watcher.plan_route`); so a rename over a declared binary
+        re-plans nothing. One ``lstat`` when the event is handled (per name and
+        batch): a symlink put there after it raises an event of its own.
+        """
+        route = self.plan.route(path)
+        if route is None or route.problem or not route.complete:
+            return True
+        if name not in looked:
+            try:
+                looked[name] = stat.S_ISLNK(os.lstat(name).st_mode)
+            except OSError as exc:
+                looked[name] = exc.errno not in (errno.ENOENT, errno.ENOTDIR)
+            except ValueError:  # an embedded NUL: not a name any route can go through
+                looked[name] = True
+        return looked[name]
 
     def _note(
         self, path: str, link: Link | None, event: WatchEvent, woke: float, ready: dict[str, str]
