@@ -64,8 +64,11 @@ Change = inotify.Change  # what an event says happened (the kernel's IN_* bits)
 _KNOWN = 0
 for _member in Change:
     _KNOWN |= _member.value
-_NAMESPACE = Change.CREATE | Change.DELETE | Change.MOVED_FROM | Change.MOVED_TO
-_GONE = Change.DELETE_SELF | Change.MOVE_SELF | Change.UNMOUNT | Change.IGNORED
+# WatchEvent's predicates test plain ints: an operator on two Change members builds an
+# enum member each time (measured: 1.4 µs, against 0.1 µs for int(changes) & bits), and
+# an event is tested a dozen times on the way from the kernel to a restore.
+_NAMESPACE = int(Change.CREATE | Change.DELETE | Change.MOVED_FROM | Change.MOVED_TO)
+_GONE = int(Change.DELETE_SELF | Change.MOVE_SELF | Change.UNMOUNT | Change.IGNORED)
 # The order in which a combined event names its cause: the most telling first.
 _CAUSE_ORDER = (
     Change.Q_OVERFLOW,
@@ -81,6 +84,8 @@ _CAUSE_ORDER = (
     Change.UNMOUNT,
     Change.IGNORED,
 )
+_CAUSES = tuple((int(change), f"IN_{change.name}") for change in _CAUSE_ORDER)
+_CHANGES: dict[int, Change] = {}  # the Change of each mask seen (at most 2**12), built once
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,54 +110,58 @@ class WatchEvent:
     @property
     def is_overflow(self) -> bool:
         """Events were lost: only a full rescan can tell what changed."""
-        return bool(self.changes & Change.Q_OVERFLOW)
+        return bool(int(self.changes) & inotify.IN_Q_OVERFLOW)
 
     @property
     def is_directory_gone(self) -> bool:
         """The watched directory itself was moved, deleted or unmounted, or its watch ended."""
-        return not self.name and bool(self.changes & _GONE)
+        return not self.name and bool(int(self.changes) & _GONE)
 
     @property
     def is_watch_ended(self) -> bool:
         """The kernel dropped this watch (``IN_IGNORED``): the directory must be watched anew."""
-        return bool(self.changes & Change.IGNORED)
+        return bool(int(self.changes) & inotify.IN_IGNORED)
 
     @property
     def is_namespace(self) -> bool:
         """The name now refers to another inode, or to nothing (create, delete, rename)."""
-        return bool(self.changes & _NAMESPACE)
+        return bool(int(self.changes) & _NAMESPACE)
 
     @property
     def is_created(self) -> bool:
-        return bool(self.changes & Change.CREATE)
+        return bool(int(self.changes) & inotify.IN_CREATE)
 
     @property
     def is_write(self) -> bool:
         """Data was written: a write may still be in progress."""
-        return bool(self.changes & Change.MODIFY)
+        return bool(int(self.changes) & inotify.IN_MODIFY)
 
     @property
     def is_write_closed(self) -> bool:
         """A writer closed the file: its write is complete."""
-        return bool(self.changes & Change.CLOSE_WRITE)
+        return bool(int(self.changes) & inotify.IN_CLOSE_WRITE)
 
     @property
     def is_attrib(self) -> bool:
         """Metadata changed: an xattr (capabilities), owner, mode or times."""
-        return bool(self.changes & Change.ATTRIB)
+        return bool(int(self.changes) & inotify.IN_ATTRIB)
 
     @property
     def cause(self) -> str:
         """The inotify name of the most telling change, e.g. ``IN_MOVED_TO``."""
-        for change in _CAUSE_ORDER:
-            if self.changes & change:
-                return f"IN_{change.name}"
+        changes = int(self.changes)
+        for bit, cause in _CAUSES:
+            if changes & bit:
+                return cause
         return "inotify"
 
 
 def decode_event(mask: int, name: str, directory: str, *, exposed: bool = False) -> WatchEvent:
     """Decode one raw event of a watch on ``directory`` into a :class:`WatchEvent`."""
-    changes = Change(mask & _KNOWN)
+    known = mask & _KNOWN
+    changes = _CHANGES.get(known)
+    if changes is None:
+        changes = _CHANGES[known] = Change(known)
     return WatchEvent(directory, name, changes, bool(mask & inotify.IN_ISDIR), exposed)
 
 

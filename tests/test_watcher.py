@@ -231,6 +231,39 @@ def test_decode_event_predicates() -> None:
     assert decode_event(0x10, "x", "/d").changes == Change(0)  # IN_CLOSE_NOWRITE: not ours
 
 
+def test_decode_event_predicates_agree_with_the_flags_for_every_mask() -> None:
+    """Every combination of the known bits (and IN_ISDIR, and a bit we do not know):
+    each predicate and the cause say what the Change flags say."""
+    members = list(Change)
+    order = [Change.Q_OVERFLOW, Change.MOVED_TO, Change.MOVED_FROM, Change.DELETE]
+    order += [Change.CREATE, Change.CLOSE_WRITE, Change.MODIFY, Change.ATTRIB]
+    order += [Change.DELETE_SELF, Change.MOVE_SELF, Change.UNMOUNT, Change.IGNORED]
+    assert sorted(order) == sorted(members)
+    gone = Change.DELETE_SELF | Change.MOVE_SELF | Change.UNMOUNT | Change.IGNORED
+    namespace = Change.CREATE | Change.DELETE | Change.MOVED_FROM | Change.MOVED_TO
+    for combination in range(1 << len(members)):
+        changes = Change(0)
+        for bit, member in enumerate(members):
+            if combination >> bit & 1:
+                changes |= member
+        for name in ("", "tool"):
+            event = decode_event(
+                int(changes) | pyinotify.IN_ISDIR | pyinotify.IN_CLOSE_NOWRITE, name, "/d"
+            )
+            assert event.changes == changes
+            assert event.is_dir
+            assert event.is_overflow == bool(changes & Change.Q_OVERFLOW)
+            assert event.is_directory_gone == (not name and bool(changes & gone))
+            assert event.is_watch_ended == bool(changes & Change.IGNORED)
+            assert event.is_namespace == bool(changes & namespace)
+            assert event.is_created == bool(changes & Change.CREATE)
+            assert event.is_write == bool(changes & Change.MODIFY)
+            assert event.is_write_closed == bool(changes & Change.CLOSE_WRITE)
+            assert event.is_attrib == bool(changes & Change.ATTRIB)
+            first = next((m for m in order if changes & m), None)
+            assert event.cause == (f"IN_{first.name}" if first is not None else "inotify")
+
+
 def test_parse_events_splits_buffer_and_keeps_undecodable_names() -> None:
     """The kernel's packed records split correctly; a non-UTF-8 name survives (fsdecode)."""
     name = b"caf\xe9\0\0\0\0"  # Latin-1 name, NUL padded as the kernel does
