@@ -196,7 +196,8 @@ class Keeper:
     def handle(self, events: list[WatchEvent], woke: float) -> None:
         """Coalesce one batch of events and reconcile every affected entry once."""
         watcher = self.watcher
-        overflow = exposed_overflow = renamed = False
+        overflow = exposed_overflow = False
+        renamed = False  # a declared name itself was created, removed or renamed
         replan: set[str] = set()
         looked: dict[str, bool] = {}  # final names of this batch: whether each leads on
         ready: dict[str, str] = {}
