@@ -30,7 +30,7 @@ import select
 import stat
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 from capkeeper import inotify
 from capkeeper.errors import WatchError
@@ -168,21 +168,21 @@ def parse_events(data: bytes) -> Iterator[tuple[int, int, int, str]]:
 # -- the watch plan ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Link:
+class Link(NamedTuple):
     """One name a route goes through: ``name`` inside ``directory``.
 
     ``final`` marks the declared binary itself; every other link is a
     directory or a symlink on the way, whose change re-plans the route.
     """
 
+    # A tuple, not a dataclass: a plan of 10,000 entries builds, hashes and
+    # compares tens of thousands of these, and a tuple does all three in C.
     directory: str
     name: str
     final: bool
 
 
-@dataclass(frozen=True, slots=True)
-class Route:
+class Route(NamedTuple):
     """Where a declared path leads today, as the kernel would resolve it."""
 
     path: str
@@ -221,12 +221,12 @@ def plan_route(
         try:
             st = lstat(here)
         except OSError as exc:
-            links.append(Link(current, name, final=final))
+            links.append(Link(current, name, final))
             if exc.errno in (errno.ENOENT, errno.ENOTDIR):
                 return Route(path, tuple(links), complete=final)
             return Route(path, tuple(links), complete=False, problem=_route_problem(exc, current))
         if stat.S_ISLNK(st.st_mode):
-            links.append(Link(current, name, final=False))
+            links.append(Link(current, name, False))
             try:
                 target = readlink(here)
             except OSError:
@@ -234,7 +234,7 @@ def plan_route(
             if not walk.follow(target):  # a loop: the kernel gives ELOOP
                 return Route(path, tuple(links), complete=False)
             continue
-        links.append(Link(current, name, final=final))
+        links.append(Link(current, name, final))
         if final:
             break
         if not stat.S_ISDIR(st.st_mode):
@@ -264,71 +264,98 @@ def _remembered(call: Callable[[str], _T]) -> Callable[[str], _T]:
     return remembered
 
 
-def plan_routes(paths: Iterable[str]) -> Iterator[Route]:
-    """:func:`plan_route` of each of ``paths``, at one moment: every ``lstat`` and
-    ``readlink`` of a name is made once for all of them (thousands of entries
-    share a few directories), and equal links are one object."""
-    lstat = _remembered(os.lstat)
-    readlink = _remembered(os.readlink)
-    links: dict[Link, Link] = {}
+# The links of a walk to a directory, and that directory's path.
+_Prefix = tuple[tuple[Link, ...], str]
 
-    prefixes: dict[str, tuple[tuple[Link, ...], str] | None] = {}
 
-    def prefix(parent: str) -> tuple[tuple[Link, ...], str] | None:
+class _Looks:
+    """The file system at one moment, by name: each directory and symlink on the way
+    is looked up once (``lstat``, ``readlink``) for every route planned with it, and
+    equal links are one object."""
+
+    def __init__(self) -> None:
+        self.lstat = _remembered(os.lstat)
+        self.readlink = _remembered(os.readlink)
+        self._links: dict[Link, Link] = {}
+        self.prefixes: dict[str, _Prefix | None] = {}  # parent -> prefix(parent)
+
+    def route(self, path: str) -> Route:
+        """:func:`plan_route` of ``path``, with these looks."""
+        route = plan_route(path, lstat=self.lstat, readlink=self.readlink)
+        return Route(route.path, self.shared(route.links), route.complete, route.problem)
+
+    def shared(self, links: Iterable[Link]) -> tuple[Link, ...]:
+        return tuple(self._links.setdefault(link, link) for link in links)
+
+    def prefix(self, parent: str) -> _Prefix | None:
         """The links of a walk through ``parent`` to the directory it names, and that
         directory; None when ``parent`` does not simply end in a directory."""
-        if parent not in prefixes:
-            found = None
-            route = plan_route(parent, lstat=lstat, readlink=readlink)
-            last = route.links[-1] if route.links else None
-            if route.complete and not route.problem and last is not None and last.final:
-                directory = posixjoin(last.directory, last.name)
-                try:
-                    is_directory = stat.S_ISDIR(lstat(directory).st_mode)
-                except OSError:
-                    is_directory = False
-                if is_directory:
-                    # Walked on to a name below it, the last link is an intermediate one.
-                    walked = (*route.links[:-1], Link(last.directory, last.name, False))
-                    found = (tuple(links.setdefault(link, link) for link in walked), directory)
-            prefixes[parent] = found
-        return prefixes[parent]
+        if parent in self.prefixes:
+            return self.prefixes[parent]
+        found = None
+        route = plan_route(parent, lstat=self.lstat, readlink=self.readlink)
+        last = route.links[-1] if route.links else None
+        if route.complete and not route.problem and last is not None and last.final:
+            directory = posixjoin(last.directory, last.name)
+            try:
+                is_directory = stat.S_ISDIR(self.lstat(directory).st_mode)
+            except OSError:
+                is_directory = False
+            if is_directory:
+                # Walked on to a name below it, the last link is an intermediate one.
+                walked = (*route.links[:-1], Link(last.directory, last.name, False))
+                found = (self.shared(walked), directory)
+        self.prefixes[parent] = found
+        return found
 
+
+def plan_routes(paths: Iterable[str]) -> Iterator[Route]:
+    """:func:`plan_route` of each of ``paths``, at one moment: the directories and
+    symlinks on the way are looked up once for all of them (thousands of entries
+    share a few directories), and equal links are one object.
+
+    A path whose parent simply names a directory costs one ``lstat`` of its
+    own name: its route is the walk to that directory and the name, unless the
+    name is a symlink (then the full plan follows it).
+    """
+    looks = _Looks()
+    prefixes = looks.prefixes
+    lstat, is_link = os.lstat, stat.S_ISLNK
     for path in paths:
-        route = _below_prefix(path, prefix, lstat)
-        if route is None:
-            route = plan_route(path, lstat=lstat, readlink=readlink)
-            shared = tuple(links.setdefault(link, link) for link in route.links)
-            route = Route(route.path, shared, route.complete, route.problem)
-        yield route
+        parent, _, name = path.rpartition("/")
+        if parent and name not in ("", ".", ".."):
+            found = prefixes[parent] if parent in prefixes else looks.prefix(parent)
+            if found is not None:
+                links, directory = found
+                try:
+                    symlink = is_link(
+                        lstat(f"{directory}/{name}" if directory != "/" else f"/{name}").st_mode
+                    )
+                except OSError as exc:
+                    final = (*links, Link(directory, name, True))
+                    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                        yield Route(path, final, True)
+                    else:
+                        yield Route(path, final, False, _route_problem(exc, directory))
+                    continue
+                if not symlink:
+                    yield Route(path, (*links, Link(directory, name, True)), True)
+                    continue
+        yield looks.route(path)
 
 
-def _below_prefix(
-    path: str,
-    prefix: Callable[[str], tuple[tuple[Link, ...], str] | None],
-    lstat: Callable[[str], os.stat_result],
-) -> Route | None:
-    """The route of ``path`` from the walk to its parent directory, as :func:`plan_route`
-    would make it; None when its final name is not a plain name (``..``, a symlink) or
-    its parent does not simply end in a directory: then only the full plan says."""
-    parent, _, name = path.rpartition("/")
-    if not parent or name in ("", ".", ".."):
-        return None
-    found = prefix(parent)
-    if found is None:
-        return None
-    links, directory = found
-    here = posixjoin(directory, name)
-    try:
-        st = lstat(here)
-    except OSError as exc:
-        final = (*links, Link(directory, name, final=True))
-        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
-            return Route(path, final, complete=True)
-        return Route(path, final, complete=False, problem=_route_problem(exc, directory))
-    if stat.S_ISLNK(st.st_mode):
-        return None
-    return Route(path, (*links, Link(directory, name, final=True)), complete=True)
+def plan_directories(paths: Iterable[str]) -> set[str]:
+    """The directories on the routes of ``paths`` up to their parents, as far as the
+    parents simply name directories: what to watch before planning them (see
+    :meth:`capkeeper.keeper.Keeper._replan`)."""
+    looks = _Looks()
+    found: set[str] = set()
+    for parent in {path.rpartition("/")[0] for path in paths}:
+        walked = looks.prefix(parent) if parent else None
+        if walked is not None:
+            found.update(link.directory for link in walked[0])
+            found.add(walked[1])
+    return found
 
 
 def _route_problem(exc: OSError, directory: str) -> str:
@@ -341,18 +368,30 @@ def _route_problem(exc: OSError, directory: str) -> str:
     return f"cannot look below {directory}: {exc.strerror or exc}"
 
 
+def _link_of(route: Route, directory: str, name: str) -> Link:
+    """The link of ``route`` through ``name`` in ``directory`` (the last, as the
+    kernel walks, if it passes there twice)."""
+    for link in reversed(route.links):
+        if link.name == name and link.directory == directory:
+            return link
+    raise KeyError((directory, name))
+
+
 class WatchPlan:
     """Which directories to watch, and which entries each ``(directory, name)`` concerns.
 
-    Routes are replaced one at a time; the directories are reference counted,
-    so a directory shared by many entries costs one watch.
+    Routes are replaced one at a time; the directories are kept while some
+    route goes through them, so a directory shared by many entries costs one
+    watch. The index is by directory, then by name: to the one route through
+    that name (a binary's own name concerns one entry) or, when several go
+    through it, to each route's path and link there. The entries through a
+    directory are read off its names when asked, not kept per directory: a
+    shared ancestor (``/``, ``/var``) would hold every path of the plan again.
     """
 
     def __init__(self) -> None:
         self._routes: dict[str, Route] = {}
-        self._index: dict[tuple[str, str], dict[str, Link]] = {}
-        self._through: dict[str, set[str]] = {}
-        self._names: dict[str, set[str]] = {}  # directory -> names some route goes through
+        self._index: dict[str, dict[str, Route | dict[str, Link]]] = {}
         self.version = 0  # changes whenever the index does
 
     def __len__(self) -> int:
@@ -367,20 +406,32 @@ class WatchPlan:
 
     def directories(self) -> frozenset[str]:
         """Every directory some route goes through."""
-        return frozenset(self._through)
+        return frozenset(self._index)
 
     def set_route(self, route: Route) -> bool:
         """Install ``route`` for its path; return whether it differs from the previous one."""
-        old = self._routes.get(route.path)
+        path = route.path
+        old = self._routes.get(path)
         if old == route:
             return False
         if old is not None:
             self._unlink(old)
-        self._routes[route.path] = route
+        self._routes[path] = route
+        index = self._index
         for link in route.links:
-            self._index.setdefault((link.directory, link.name), {})[route.path] = link
-            self._through.setdefault(link.directory, set()).add(route.path)
-            self._names.setdefault(link.directory, set()).add(link.name)
+            names = index.get(link.directory)
+            if names is None:
+                names = index[link.directory] = {}
+            users = names.get(link.name)
+            if users is None:
+                names[link.name] = route
+            elif isinstance(users, dict):
+                users[path] = link
+            elif users.path == path:
+                names[link.name] = route  # the route passes here twice
+            else:
+                here = _link_of(users, link.directory, link.name)
+                names[link.name] = {users.path: here, path: link}
         self.version += 1
         return True
 
@@ -391,56 +442,69 @@ class WatchPlan:
             self.version += 1
 
     def _unlink(self, route: Route) -> None:
+        path = route.path
+        index = self._index
         for link in route.links:
-            key = (link.directory, link.name)
-            users = self._index.get(key)
-            if users is not None:
-                users.pop(route.path, None)
-                if not users:
-                    del self._index[key]
-                    names = self._names[link.directory]
-                    names.discard(link.name)
-                    if not names:
-                        del self._names[link.directory]
-            through = self._through.get(link.directory)
-            if through is not None:
-                through.discard(route.path)
-                if not through:
-                    del self._through[link.directory]
+            names = index.get(link.directory)
+            users = None if names is None else names.get(link.name)
+            if names is None or users is None:
+                continue  # the route passes here twice: already unlinked
+            if isinstance(users, dict):
+                users.pop(path, None)
+                if len(users) == 1:
+                    names[link.name] = self._routes[next(iter(users))]
+                continue
+            if users.path != path:
+                continue
+            del names[link.name]
+            if not names:
+                del index[link.directory]
 
     def concerns(self, directory: str, name: str) -> bool:
         """Whether some route goes through ``name`` in ``directory``."""
-        return (directory, name) in self._index
+        return name in self._index.get(directory, ())
 
     def names_in(self, directory: str) -> frozenset[str]:
         """The names inside ``directory`` that some route goes through."""
-        return frozenset(self._names.get(directory, ()))
+        return frozenset(self._index.get(directory, ()))
 
     def lookup(self, directory: str, name: str) -> Mapping[str, Link]:
         """The entries whose route goes through ``name`` in ``directory``, with their link."""
-        return self._index.get((directory, name), {})
+        users = self._index.get(directory, {}).get(name)
+        if users is None:
+            return {}
+        if isinstance(users, dict):
+            return users
+        return {users.path: _link_of(users, directory, name)}
 
     def through(self, directory: str) -> frozenset[str]:
         """The entries whose route goes through ``directory``."""
-        return frozenset(self._through.get(directory, ()))
+        found: set[str] = set()
+        for users in self._index.get(directory, {}).values():
+            if isinstance(users, dict):
+                found.update(users)
+            else:
+                found.add(users.path)
+        return frozenset(found)
 
     def links_in(self, directory: str) -> Iterator[tuple[str, Link]]:
         """Every ``(entry, link)`` whose link is a name inside ``directory``."""
-        for path in self._through.get(directory, ()):
-            for link in self._routes[path].links:
-                if link.directory == directory:
-                    yield path, link
+        for name, users in self._index.get(directory, {}).items():
+            if isinstance(users, dict):
+                yield from users.items()
+            else:
+                yield users.path, _link_of(users, directory, name)
 
     def at_or_below(self, point: str) -> set[str]:
         """The entries whose route goes through ``point`` or anything below it."""
         prefix = point.rstrip("/") + "/"
         found: set[str] = set()
-        for directory, paths in self._through.items():
+        for directory in self._index:
             if directory == point or directory.startswith(prefix):
-                found |= paths
+                found |= self.through(directory)
         parent, name = posixpath.split(point.rstrip("/") or "/")
         if name:
-            found |= self._index.get((parent, name), {}).keys()
+            found |= self.lookup(parent, name).keys()
         return found
 
 
