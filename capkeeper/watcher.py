@@ -368,10 +368,10 @@ def _route_problem(exc: OSError, directory: str) -> str:
     return f"cannot look below {directory}: {exc.strerror or exc}"
 
 
-def _link_of(route: Route, directory: str, name: str) -> Link:
-    """The link of ``route`` through ``name`` in ``directory`` (the last, as the
-    kernel walks, if it passes there twice)."""
-    for link in reversed(route.links):
+def _link_in(links: tuple[Link, ...], directory: str, name: str) -> Link:
+    """The link of ``links`` through ``name`` in ``directory`` (the last, as the
+    kernel walks, if they pass there twice)."""
+    for link in reversed(links):
         if link.name == name and link.directory == directory:
             return link
     raise KeyError((directory, name))
@@ -382,16 +382,24 @@ class WatchPlan:
 
     Routes are replaced one at a time; the directories are kept while some
     route goes through them, so a directory shared by many entries costs one
-    watch. The index is by directory, then by name: to the one route through
-    that name (a binary's own name concerns one entry) or, when several go
-    through it, to each route's path and link there. The entries through a
-    directory are read off its names when asked, not kept per directory: a
-    shared ancestor (``/``, ``/var``) would hold every path of the plan again.
+    watch. A route is indexed in two parts. Its last link (the binary's own
+    name, mostly) by directory and name, to the route. The links before it,
+    its way, are shared by every route planned below one directory
+    (:func:`plan_routes` makes them one tuple): each way is indexed once, by
+    the directory and name of each of its links, and knows the paths that
+    take it. So ``/`` and ``/var`` hold the few ways through them, not every
+    path of the plan again, and installing a route below a known way costs
+    two dictionary entries.
     """
 
     def __init__(self) -> None:
         self._routes: dict[str, Route] = {}
-        self._index: dict[str, dict[str, Route | dict[str, Link]]] = {}
+        # last link: directory -> name -> the route, or the routes by path (two paths to it)
+        self._ends: dict[str, dict[str, Route | dict[str, Route]]] = {}
+        # way (every link but the last) -> the paths that take it
+        self._ways: dict[tuple[Link, ...], dict[str, None]] = {}
+        # link of a way: directory -> name -> the ways through it
+        self._by_way: dict[str, dict[str, dict[tuple[Link, ...], None]]] = {}
         self.version = 0  # changes whenever the index does
 
     def __len__(self) -> int:
@@ -406,7 +414,7 @@ class WatchPlan:
 
     def directories(self) -> frozenset[str]:
         """Every directory some route goes through."""
-        return frozenset(self._index)
+        return frozenset(self._ends.keys() | self._by_way.keys())
 
     def set_route(self, route: Route) -> bool:
         """Install ``route`` for its path; return whether it differs from the previous one."""
@@ -417,22 +425,28 @@ class WatchPlan:
         if old is not None:
             self._unlink(old)
         self._routes[path] = route
-        index = self._index
-        for link in route.links:
-            names = index.get(link.directory)
-            if names is None:
-                names = index[link.directory] = {}
-            users = names.get(link.name)
-            if users is None:
-                names[link.name] = route
-            elif isinstance(users, dict):
-                users[path] = link
-            elif users.path == path:
-                names[link.name] = route  # the route passes here twice
-            else:
-                here = _link_of(users, link.directory, link.name)
-                names[link.name] = {users.path: here, path: link}
         self.version += 1
+        if not route.links:
+            return True
+        way = route.links[:-1]
+        takers = self._ways.get(way)
+        if takers is None:
+            takers = self._ways[way] = {}
+            for link in way:
+                through = self._by_way.setdefault(link.directory, {})
+                through.setdefault(link.name, {})[way] = None
+        takers[path] = None
+        last = route.links[-1]
+        names = self._ends.get(last.directory)
+        if names is None:
+            names = self._ends[last.directory] = {}
+        users = names.get(last.name)
+        if users is None:
+            names[last.name] = route
+        elif isinstance(users, dict):
+            users[path] = route
+        else:
+            names[last.name] = {users.path: users, path: route}
         return True
 
     def remove(self, path: str) -> None:
@@ -442,70 +456,92 @@ class WatchPlan:
             self.version += 1
 
     def _unlink(self, route: Route) -> None:
+        if not route.links:
+            return
         path = route.path
-        index = self._index
-        for link in route.links:
-            names = index.get(link.directory)
-            users = None if names is None else names.get(link.name)
-            if names is None or users is None:
-                continue  # the route passes here twice: already unlinked
-            if isinstance(users, dict):
-                users.pop(path, None)
-                if len(users) == 1:
-                    names[link.name] = self._routes[next(iter(users))]
-                continue
-            if users.path != path:
-                continue
-            del names[link.name]
+        way = route.links[:-1]
+        takers = self._ways.get(way)
+        if takers is not None:
+            takers.pop(path, None)
+            if not takers:
+                del self._ways[way]
+                for link in way:
+                    _forget_way(self._by_way, link, way)
+        last = route.links[-1]
+        names = self._ends.get(last.directory, {})
+        users = names.get(last.name)
+        if isinstance(users, dict):
+            users.pop(path, None)
+            if len(users) == 1:
+                names[last.name] = next(iter(users.values()))
+        elif users is not None and users.path == path:
+            del names[last.name]
             if not names:
-                del index[link.directory]
+                del self._ends[last.directory]
+
+    def _users(self, directory: str, name: str) -> Iterator[tuple[str, Link]]:
+        """``(entry, link)`` for each route through ``name`` in ``directory``; a
+        route's last link there comes last."""
+        for way in self._by_way.get(directory, {}).get(name, ()):
+            link = _link_in(way, directory, name)
+            for path in self._ways[way]:
+                yield path, link
+        users = self._ends.get(directory, {}).get(name)
+        if isinstance(users, dict):
+            for path, route in users.items():
+                yield path, route.links[-1]
+        elif users is not None:
+            yield users.path, users.links[-1]
 
     def concerns(self, directory: str, name: str) -> bool:
         """Whether some route goes through ``name`` in ``directory``."""
-        return name in self._index.get(directory, ())
+        return name in self._ends.get(directory, ()) or name in self._by_way.get(directory, ())
 
     def names_in(self, directory: str) -> frozenset[str]:
         """The names inside ``directory`` that some route goes through."""
-        return frozenset(self._index.get(directory, ()))
+        return frozenset(
+            self._ends.get(directory, {}).keys() | self._by_way.get(directory, {}).keys()
+        )
 
     def lookup(self, directory: str, name: str) -> Mapping[str, Link]:
         """The entries whose route goes through ``name`` in ``directory``, with their link."""
-        users = self._index.get(directory, {}).get(name)
-        if users is None:
-            return {}
-        if isinstance(users, dict):
-            return users
-        return {users.path: _link_of(users, directory, name)}
+        return dict(self._users(directory, name))
 
     def through(self, directory: str) -> frozenset[str]:
         """The entries whose route goes through ``directory``."""
-        found: set[str] = set()
-        for users in self._index.get(directory, {}).values():
-            if isinstance(users, dict):
-                found.update(users)
-            else:
-                found.add(users.path)
-        return frozenset(found)
+        return frozenset(path for path, _ in self.links_in(directory))
 
     def links_in(self, directory: str) -> Iterator[tuple[str, Link]]:
         """Every ``(entry, link)`` whose link is a name inside ``directory``."""
-        for name, users in self._index.get(directory, {}).items():
-            if isinstance(users, dict):
-                yield from users.items()
-            else:
-                yield users.path, _link_of(users, directory, name)
+        for name in self.names_in(directory):
+            yield from self._users(directory, name)
 
     def at_or_below(self, point: str) -> set[str]:
         """The entries whose route goes through ``point`` or anything below it."""
         prefix = point.rstrip("/") + "/"
         found: set[str] = set()
-        for directory in self._index:
+        for directory in self.directories():
             if directory == point or directory.startswith(prefix):
                 found |= self.through(directory)
         parent, name = posixpath.split(point.rstrip("/") or "/")
         if name:
             found |= self.lookup(parent, name).keys()
         return found
+
+
+def _forget_way(
+    index: dict[str, dict[str, dict[tuple[Link, ...], None]]], link: Link, way: tuple[Link, ...]
+) -> None:
+    """Take ``way`` out of ``index[link.directory][link.name]``, dropping what is left empty."""
+    names = index.get(link.directory)
+    ways = None if names is None else names.get(link.name)
+    if names is None or ways is None:
+        return  # a way through one name twice: already forgotten
+    ways.pop(way, None)
+    if not ways:
+        del names[link.name]
+        if not names:
+            del index[link.directory]
 
 
 # -- the watcher ------------------------------------------------------------------------

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import errno
 import os
+import posixpath
 import select
 import struct
 import time
 from pathlib import Path
 
 import pyinotify
+from hypothesis import given
+from hypothesis import strategies as st
 
 from capkeeper.watcher import (
     DIRECTORY_MASK,
@@ -204,6 +207,69 @@ def test_plan_replaces_and_removes_routes() -> None:
     plan.remove("/d/a")
     assert plan.directories() == frozenset()
     assert len(plan) == 0
+
+
+_DIRS = ("/", "/a", "/a/b", "/c")
+_NAMES = ("a", "b", "x")
+_links = st.builds(Link, st.sampled_from(_DIRS), st.sampled_from(_NAMES), st.just(False))
+_routes = st.builds(
+    lambda path, way, last, final, complete: Route(
+        path, (*way, *([Link(last[0], last[1], final)] if last else [])), complete
+    ),
+    st.sampled_from(("/p1", "/p2", "/p3", "/a/b/x")),
+    st.lists(_links, max_size=4).map(tuple),
+    st.one_of(st.none(), st.tuples(st.sampled_from(_DIRS), st.sampled_from(_NAMES))),
+    st.booleans(),
+    st.booleans(),
+)
+_operations = st.lists(st.one_of(_routes, st.sampled_from(("/p1", "/p2", "/p3"))), max_size=12)
+
+
+@given(_operations)
+def test_plan_index_answers_as_a_scan_of_its_routes(operations: list[Route | str]) -> None:
+    """Whatever routes are set and removed, every question to the plan's index gets
+    the answer a scan of the installed routes gives (the last link through a name
+    is an entry's link there)."""
+    plan = WatchPlan()
+    routes: dict[str, Route] = {}
+    for operation in operations:
+        version = plan.version
+        if isinstance(operation, Route):
+            changed = routes.get(operation.path) != operation
+            assert plan.set_route(operation) == changed
+            routes[operation.path] = operation
+        else:
+            changed = operation in routes
+            plan.remove(operation)
+            routes.pop(operation, None)
+        assert (plan.version != version) == changed
+        assert len(plan) == len(routes)
+        assert plan.paths == routes.keys()
+        links = [(path, link) for path, route in routes.items() for link in route.links]
+        assert plan.directories() == {link.directory for _, link in links}
+        for directory in {*_DIRS, "/p1", "/a/b/x"}:
+            assert plan.through(directory) == {
+                p for p, link in links if link.directory == directory
+            }
+            assert set(plan.links_in(directory)) == {
+                (p, link) for p, link in links if link.directory == directory
+            }
+            assert plan.names_in(directory) == {
+                link.name for _, link in links if link.directory == directory
+            }
+            assert plan.at_or_below(directory) == {
+                p
+                for p, link in links
+                if link.directory == directory
+                or link.directory.startswith(directory.rstrip("/") + "/")
+                or (directory != "/" and (link.directory, link.name) == posixpath.split(directory))
+            }
+            for name in _NAMES:
+                expected = {
+                    p: link for p, link in links if (link.directory, link.name) == (directory, name)
+                }
+                assert dict(plan.lookup(directory, name)) == expected
+                assert plan.concerns(directory, name) == bool(expected)
 
 
 # -- decoding -------------------------------------------------------------------------
