@@ -509,7 +509,16 @@ class WatchPlan:
 
     def through(self, directory: str) -> frozenset[str]:
         """The entries whose route goes through ``directory``."""
-        return frozenset(path for path, _ in self.links_in(directory))
+        found: set[str] = set()
+        for ways in self._by_way.get(directory, {}).values():
+            for way in ways:
+                found.update(self._ways[way])
+        for users in self._ends.get(directory, {}).values():
+            if isinstance(users, dict):
+                found.update(users)
+            else:
+                found.add(users.path)
+        return frozenset(found)
 
     def links_in(self, directory: str) -> Iterator[tuple[str, Link]]:
         """Every ``(entry, link)`` whose link is a name inside ``directory``."""
