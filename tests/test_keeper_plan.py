@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import select
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -16,7 +18,10 @@ from capkeeper.state import load_state
 from capkeeper.status import StatusBook
 from capkeeper.watcher import Route, Watcher, WatchFailure, plan_route
 from tests.conftest import make_binary
-from tests.test_daemon import write_state
+from tests.test_attacks import ATTACKER, attacker_dir, exchanging
+from tests.test_daemon import caps_of, write_state
+
+__all__ = ["attacker_dir"]  # the fixture, imported for pytest
 
 
 def _keeper(watcher: Watcher, state_file: Path) -> Keeper:
@@ -97,3 +102,61 @@ def test_directory_created_between_look_and_watch_is_looked_at_again(
         assert raced
         _assert_planned_and_watched(keeper, [str(target)])
         assert str(target.parent) in watcher.directories
+
+
+def _pump(keeper: Keeper, *, seconds: float = 0.0, until_quiet: float = 0.0) -> None:
+    """Feed the keeper its events, as the daemon's loop does: for ``seconds``, or until
+    no event came for ``until_quiet`` seconds (bounded at 20 s)."""
+    poller = select.poll()
+    poller.register(keeper.watcher.fileno(), select.POLLIN)
+    start = last = time.monotonic()
+    while True:
+        now = time.monotonic()
+        if now - start > max(seconds, 20.0 if until_quiet else 0.0):
+            assert not until_quiet, "events did not stop"
+            return
+        if seconds and now - start > seconds:
+            return
+        if until_quiet and now - last > until_quiet:
+            return
+        if poller.poll(50):
+            last = time.monotonic()
+            keeper.handle(keeper.watcher.read(keeper.plan), last)
+        keeper.run_due()
+
+
+def test_attacker_racing_renames_on_routes_cannot_blind_or_bend_the_plan(
+    attacker_dir: Path, tree: Path
+) -> None:
+    """Attack: the attacker owns a directory that declared paths go through and swaps
+    (RENAME_EXCHANGE, in a loop) two release directories, and a symlink with a
+    directory, while the keeper starts and handles the events. Once it stops, every
+    route is what a fresh plan says and watched to its end, as in a keeper started
+    afterwards, and no file reached through the attacker's directory got capabilities."""
+    home = attacker_dir
+    for release in ("a", "b", "c"):
+        (home / release).mkdir(mode=0o755)
+        make_binary(home / release / "tool")
+    (home / "cur").symlink_to("a")
+    os.chown(home / "cur", ATTACKER, ATTACKER, follow_symlinks=False)
+    for name in ("a", "a/tool", "b", "b/tool", "c", "c/tool"):
+        os.chown(home / name, ATTACKER, ATTACKER)
+    trusted = [make_binary(tree / f"tool{n}") for n in range(30)]
+    declared = [home / "a" / "tool", home / "b" / "tool", home / "cur" / "tool", *trusted]
+    state = write_state(tree.parent / "state.toml", dict.fromkeys(declared, "cap_net_raw=ep"))
+    with Watcher() as watcher:
+        keeper = _keeper(watcher, state)
+        with exchanging(home / "a", home / "b"), exchanging(home / "cur", home / "c"):
+            keeper.full_reconcile("startup")
+            _pump(keeper, seconds=1.5)
+        _pump(keeper, until_quiet=0.5)
+        _assert_planned_and_watched(keeper, keeper.entries)
+        with Watcher() as fresh_watcher:
+            fresh = _keeper(fresh_watcher, state)
+            fresh.full_reconcile("startup")
+            for path in keeper.entries:
+                assert keeper.plan.route(path) == fresh.plan.route(path)
+            assert watcher.directories == fresh_watcher.directories
+    for release in ("a", "b", "c"):
+        assert caps_of(home / release / "tool") is None
+    assert all(caps_of(binary) is not None for binary in trusted)
