@@ -28,6 +28,7 @@ import os
 import posixpath
 import select
 import stat
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple, TypeVar
@@ -266,6 +267,11 @@ def _remembered(call: Callable[[str], _T]) -> Callable[[str], _T]:
 
 # The links of a walk to a directory, and that directory's path.
 _Prefix = tuple[tuple[Link, ...], str]
+# Names wanted in one directory from which one listing costs less than an lstat each.
+_LISTED_FROM = 16
+# Paths shorter than this many characters are below PATH_MAX (4096 bytes) even in UTF-8
+# (4 bytes a character at most): a listed name needs no lstat to tell ENAMETOOLONG.
+_SHORT_PATH = 1000
 
 
 class _Looks:
@@ -278,6 +284,7 @@ class _Looks:
         self.readlink = _remembered(os.readlink)
         self._links: dict[Link, Link] = {}
         self.prefixes: dict[str, _Prefix | None] = {}  # parent -> prefix(parent)
+        self._listings: dict[str, dict[str, bool] | None] = {}
 
     def route(self, path: str) -> Route:
         """:func:`plan_route` of ``path``, with these looks."""
@@ -286,6 +293,35 @@ class _Looks:
 
     def shared(self, links: Iterable[Link]) -> tuple[Link, ...]:
         return tuple(self._links.setdefault(link, link) for link in links)
+
+    def listing(self, directory: str, wanted: int) -> dict[str, bool] | None:
+        """Whether each name in ``directory`` is a symlink, from one listing, when
+        ``wanted`` names are to be looked up there and only root can add names to it;
+        None when each name is to be looked up on its own.
+
+        A directory others can write to is never listed: anyone could fill it with
+        names and make every plan read them all.
+        """
+        if directory in self._listings:
+            return self._listings[directory]
+        if wanted < _LISTED_FROM:
+            return None
+        found = None
+        try:
+            st = self.lstat(directory)
+            if stat.S_ISDIR(st.st_mode) and not open_to_others(st.st_uid, st.st_mode):
+                with os.scandir(directory) as entries:
+                    # d_type from getdents(2): no lstat per name (DT_UNKNOWN makes one).
+                    found = {entry.name: entry.is_symlink() for entry in entries}
+                # Reading a directory needs its r bit, looking a name up in it its x
+                # bit: an lstat of one listed name proves the lookups would succeed.
+                for name in found:
+                    os.lstat(posixjoin(directory, name))
+                    break
+        except OSError:
+            found = None
+        self._listings[directory] = found
+        return found
 
     def prefix(self, parent: str) -> _Prefix | None:
         """The links of a walk through ``parent`` to the directory it names, and that
@@ -314,10 +350,14 @@ def plan_routes(paths: Iterable[str]) -> Iterator[Route]:
     symlinks on the way are looked up once for all of them (thousands of entries
     share a few directories), and equal links are one object.
 
-    A path whose parent simply names a directory costs one ``lstat`` of its
-    own name: its route is the walk to that directory and the name, unless the
-    name is a symlink (then the full plan follows it).
+    A path whose parent simply names a directory needs only to know whether its
+    own name is a symlink (then the full plan follows it): its route is the walk
+    to that directory and the name, whether the name exists or not. That is one
+    ``lstat``, or, for many names in a directory only root can write to, one
+    listing of it (:meth:`_Looks.listing`).
     """
+    paths = list(paths)
+    wanted = Counter(path.rpartition("/")[0] for path in paths)
     looks = _Looks()
     prefixes = looks.prefixes
     lstat, is_link = os.lstat, stat.S_ISLNK
@@ -327,17 +367,20 @@ def plan_routes(paths: Iterable[str]) -> Iterator[Route]:
             found = prefixes[parent] if parent in prefixes else looks.prefix(parent)
             if found is not None:
                 links, directory = found
-                try:
-                    symlink = is_link(
-                        lstat(f"{directory}/{name}" if directory != "/" else f"/{name}").st_mode
-                    )
-                except OSError as exc:
-                    final = (*links, Link(directory, name, True))
-                    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
-                        yield Route(path, final, True)
-                    else:
-                        yield Route(path, final, False, _route_problem(exc, directory))
-                    continue
+                listing = looks.listing(directory, wanted[parent])
+                here = f"{directory}/{name}" if directory != "/" else f"/{name}"
+                if listing is not None and name in listing and len(here) < _SHORT_PATH:
+                    symlink = listing[name]
+                else:
+                    try:
+                        symlink = is_link(lstat(here).st_mode)
+                    except OSError as exc:
+                        final = (*links, Link(directory, name, True))
+                        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                            yield Route(path, final, True)
+                        else:
+                            yield Route(path, final, False, _route_problem(exc, directory))
+                        continue
                 if not symlink:
                     yield Route(path, (*links, Link(directory, name, True)), True)
                     continue
