@@ -50,6 +50,7 @@ from capkeeper.watcher import (
     WatchEvent,
     WatchFailure,
     WatchPlan,
+    plan_directories,
     plan_routes,
 )
 
@@ -128,34 +129,45 @@ class Keeper:
     def _replan(self, paths: Iterable[str]) -> bool:
         """Re-resolve ``paths`` and watch what they now go through.
 
+        Plan, watch, then look again: a name looked up in a directory before
+        its watch was added may have changed unseen in between (dpkg renames
+        opt.dpkg-new to opt, then creates ckdemo inside at once), so every
+        route through a directory whose watch was added after its look is
+        planned once more. A look made under a watch needs no second one:
+        any later change raises an event. Paths with no route yet (start-up,
+        a reload) have the directories up to their parents watched first, so
+        thousands of entries in a few directories are looked at once, not twice.
+
         Returns True when a watch failed that had not failed before (the
         caller then reconciles everything: changes there are invisible).
         """
-        watcher = self.watcher
+        watcher, plan = self.watcher, self.plan
         todo = {p for p in paths if p in self.entries}
+        fresh = [p for p in todo if plan.route(p) is None]
+        if fresh:
+            # Failures here are retried and reported by the sync below.
+            watcher.sync(plan.directories() | plan_directories(fresh))
         new_failure = False
         for _ in range(_REPLAN_ROUNDS):
-            moved = set()
+            watched = watcher.directories  # a look from now on is seen by these watches
+            moved = False
             for route in plan_routes(todo):
-                if self.plan.set_route(route):
-                    moved.add(route.path)
+                moved |= plan.set_route(route)
                 self._note_route(route)
             if not moved and not self._watcher_dirty:
                 break
-            rewatched = self._watcher_dirty  # watches re-added: every route looks again
             self._watcher_dirty = False
-            failures = watcher.sync(self.plan.directories())
+            failures = watcher.sync(plan.directories())
             new_failure |= self._note_failures(failures)
             vanished = [f for f in failures if f.vanished]
             if vanished:
-                todo = set().union(*(self.plan.through(f.directory) for f in vanished))
+                todo = set().union(*(plan.through(f.directory) for f in vanished))
                 self._watcher_dirty = True
-            elif not rewatched:
-                # Look once more at the routes that changed: a component created between
-                # the look that planned one and the watch now covering its directory
-                # raised no event we saw (dpkg renames opt.dpkg-new to opt, then creates
-                # ckdemo inside at once). An unchanged route was watched before its look.
-                todo = moved
+                continue
+            added = watcher.directories - watched
+            todo &= set().union(*(plan.through(directory) for directory in added))
+            if not todo:
+                break
         return new_failure
 
     def _note_route(self, route: Route) -> None:

@@ -28,9 +28,10 @@ import os
 import posixpath
 import select
 import stat
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 from capkeeper import inotify
 from capkeeper.errors import WatchError
@@ -177,21 +178,21 @@ def parse_events(data: bytes) -> Iterator[tuple[int, int, int, str]]:
 # -- the watch plan ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Link:
+class Link(NamedTuple):
     """One name a route goes through: ``name`` inside ``directory``.
 
     ``final`` marks the declared binary itself; every other link is a
     directory or a symlink on the way, whose change re-plans the route.
     """
 
+    # A tuple, not a dataclass: a plan of 10,000 entries builds, hashes and
+    # compares tens of thousands of these, and a tuple does all three in C.
     directory: str
     name: str
     final: bool
 
 
-@dataclass(frozen=True, slots=True)
-class Route:
+class Route(NamedTuple):
     """Where a declared path leads today, as the kernel would resolve it."""
 
     path: str
@@ -230,12 +231,12 @@ def plan_route(
         try:
             st = lstat(here)
         except OSError as exc:
-            links.append(Link(current, name, final=final))
+            links.append(Link(current, name, final))
             if exc.errno in (errno.ENOENT, errno.ENOTDIR):
                 return Route(path, tuple(links), complete=final)
             return Route(path, tuple(links), complete=False, problem=_route_problem(exc, current))
         if stat.S_ISLNK(st.st_mode):
-            links.append(Link(current, name, final=False))
+            links.append(Link(current, name, False))
             try:
                 target = readlink(here)
             except OSError:
@@ -243,7 +244,7 @@ def plan_route(
             if not walk.follow(target):  # a loop: the kernel gives ELOOP
                 return Route(path, tuple(links), complete=False)
             continue
-        links.append(Link(current, name, final=final))
+        links.append(Link(current, name, final))
         if final:
             break
         if not stat.S_ISDIR(st.st_mode):
@@ -273,71 +274,140 @@ def _remembered(call: Callable[[str], _T]) -> Callable[[str], _T]:
     return remembered
 
 
-def plan_routes(paths: Iterable[str]) -> Iterator[Route]:
-    """:func:`plan_route` of each of ``paths``, at one moment: every ``lstat`` and
-    ``readlink`` of a name is made once for all of them (thousands of entries
-    share a few directories), and equal links are one object."""
-    lstat = _remembered(os.lstat)
-    readlink = _remembered(os.readlink)
-    links: dict[Link, Link] = {}
+# The links of a walk to a directory, and that directory's path.
+_Prefix = tuple[tuple[Link, ...], str]
+# Names wanted in one directory from which one listing costs less than an lstat each.
+_LISTED_FROM = 16
+# Paths shorter than this many characters are below PATH_MAX (4096 bytes) even in UTF-8
+# (4 bytes a character at most): a listed name needs no lstat to tell ENAMETOOLONG.
+_SHORT_PATH = 1000
 
-    prefixes: dict[str, tuple[tuple[Link, ...], str] | None] = {}
 
-    def prefix(parent: str) -> tuple[tuple[Link, ...], str] | None:
+class _Looks:
+    """The file system at one moment, by name: each directory and symlink on the way
+    is looked up once (``lstat``, ``readlink``) for every route planned with it, and
+    equal links are one object."""
+
+    def __init__(self) -> None:
+        self.lstat = _remembered(os.lstat)
+        self.readlink = _remembered(os.readlink)
+        self._links: dict[Link, Link] = {}
+        self.prefixes: dict[str, _Prefix | None] = {}  # parent -> prefix(parent)
+        self._listings: dict[str, dict[str, bool] | None] = {}
+
+    def route(self, path: str) -> Route:
+        """:func:`plan_route` of ``path``, with these looks."""
+        route = plan_route(path, lstat=self.lstat, readlink=self.readlink)
+        return Route(route.path, self.shared(route.links), route.complete, route.problem)
+
+    def shared(self, links: Iterable[Link]) -> tuple[Link, ...]:
+        return tuple(self._links.setdefault(link, link) for link in links)
+
+    def listing(self, directory: str, wanted: int) -> dict[str, bool] | None:
+        """Whether each name in ``directory`` is a symlink, from one listing, when
+        ``wanted`` names are to be looked up there and only root can add names to it;
+        None when each name is to be looked up on its own.
+
+        A directory others can write to is never listed: anyone could fill it with
+        names and make every plan read them all.
+        """
+        if directory in self._listings:
+            return self._listings[directory]
+        if wanted < _LISTED_FROM:
+            return None
+        found = None
+        try:
+            st = self.lstat(directory)
+            if stat.S_ISDIR(st.st_mode) and not open_to_others(st.st_uid, st.st_mode):
+                with os.scandir(directory) as entries:
+                    # d_type from getdents(2): no lstat per name (DT_UNKNOWN makes one).
+                    found = {entry.name: entry.is_symlink() for entry in entries}
+                # Reading a directory needs its r bit, looking a name up in it its x
+                # bit: an lstat of one listed name proves the lookups would succeed.
+                for name in found:
+                    os.lstat(posixjoin(directory, name))
+                    break
+        except OSError:
+            found = None
+        self._listings[directory] = found
+        return found
+
+    def prefix(self, parent: str) -> _Prefix | None:
         """The links of a walk through ``parent`` to the directory it names, and that
         directory; None when ``parent`` does not simply end in a directory."""
-        if parent not in prefixes:
-            found = None
-            route = plan_route(parent, lstat=lstat, readlink=readlink)
-            last = route.links[-1] if route.links else None
-            if route.complete and not route.problem and last is not None and last.final:
-                directory = posixjoin(last.directory, last.name)
-                try:
-                    is_directory = stat.S_ISDIR(lstat(directory).st_mode)
-                except OSError:
-                    is_directory = False
-                if is_directory:
-                    # Walked on to a name below it, the last link is an intermediate one.
-                    walked = (*route.links[:-1], Link(last.directory, last.name, False))
-                    found = (tuple(links.setdefault(link, link) for link in walked), directory)
-            prefixes[parent] = found
-        return prefixes[parent]
+        if parent in self.prefixes:
+            return self.prefixes[parent]
+        found = None
+        route = plan_route(parent, lstat=self.lstat, readlink=self.readlink)
+        last = route.links[-1] if route.links else None
+        if route.complete and not route.problem and last is not None and last.final:
+            directory = posixjoin(last.directory, last.name)
+            try:
+                is_directory = stat.S_ISDIR(self.lstat(directory).st_mode)
+            except OSError:
+                is_directory = False
+            if is_directory:
+                # Walked on to a name below it, the last link is an intermediate one.
+                walked = (*route.links[:-1], Link(last.directory, last.name, False))
+                found = (self.shared(walked), directory)
+        self.prefixes[parent] = found
+        return found
 
+
+def plan_routes(paths: Iterable[str]) -> Iterator[Route]:
+    """:func:`plan_route` of each of ``paths``, at one moment: the directories and
+    symlinks on the way are looked up once for all of them (thousands of entries
+    share a few directories), and equal links are one object.
+
+    A path whose parent simply names a directory needs only to know whether its
+    own name is a symlink (then the full plan follows it): its route is the walk
+    to that directory and the name, whether the name exists or not. That is one
+    ``lstat``, or, for many names in a directory only root can write to, one
+    listing of it (:meth:`_Looks.listing`).
+    """
+    paths = list(paths)
+    wanted = Counter(path.rpartition("/")[0] for path in paths)
+    looks = _Looks()
+    prefixes = looks.prefixes
+    lstat, is_link = os.lstat, stat.S_ISLNK
     for path in paths:
-        route = _below_prefix(path, prefix, lstat)
-        if route is None:
-            route = plan_route(path, lstat=lstat, readlink=readlink)
-            shared = tuple(links.setdefault(link, link) for link in route.links)
-            route = Route(route.path, shared, route.complete, route.problem)
-        yield route
+        parent, _, name = path.rpartition("/")
+        if parent and name not in ("", ".", ".."):
+            found = prefixes[parent] if parent in prefixes else looks.prefix(parent)
+            if found is not None:
+                links, directory = found
+                listing = looks.listing(directory, wanted[parent])
+                here = f"{directory}/{name}" if directory != "/" else f"/{name}"
+                if listing is not None and name in listing and len(here) < _SHORT_PATH:
+                    symlink = listing[name]
+                else:
+                    try:
+                        symlink = is_link(lstat(here).st_mode)
+                    except OSError as exc:
+                        final = (*links, Link(directory, name, True))
+                        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                            yield Route(path, final, True)
+                        else:
+                            yield Route(path, final, False, _route_problem(exc, directory))
+                        continue
+                if not symlink:
+                    yield Route(path, (*links, Link(directory, name, True)), True)
+                    continue
+        yield looks.route(path)
 
 
-def _below_prefix(
-    path: str,
-    prefix: Callable[[str], tuple[tuple[Link, ...], str] | None],
-    lstat: Callable[[str], os.stat_result],
-) -> Route | None:
-    """The route of ``path`` from the walk to its parent directory, as :func:`plan_route`
-    would make it; None when its final name is not a plain name (``..``, a symlink) or
-    its parent does not simply end in a directory: then only the full plan says."""
-    parent, _, name = path.rpartition("/")
-    if not parent or name in ("", ".", ".."):
-        return None
-    found = prefix(parent)
-    if found is None:
-        return None
-    links, directory = found
-    here = posixjoin(directory, name)
-    try:
-        st = lstat(here)
-    except OSError as exc:
-        final = (*links, Link(directory, name, final=True))
-        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
-            return Route(path, final, complete=True)
-        return Route(path, final, complete=False, problem=_route_problem(exc, directory))
-    if stat.S_ISLNK(st.st_mode):
-        return None
-    return Route(path, (*links, Link(directory, name, final=True)), complete=True)
+def plan_directories(paths: Iterable[str]) -> set[str]:
+    """The directories on the routes of ``paths`` up to their parents, as far as the
+    parents simply name directories: what to watch before planning them (see
+    :meth:`capkeeper.keeper.Keeper._replan`)."""
+    looks = _Looks()
+    found: set[str] = set()
+    for parent in {path.rpartition("/")[0] for path in paths}:
+        walked = looks.prefix(parent) if parent else None
+        if walked is not None:
+            found.update(link.directory for link in walked[0])
+            found.add(walked[1])
+    return found
 
 
 def _route_problem(exc: OSError, directory: str) -> str:
@@ -350,18 +420,38 @@ def _route_problem(exc: OSError, directory: str) -> str:
     return f"cannot look below {directory}: {exc.strerror or exc}"
 
 
+def _link_in(links: tuple[Link, ...], directory: str, name: str) -> Link:
+    """The link of ``links`` through ``name`` in ``directory`` (the last, as the
+    kernel walks, if they pass there twice)."""
+    for link in reversed(links):
+        if link.name == name and link.directory == directory:
+            return link
+    raise KeyError((directory, name))
+
+
 class WatchPlan:
     """Which directories to watch, and which entries each ``(directory, name)`` concerns.
 
-    Routes are replaced one at a time; the directories are reference counted,
-    so a directory shared by many entries costs one watch.
+    Routes are replaced one at a time; the directories are kept while some
+    route goes through them, so a directory shared by many entries costs one
+    watch. A route is indexed in two parts. Its last link (the binary's own
+    name, mostly) by directory and name, to the route. The links before it,
+    its way, are shared by every route planned below one directory
+    (:func:`plan_routes` makes them one tuple): each way is indexed once, by
+    the directory and name of each of its links, and knows the paths that
+    take it. So ``/`` and ``/var`` hold the few ways through them, not every
+    path of the plan again, and installing a route below a known way costs
+    two dictionary entries.
     """
 
     def __init__(self) -> None:
         self._routes: dict[str, Route] = {}
-        self._index: dict[tuple[str, str], dict[str, Link]] = {}
-        self._through: dict[str, set[str]] = {}
-        self._names: dict[str, set[str]] = {}  # directory -> names some route goes through
+        # last link: directory -> name -> the route, or the routes by path (two paths to it)
+        self._ends: dict[str, dict[str, Route | dict[str, Route]]] = {}
+        # way (every link but the last) -> the paths that take it
+        self._ways: dict[tuple[Link, ...], dict[str, None]] = {}
+        # link of a way: directory -> name -> the ways through it
+        self._by_way: dict[str, dict[str, dict[tuple[Link, ...], None]]] = {}
         self.version = 0  # changes whenever the index does
 
     def __len__(self) -> int:
@@ -376,21 +466,39 @@ class WatchPlan:
 
     def directories(self) -> frozenset[str]:
         """Every directory some route goes through."""
-        return frozenset(self._through)
+        return frozenset(self._ends.keys() | self._by_way.keys())
 
     def set_route(self, route: Route) -> bool:
         """Install ``route`` for its path; return whether it differs from the previous one."""
-        old = self._routes.get(route.path)
+        path = route.path
+        old = self._routes.get(path)
         if old == route:
             return False
         if old is not None:
             self._unlink(old)
-        self._routes[route.path] = route
-        for link in route.links:
-            self._index.setdefault((link.directory, link.name), {})[route.path] = link
-            self._through.setdefault(link.directory, set()).add(route.path)
-            self._names.setdefault(link.directory, set()).add(link.name)
+        self._routes[path] = route
         self.version += 1
+        if not route.links:
+            return True
+        way = route.links[:-1]
+        takers = self._ways.get(way)
+        if takers is None:
+            takers = self._ways[way] = {}
+            for link in way:
+                through = self._by_way.setdefault(link.directory, {})
+                through.setdefault(link.name, {})[way] = None
+        takers[path] = None
+        last = route.links[-1]
+        names = self._ends.get(last.directory)
+        if names is None:
+            names = self._ends[last.directory] = {}
+        users = names.get(last.name)
+        if users is None:
+            names[last.name] = route
+        elif isinstance(users, dict):
+            users[path] = route
+        else:
+            names[last.name] = {users.path: users, path: route}
         return True
 
     def remove(self, path: str) -> None:
@@ -400,57 +508,101 @@ class WatchPlan:
             self.version += 1
 
     def _unlink(self, route: Route) -> None:
-        for link in route.links:
-            key = (link.directory, link.name)
-            users = self._index.get(key)
-            if users is not None:
-                users.pop(route.path, None)
-                if not users:
-                    del self._index[key]
-                    names = self._names[link.directory]
-                    names.discard(link.name)
-                    if not names:
-                        del self._names[link.directory]
-            through = self._through.get(link.directory)
-            if through is not None:
-                through.discard(route.path)
-                if not through:
-                    del self._through[link.directory]
+        if not route.links:
+            return
+        path = route.path
+        way = route.links[:-1]
+        takers = self._ways.get(way)
+        if takers is not None:
+            takers.pop(path, None)
+            if not takers:
+                del self._ways[way]
+                for link in way:
+                    _forget_way(self._by_way, link, way)
+        last = route.links[-1]
+        names = self._ends.get(last.directory, {})
+        users = names.get(last.name)
+        if isinstance(users, dict):
+            users.pop(path, None)
+            if len(users) == 1:
+                names[last.name] = next(iter(users.values()))
+        elif users is not None and users.path == path:
+            del names[last.name]
+            if not names:
+                del self._ends[last.directory]
+
+    def _users(self, directory: str, name: str) -> Iterator[tuple[str, Link]]:
+        """``(entry, link)`` for each route through ``name`` in ``directory``; a
+        route's last link there comes last."""
+        for way in self._by_way.get(directory, {}).get(name, ()):
+            link = _link_in(way, directory, name)
+            for path in self._ways[way]:
+                yield path, link
+        users = self._ends.get(directory, {}).get(name)
+        if isinstance(users, dict):
+            for path, route in users.items():
+                yield path, route.links[-1]
+        elif users is not None:
+            yield users.path, users.links[-1]
 
     def concerns(self, directory: str, name: str) -> bool:
         """Whether some route goes through ``name`` in ``directory``."""
-        return (directory, name) in self._index
+        return name in self._ends.get(directory, ()) or name in self._by_way.get(directory, ())
 
     def names_in(self, directory: str) -> frozenset[str]:
         """The names inside ``directory`` that some route goes through."""
-        return frozenset(self._names.get(directory, ()))
+        return frozenset(
+            self._ends.get(directory, {}).keys() | self._by_way.get(directory, {}).keys()
+        )
 
     def lookup(self, directory: str, name: str) -> Mapping[str, Link]:
         """The entries whose route goes through ``name`` in ``directory``, with their link."""
-        return self._index.get((directory, name), {})
+        return dict(self._users(directory, name))
 
     def through(self, directory: str) -> frozenset[str]:
         """The entries whose route goes through ``directory``."""
-        return frozenset(self._through.get(directory, ()))
+        found: set[str] = set()
+        for ways in self._by_way.get(directory, {}).values():
+            for way in ways:
+                found.update(self._ways[way])
+        for users in self._ends.get(directory, {}).values():
+            if isinstance(users, dict):
+                found.update(users)
+            else:
+                found.add(users.path)
+        return frozenset(found)
 
     def links_in(self, directory: str) -> Iterator[tuple[str, Link]]:
         """Every ``(entry, link)`` whose link is a name inside ``directory``."""
-        for path in self._through.get(directory, ()):
-            for link in self._routes[path].links:
-                if link.directory == directory:
-                    yield path, link
+        for name in self.names_in(directory):
+            yield from self._users(directory, name)
 
     def at_or_below(self, point: str) -> set[str]:
         """The entries whose route goes through ``point`` or anything below it."""
         prefix = point.rstrip("/") + "/"
         found: set[str] = set()
-        for directory, paths in self._through.items():
+        for directory in self.directories():
             if directory == point or directory.startswith(prefix):
-                found |= paths
+                found |= self.through(directory)
         parent, name = posixpath.split(point.rstrip("/") or "/")
         if name:
-            found |= self._index.get((parent, name), {}).keys()
+            found |= self.lookup(parent, name).keys()
         return found
+
+
+def _forget_way(
+    index: dict[str, dict[str, dict[tuple[Link, ...], None]]], link: Link, way: tuple[Link, ...]
+) -> None:
+    """Take ``way`` out of ``index[link.directory][link.name]``, dropping what is left empty."""
+    names = index.get(link.directory)
+    ways = None if names is None else names.get(link.name)
+    if names is None or ways is None:
+        return  # a way through one name twice: already forgotten
+    ways.pop(way, None)
+    if not ways:
+        del names[link.name]
+        if not names:
+            del index[link.directory]
 
 
 # -- the watcher ------------------------------------------------------------------------

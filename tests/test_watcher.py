@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import errno
 import os
+import posixpath
 import select
 import struct
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyinotify
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from capkeeper.watcher import (
     DIRECTORY_MASK,
@@ -204,6 +209,69 @@ def test_plan_replaces_and_removes_routes() -> None:
     plan.remove("/d/a")
     assert plan.directories() == frozenset()
     assert len(plan) == 0
+
+
+_DIRS = ("/", "/a", "/a/b", "/c")
+_NAMES = ("a", "b", "x")
+_links = st.builds(Link, st.sampled_from(_DIRS), st.sampled_from(_NAMES), st.just(False))
+_routes = st.builds(
+    lambda path, way, last, final, complete: Route(
+        path, (*way, *([Link(last[0], last[1], final)] if last else [])), complete
+    ),
+    st.sampled_from(("/p1", "/p2", "/p3", "/a/b/x")),
+    st.lists(_links, max_size=4).map(tuple),
+    st.one_of(st.none(), st.tuples(st.sampled_from(_DIRS), st.sampled_from(_NAMES))),
+    st.booleans(),
+    st.booleans(),
+)
+_operations = st.lists(st.one_of(_routes, st.sampled_from(("/p1", "/p2", "/p3"))), max_size=12)
+
+
+@given(_operations)
+def test_plan_index_answers_as_a_scan_of_its_routes(operations: list[Route | str]) -> None:
+    """Whatever routes are set and removed, every question to the plan's index gets
+    the answer a scan of the installed routes gives (the last link through a name
+    is an entry's link there)."""
+    plan = WatchPlan()
+    routes: dict[str, Route] = {}
+    for operation in operations:
+        version = plan.version
+        if isinstance(operation, Route):
+            changed = routes.get(operation.path) != operation
+            assert plan.set_route(operation) == changed
+            routes[operation.path] = operation
+        else:
+            changed = operation in routes
+            plan.remove(operation)
+            routes.pop(operation, None)
+        assert (plan.version != version) == changed
+        assert len(plan) == len(routes)
+        assert plan.paths == routes.keys()
+        links = [(path, link) for path, route in routes.items() for link in route.links]
+        assert plan.directories() == {link.directory for _, link in links}
+        for directory in {*_DIRS, "/p1", "/a/b/x"}:
+            assert plan.through(directory) == {
+                p for p, link in links if link.directory == directory
+            }
+            assert set(plan.links_in(directory)) == {
+                (p, link) for p, link in links if link.directory == directory
+            }
+            assert plan.names_in(directory) == {
+                link.name for _, link in links if link.directory == directory
+            }
+            assert plan.at_or_below(directory) == {
+                p
+                for p, link in links
+                if link.directory == directory
+                or link.directory.startswith(directory.rstrip("/") + "/")
+                or (directory != "/" and (link.directory, link.name) == posixpath.split(directory))
+            }
+            for name in _NAMES:
+                expected = {
+                    p: link for p, link in links if (link.directory, link.name) == (directory, name)
+                }
+                assert dict(plan.lookup(directory, name)) == expected
+                assert plan.concerns(directory, name) == bool(expected)
 
 
 # -- decoding -------------------------------------------------------------------------
@@ -483,3 +551,73 @@ def test_revalidate_drops_watches_on_directories_replaced_unseen(tmp_path: Path)
         assert watcher.sync([str(tmp_path / n) for n in ("same", "replaced", "loosened")]) == []
         assert watcher.exposed_directories == {str(tmp_path / "loosened")}
         assert watcher.revalidate() == []
+
+
+def test_routes_from_a_listing_are_those_planned_one_by_one(
+    tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Many names in one directory are answered from one listing of it, and the routes
+    are those of plan_route: files, hard links, symlinks (relative, absolute, dangling,
+    a loop, to a directory), directories, a FIFO, missing and overlong names, a path
+    past PATH_MAX. A directory others can write to (group-writable, another user's)
+    is never listed, whatever it holds."""
+    listed: list[str] = []
+    real_scandir = os.scandir
+
+    def spying(path: str) -> Iterator[os.DirEntry[str]]:
+        listed.append(path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", spying)
+    many = tree / "many"
+    many.mkdir(mode=0o755)
+    (many / "sub").mkdir(mode=0o755)
+    (many / "sub" / "tool").write_bytes(b"x")
+    for n in range(20):
+        (many / f"file{n}").write_bytes(b"x")
+    os.link(many / "file0", many / "hard")
+    os.mkfifo(many / "fifo")
+    (many / "rel").symlink_to("file1")
+    (many / "abs").symlink_to(many / "file2")
+    (many / "dangling").symlink_to("nowhere")
+    (many / "loop").symlink_to("loop")
+    (many / "dirlink").symlink_to("sub")
+    deep = many
+    fd = os.open(many, os.O_PATH)
+    try:
+        while len(str(deep)) + 201 < 4085:  # short names fit below PATH_MAX, long ones not
+            os.mkdir("d" * 200, 0o755, dir_fd=fd)
+            inner = os.open("d" * 200, os.O_PATH, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+            deep = deep / ("d" * 200)
+        long_names = [f"{n}" * (4100 - len(str(deep))) for n in range(3)]  # past PATH_MAX
+        for name in long_names + [f"s{n}" for n in range(20)]:
+            os.close(os.open(name, os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd))
+    finally:
+        os.close(fd)
+    shared = tree / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o775)
+    others = tree / "others"
+    others.mkdir(mode=0o755)
+    os.chown(others, 4242, 4242)
+    for directory in (shared, others):
+        for n in range(20):
+            (directory / f"file{n}").write_bytes(b"x")
+        (directory / "rel").symlink_to("file1")
+    names = [f"file{n}" for n in range(20)] + ["hard", "fifo", "rel", "abs", "dangling"]
+    names += ["loop", "dirlink", "sub", "missing", "n" * 300]
+    paths = [str(many / name) for name in names]
+    paths += [str(many / "dirlink" / "tool"), str(many / "sub" / "tool")]
+    paths += [str(deep / f"s{n}") for n in range(20)]
+    paths += [str(deep / name) for name in long_names]
+    paths += [str(d / name) for d in (shared, others) for name in names]
+    together = list(plan_routes(paths))
+    assert together == [plan_route(path) for path in paths]
+    assert any(not route.complete for route in together)
+    assert any(route.problem for route in together)
+    assert str(many) in listed
+    assert str(deep) in listed
+    assert str(shared) not in listed
+    assert str(others) not in listed
