@@ -29,11 +29,12 @@ import struct
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import xattr
 
 from capkeeper.capabilities import CapSet, decode, encode
-from capkeeper.elf import ElfError, ElfFacts, parse
+from capkeeper.elf import EIClass, EIData, ElfError, ElfFacts, parse
 from capkeeper.errors import CapabilitiesNotKept, FileAccessError, InvalidCapabilityData
 from capkeeper.interpreters import MARKER_SYMBOLS
 from capkeeper.model import Hop, Kind, Observation
@@ -435,6 +436,7 @@ class _ElfCache:
         self._size = size
         self._facts: dict[bytes, ElfFacts | None] = {}
         self._shared: dict[ElfFacts, ElfFacts] = {}
+        self.changed = False  # anything learnt or carried since export() or restore()
 
     @staticmethod
     def key(st: os.stat_result) -> bytes:
@@ -465,9 +467,125 @@ class _ElfCache:
             self._facts.clear()
             self._shared.clear()
         self._facts[key] = facts
+        self.changed = True
+
+    def export(self) -> dict[str, object]:
+        """Every fact with its key, as JSON types (for :mod:`capkeeper.cache`)."""
+        index: dict[ElfFacts, int] = {}
+        rows: list[list[object]] = []
+        for key, facts in self._facts.items():
+            number = None if facts is None else index.setdefault(facts, len(index))
+            rows.append([key.hex(), number])
+        self.changed = False
+        return {
+            "symbols": list(MARKER_SYMBOLS),
+            "facts": [_facts_row(facts) for facts in index],
+            "files": rows,
+        }
+
+    def restore(self, data: object) -> int:
+        """Add the facts :meth:`export` gave (another process's, read back from the cache);
+        the number of files restored. Anything malformed restores nothing, and nothing
+        beyond this cache's bound is taken."""
+        try:
+            facts, rows = _checked_export(data, self._size)
+        except (TypeError, ValueError):
+            return 0
+        if len(self._facts) + len(rows) > self._size:
+            self._facts.clear()
+            self._shared.clear()
+        for key, number in rows:
+            found = None if number is None else facts[number]
+            if found is not None:
+                found = self._shared.setdefault(found, found)
+            self._facts.setdefault(key, found)  # what this process saw itself stays
+        self.changed = False
+        return len(rows)
+
+
+def _facts_row(facts: ElfFacts) -> list[object]:
+    return [
+        int(facts.elf_class),
+        int(facts.data),
+        facts.type,
+        facts.machine,
+        facts.interp,
+        facts.dynamic,
+        list(facts.needed),
+        facts.soname,
+        sorted(facts.exports),
+    ]
+
+
+def _checked(value: object, *kinds: type) -> Any:
+    # Exact types: JSON's true is no number here, nor 1 a boolean.
+    if type(value) not in kinds:
+        raise TypeError(value)
+    return value
+
+
+def _names(value: object) -> tuple[str, ...]:
+    return tuple(_checked(name, str) for name in _checked(value, list))
+
+
+def _facts_of(row: object) -> ElfFacts:
+    """An :class:`ElfFacts` from :func:`_facts_row`'s list; TypeError or ValueError if not."""
+    fields = _checked(row, list)
+    if len(fields) != 9:
+        raise ValueError(row)
+    elf_class, data, kind, machine, interp, dynamic, needed, soname, exports = fields
+    names = _names(exports)
+    if not set(names) <= set(MARKER_SYMBOLS):
+        raise ValueError(exports)
+    return ElfFacts(
+        elf_class=EIClass(_checked(elf_class, int)),
+        data=EIData(_checked(data, int)),
+        type=_checked(kind, int),
+        machine=_checked(machine, int),
+        interp=_checked(interp, str, type(None)),
+        dynamic=_checked(dynamic, bool),
+        needed=_names(needed),
+        soname=_checked(soname, str, type(None)),
+        exports=frozenset(names),
+    )
+
+
+def _checked_export(
+    data: object, size: int
+) -> tuple[list[ElfFacts], list[tuple[bytes, int | None]]]:
+    """The facts and ``(key, index)`` rows of an :meth:`_ElfCache.export`; TypeError or
+    ValueError for anything else (other marker symbols, a bad key or index, too many)."""
+    document = _checked(data, dict)
+    if document.get("symbols") != list(MARKER_SYMBOLS):
+        raise ValueError("looked up other symbols")
+    facts = [_facts_of(row) for row in _checked(document.get("facts"), list)]
+    rows: list[tuple[bytes, int | None]] = []
+    for row in _checked(document.get("files"), list):
+        key, number = _checked(row, list)
+        key = bytes.fromhex(_checked(key, str))
+        if len(key) != _ELF_KEY.size:
+            raise ValueError(row)
+        if number is not None and not 0 <= _checked(number, int) < len(facts):
+            raise ValueError(row)
+        rows.append((key, number))
+    if len(rows) > size:
+        raise ValueError("more files than the cache holds")
+    return facts, rows
 
 
 _ELF_CACHE = _ElfCache()
+
+
+def export_elf_facts() -> dict[str, object] | None:
+    """The ELF facts learnt so far, as JSON types; None when nothing changed since the
+    last export or restore."""
+    return _ELF_CACHE.export() if _ELF_CACHE.changed else None
+
+
+def restore_elf_facts(data: object) -> int:
+    """Take the facts of :func:`export_elf_facts` (read back from a trusted cache); the
+    number of files restored, 0 when ``data`` is malformed in any way."""
+    return _ELF_CACHE.restore(data)
 
 
 def observe_fd(path: str, fd: int, hops: list[Hop], resolved: str, *, hash: bool) -> Observation:

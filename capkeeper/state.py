@@ -10,9 +10,11 @@ The tables are checked by hand from one table of keys (:data:`TABLE_KEYS`), not
 by pydantic: the check is six exact-type tests and two rules, and importing
 pydantic would cost every ``ExecStartPre=`` apply three bare interpreter starts.
 The messages are pydantic's, word for word (a test keeps the old model as the
-oracle). A cache of validated states was the other way; it would have to be as
-trusted as the state files and keyed by all of them, for a saving this
-removes outright.
+oracle).
+
+The daemon also keeps the validated entries in a cache (:mod:`capkeeper.cache`), as
+trusted as the state files and keyed by all of them: with 10,000 entries, parsing
+and validating cost half a second of every start.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from capkeeper.capabilities import CapSet, format_text, parse
 from capkeeper.errors import (
@@ -44,6 +46,9 @@ from capkeeper.files import REPLACED, open_declared
 from capkeeper.kernel import cap_last_cap
 from capkeeper.model import Entry, Hop
 from capkeeper.trust import declaration_refusals, file_refusals, route_refusals
+
+if TYPE_CHECKING:
+    from capkeeper.cache import Cache
 
 DEFAULT_STATE = Path("/etc/capkeeper/state.toml")
 MAX_STATE_BYTES = 16 << 20
@@ -472,6 +477,7 @@ def load_state(
     *,
     last_cap: int | None = None,
     uid_of: Callable[[str], int] = _uid_of,
+    cache: Cache | None = None,
 ) -> State:
     """Load and validate the state; raise :class:`StateError` listing every problem.
 
@@ -479,6 +485,12 @@ def load_state(
     start and every SIGHUP reload): the main file, ``state.d/`` and each
     drop-in pass the route and ownership rules and are read from the checked
     descriptors, or the whole state is invalid.
+
+    With a ``cache``, the files are still read that way every time, but parsing
+    and validating them is skipped when the cache holds the entries validated
+    from exactly these files (:func:`_state_key`); owner names are resolved
+    again on every load. A state validated here is written to a writable
+    ``cache``; a state with problems never is.
     """
     limit = cap_last_cap() if last_cap is None else last_cap
     try:
@@ -497,6 +509,13 @@ def load_state(
     reader.main_file()
     reader.dropins()
     problems = list(dict.fromkeys(reader.problems))  # a shared ancestor is reported once
+    files = tuple(path for path, _, _ in reader.documents)
+    key = ""
+    if cache is not None and not problems:
+        key = _state_key(absolute, reader.documents, limit)
+        cached = _from_cache(cache.read(STATE_CACHE), key, uid_of)
+        if cached is not None:
+            return State(entries=cached, files=files)
     entries: list[Entry] = []
     seen: dict[str, str] = {}
     for _, shown, data in reader.documents:
@@ -539,7 +558,87 @@ def load_state(
             entries.append(entry)
     if problems:
         raise StateError(problems)
-    return State(entries=tuple(entries), files=tuple(path for path, _, _ in reader.documents))
+    if cache is not None and cache.writable:
+        cache.write(STATE_CACHE, {"key": key, "entries": [_row(entry) for entry in entries]})
+    return State(entries=tuple(entries), files=files)
+
+
+STATE_CACHE = "state.json"
+"""The validated-state cache's name in the cache directory."""
+
+
+def _state_key(main: str, documents: Sequence[tuple[Path, str, bytes]], last_cap: int) -> str:
+    """What every validated entry depends on but owner names: the main file's path, the
+    name, shown name and bytes of every state file in the order read (so adding,
+    removing or renaming a drop-in changes it too) and the kernel's last capability.
+    The capkeeper version is the cache's (:mod:`capkeeper.cache`)."""
+    import hashlib  # noqa: PLC0415 - OpenSSL's libcrypto, only when caching
+
+    digest = hashlib.sha256()
+    fields = [main.encode(errors="surrogateescape"), str(last_cap).encode()]
+    for declared, shown, data in documents:
+        fields += [os.fsencode(declared), shown.encode(errors="surrogateescape"), data]
+    for value in fields:  # each length-prefixed: no two lists of fields hash alike
+        digest.update(len(value).to_bytes(8, "little"))
+        digest.update(value)
+    return digest.hexdigest()
+
+
+def _row(entry: Entry) -> list[object]:
+    """An entry as the state cache keeps it (its owner's uid is resolved on loading)."""
+    caps = entry.caps
+    return [
+        entry.path,
+        caps.permitted,
+        caps.inheritable,
+        caps.effective,
+        caps.rootid,
+        entry.caps_text,
+        entry.owner,
+        entry.sha256,
+        entry.allow_inheritable,
+        entry.allow_interpreter,
+        entry.source,
+    ]
+
+
+_ROW_TYPES = (str, int, int, bool, int, str, str, (str, type(None)), bool, bool, str)
+
+
+def _from_cache(data: object, key: str, uid_of: Callable[[str], int]) -> tuple[Entry, ...] | None:
+    """The entries of a state cache document for ``key``; None when it is for other
+    files, malformed in any way, or an owner no longer resolves (the full load then
+    reports it)."""
+    if type(data) is not dict or data.get("key") != key or type(data.get("entries")) is not list:
+        return None
+    entries: list[Entry] = []
+    for row in data["entries"]:
+        if type(row) is not list or len(row) != len(_ROW_TYPES):
+            return None
+        for value, kind in zip(row, _ROW_TYPES, strict=True):
+            # Exact types: JSON's true is no number here, nor 1 a boolean.
+            if type(value) not in (kind if isinstance(kind, tuple) else (kind,)):
+                return None
+        path, permitted, inheritable, effective, rootid, text, owner = row[:7]
+        try:
+            caps = CapSet(permitted, inheritable, effective, rootid)
+            uid = uid_of(owner)
+        except (KeyError, ValueError):
+            return None
+        entries.append(
+            Entry(
+                path=path,
+                caps=caps,
+                caps_text=text,
+                owner=owner,
+                owner_uid=uid,
+                sha256=row[7],
+                allow_inheritable=row[8],
+                allow_interpreter=row[9],
+                source=row[10],
+            )
+        )
+    return tuple(entries)
 
 
 def _entry(
