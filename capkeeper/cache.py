@@ -232,7 +232,7 @@ def _trusted_directory(path: str) -> Iterator[int]:
                 declared=path,
                 resolved=resolved,
                 uid=st.st_uid,
-                nlink=st.st_nlink,
+                nlink=1,  # link(2) refuses directories (EPERM): st_nlink counts subdirectories
                 owners=owners,
                 owner=owner,
             )

@@ -602,9 +602,6 @@ def _row(entry: Entry) -> list[object]:
     ]
 
 
-_ROW_TYPES = (str, int, int, bool, int, str, str, (str, type(None)), bool, bool, str)
-
-
 def _from_cache(data: object, key: str, uid_of: Callable[[str], int]) -> tuple[Entry, ...] | None:
     """The entries of a state cache document for ``key``; None when it is for other
     files, malformed in any way, or an owner no longer resolves (the full load then
@@ -612,32 +609,38 @@ def _from_cache(data: object, key: str, uid_of: Callable[[str], int]) -> tuple[E
     if type(data) is not dict or data.get("key") != key or type(data.get("entries")) is not list:
         return None
     entries: list[Entry] = []
-    for row in data["entries"]:
-        if type(row) is not list or len(row) != len(_ROW_TYPES):
-            return None
-        for value, kind in zip(row, _ROW_TYPES, strict=True):
-            # Exact types: JSON's true is no number here, nor 1 a boolean.
-            if type(value) not in (kind if isinstance(kind, tuple) else (kind,)):
+    shared: dict[tuple[int, int, bool, int], CapSet] = {}  # one CapSet per distinct set
+    try:
+        for row in data["entries"]:
+            if type(row) is not list or len(row) != 11:
                 return None
-        path, permitted, inheritable, effective, rootid, text, owner = row[:7]
-        try:
-            caps = CapSet(permitted, inheritable, effective, rootid)
+            path, permitted, inheritable, effective, rootid, text, owner, digest = row[:8]
+            inheritable_ok, interpreter_ok, source = row[8:]
+            # Exact types: JSON's true is no number here, nor 1 a boolean.
+            if not (
+                type(path) is str
+                and type(permitted) is int
+                and type(inheritable) is int
+                and type(effective) is bool
+                and type(rootid) is int
+                and type(text) is str
+                and type(owner) is str
+                and (digest is None or type(digest) is str)
+                and type(inheritable_ok) is bool
+                and type(interpreter_ok) is bool
+                and type(source) is str
+            ):
+                return None
+            numbers = (permitted, inheritable, effective, rootid)
+            caps = shared.get(numbers)
+            if caps is None:
+                caps = shared[numbers] = CapSet(*numbers)
             uid = uid_of(owner)
-        except (KeyError, ValueError):
-            return None
-        entries.append(
-            Entry(
-                path=path,
-                caps=caps,
-                caps_text=text,
-                owner=owner,
-                owner_uid=uid,
-                sha256=row[7],
-                allow_inheritable=row[8],
-                allow_interpreter=row[9],
-                source=row[10],
+            entries.append(
+                Entry(path, caps, text, owner, uid, digest, inheritable_ok, interpreter_ok, source)
             )
-        )
+    except (KeyError, ValueError):  # no such owner now; a mask CapSet refuses
+        return None
     return tuple(entries)
 
 
