@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import stat
 from collections.abc import Callable, Iterator
@@ -88,6 +87,8 @@ class Cache:
         except _Untrusted as exc:
             self._note("cache_ignored", name, str(exc))
             return None
+        import json  # noqa: PLC0415 - only when a cache is read: a one-shot may never
+
         try:
             document = json.loads(raw)
         except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
@@ -109,6 +110,8 @@ class Cache:
         """Replace document ``name`` with ``data`` (JSON types only); False when not written."""
         if self.directory is None or not self.writable:
             return False
+        import json  # noqa: PLC0415 - only when a cache is written
+
         text = json.dumps(
             {"format": FORMAT, "capkeeper": _version(), "name": name, "data": data},
             separators=(",", ":"),

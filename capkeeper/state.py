@@ -486,7 +486,8 @@ def load_state(
     drop-in pass the route and ownership rules and are read from the checked
     descriptors, or the whole state is invalid.
 
-    With a ``cache``, the files are still read that way every time, but parsing
+    With a ``cache`` (a read-only one only for a state of :data:`CACHE_WORTH` bytes or
+    more), the files are still read that way every time, but parsing
     and validating them is skipped when the cache holds the entries validated
     from exactly these files (:func:`_state_key`); owner names are resolved
     again on every load. A state validated here is written to a writable
@@ -511,7 +512,11 @@ def load_state(
     problems = list(dict.fromkeys(reader.problems))  # a shared ancestor is reported once
     files = tuple(path for path, _, _ in reader.documents)
     key = ""
-    if cache is not None and not problems:
+    if (
+        cache is not None
+        and not problems
+        and (cache.writable or sum(len(data) for _, _, data in reader.documents) >= CACHE_WORTH)
+    ):
         key = _state_key(absolute, reader.documents, limit)
         cached = _from_cache(cache.read(STATE_CACHE), key, uid_of)
         if cached is not None:
@@ -558,13 +563,16 @@ def load_state(
             entries.append(entry)
     if problems:
         raise StateError(problems)
-    if cache is not None and cache.writable:
+    if cache is not None and cache.writable and key:
         cache.write(STATE_CACHE, {"key": key, "entries": [_row(entry) for entry in entries]})
     return State(entries=tuple(entries), files=files)
 
 
 STATE_CACHE = "state.json"
 """The validated-state cache's name in the cache directory."""
+CACHE_WORTH = 64 << 10
+"""The state size from which a read-only cache (a one-shot command's) is looked at: below
+it, parsing costs less than hashing the files and reading the cache (~600 entries)."""
 
 
 def _state_key(main: str, documents: Sequence[tuple[Path, str, bytes]], last_cap: int) -> str:

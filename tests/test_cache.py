@@ -14,14 +14,18 @@ import shutil
 import subprocess
 import sys
 import threading
+import tomllib
 from pathlib import Path
 
 import pytest
 
 from capkeeper import files
 from capkeeper.cache import ELF_CACHE, MAX_CACHE_BYTES, Cache
+from capkeeper.capabilities import format_text, parse
+from capkeeper.cli import main
 from capkeeper.daemon import Daemon
 from capkeeper.enforce import reconcile
+from capkeeper.errors import SettingsError, StateError
 from capkeeper.interpreters import MARKER_SYMBOLS
 from capkeeper.model import Entry
 from capkeeper.settings import DEFAULT_CACHE_DIRECTORY, Settings, load_settings
@@ -106,7 +110,6 @@ def _fields(entry: Entry) -> tuple[object, ...]:
 @pytest.fixture
 def parsed(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts the state files parsed (tomllib.loads calls): 0 on a cache hit."""
-    import tomllib
 
     calls: list[int] = []
     real = tomllib.loads
@@ -119,13 +122,18 @@ def parsed(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
+def daemons(directory: Path) -> Cache:
+    """The daemon's cache: consulted for any state (a one-shot's only for a large one)."""
+    return Cache(directory, writable=True)
+
+
 def warm(main: Path, cache_dir: Path) -> Cache:
     """Load ``main`` once with a writable cache, so the next load can hit."""
     writer = Cache(cache_dir, writable=True)
     load_state(main, cache=writer)
     assert (cache_dir / STATE_CACHE).is_file()
     assert (cache_dir / STATE_CACHE).stat().st_mode & 0o777 == 0o600
-    return Cache(cache_dir)
+    return daemons(cache_dir)
 
 
 # -- the validated-state cache -----------------------------------------------------------
@@ -199,13 +207,12 @@ def test_cap_last_cap_is_part_of_the_key(state: Path, cache_dir: Path, parsed: l
     Cache(cache_dir, writable=True)
     load_state(state, cache=Cache(cache_dir, writable=True), last_cap=40)
     parsed.clear()
-    load_state(state, cache=Cache(cache_dir), last_cap=39)
+    load_state(state, cache=daemons(cache_dir), last_cap=39)
     assert parsed
 
 
 def test_invalid_state_is_never_cached(state: Path, cache_dir: Path) -> None:
     """A state with a problem writes no cache, and still fails with a cache."""
-    from capkeeper.errors import StateError
 
     state.write_text(state.read_text() + '\n[[binary]]\npath = "relative"\ncaps = "x"\n')
     for _ in range(2):
@@ -345,10 +352,10 @@ def test_untrusted_cache_is_ignored(
     root's alone, or reached through a symlink, is never used: the load equals no cache."""
     warm(state, cache_dir)
     _forge(cache_dir / STATE_CACHE)
-    assert load_state(state, cache=Cache(cache_dir)).entries[0].caps_text == "cap_sys_admin=ep"
+    assert load_state(state, cache=daemons(cache_dir)).entries[0].caps_text == "cap_sys_admin=ep"
     directory = untrust(cache_dir)  # type: ignore[operator]
     parsed.clear()
-    loaded = load_state(state, cache=Cache(directory))
+    loaded = load_state(state, cache=daemons(directory))
     assert parsed
     assert exact(loaded) == exact(fresh(state))
 
@@ -414,7 +421,7 @@ def test_malformed_cache_is_a_miss(
     text = BAD_DOCUMENTS[name](cache_dir)  # type: ignore[no-untyped-call]
     (cache_dir / STATE_CACHE).write_text(text, errors="surrogateescape")
     parsed.clear()
-    loaded = load_state(state, cache=Cache(cache_dir))
+    loaded = load_state(state, cache=daemons(cache_dir))
     assert parsed
     assert exact(loaded) == exact(fresh(state))
 
@@ -424,7 +431,7 @@ def test_huge_cache_file_is_not_read(state: Path, cache_dir: Path, parsed: list[
     warm(state, cache_dir)
     os.truncate(cache_dir / STATE_CACHE, MAX_CACHE_BYTES + 1)
     parsed.clear()
-    assert exact(load_state(state, cache=Cache(cache_dir))) == exact(fresh(state))
+    assert exact(load_state(state, cache=daemons(cache_dir))) == exact(fresh(state))
     assert parsed
 
 
@@ -466,17 +473,16 @@ def test_attacker_cannot_feed_a_cache(arena: Path, state: Path) -> None:
         check=True,
     )
     expected = exact(fresh(state))
-    assert exact(load_state(state, cache=Cache(home / "cache"))) == expected
+    assert exact(load_state(state, cache=daemons(home / "cache"))) == expected
     with exchanging(home / "cache", home / "forged"):
         for _ in range(200):
-            assert exact(load_state(state, cache=Cache(home / "cache"))) == expected
+            assert exact(load_state(state, cache=daemons(home / "cache"))) == expected
 
 
 # -- the ELF facts -----------------------------------------------------------------------
 
 
 def _entry(path: Path, caps: str = "cap_net_raw=ep") -> Entry:
-    from capkeeper.capabilities import format_text, parse
     from capkeeper.kernel import cap_last_cap
 
     parsed = parse(caps, last_cap=cap_last_cap())
@@ -689,7 +695,6 @@ def test_elf_cache_is_bounded_and_checked(cache_dir: Path, new_process: None) ->
 
 def test_cache_directory_setting() -> None:
     """Default /var/cache/capkeeper; empty disables (None); relative is refused."""
-    from capkeeper.errors import SettingsError
 
     assert Settings().cache_directory == DEFAULT_CACHE_DIRECTORY == Path("/var/cache/capkeeper")
     assert load_settings({}, environ={"CAPKEEPER_CACHE_DIRECTORY": ""}).cache_directory is None
@@ -746,3 +751,42 @@ def test_daemon_writes_and_uses_its_cache(  # noqa: PLR0917 - fixtures
     off.mkdir(mode=0o700)
     _run_daemon(state, None, tmp_path / "status.json")
     assert list(off.iterdir()) == []
+
+
+def test_one_shot_reads_a_large_state_from_the_cache(
+    tmp_path: Path,
+    cache_dir: Path,
+    parsed: list[int],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """check and apply read (never write) the daemon's state cache, and only for a state of
+    CACHE_WORTH bytes or more: below that, parsing costs less than the cache."""
+    from capkeeper.state import CACHE_WORTH
+
+    monkeypatch.setenv("CAPKEEPER_CACHE_DIRECTORY", str(cache_dir))
+    small = tmp_path / "small.toml"
+    small.write_text(f'[[binary]]\npath = "{tmp_path}/none"\ncaps = "cap_net_raw=ep"\n')
+    warm(small, cache_dir)
+    parsed.clear()
+    assert main(["check", "--state", str(small)]) == 2  # missing
+    assert parsed == [1]
+    large = tmp_path / "large.toml"
+    table = '[[binary]]\npath = "{}/none{:05}"\ncaps = "cap_net_raw=ep"\n'
+    count = CACHE_WORTH // len(table) + 1
+    large.write_text("".join(table.format(tmp_path, n) for n in range(count)))
+    assert large.stat().st_size >= CACHE_WORTH
+    before = (cache_dir / STATE_CACHE).stat()
+    parsed.clear()
+    assert main(["check", "--state", str(large)]) == 2
+    assert parsed == [1]  # a miss: parsed, and the one-shot wrote nothing
+    assert (cache_dir / STATE_CACHE).stat().st_mtime_ns == before.st_mtime_ns
+    warm(large, cache_dir)
+    capsys.readouterr()
+    for command in ("check", "apply"):
+        parsed.clear()
+        assert main([command, "--state", str(large), "--json"]) == 2
+        assert parsed == []
+        lines = capsys.readouterr().out.splitlines()
+        assert len(lines) == count
+        assert all('"status": "missing"' in line or '"missing"' in line for line in lines)
