@@ -55,7 +55,8 @@ class Cache:
     """One cache directory; :meth:`read` and :meth:`write` named documents in it.
 
     ``directory`` None: caching is off (every read a miss, every write skipped).
-    ``writable`` False: a reader only (the one-shot commands). ``debug`` receives
+    ``writable`` False: a reader only (the one-shot commands); ``defer``: writes wait
+    for :meth:`flush`. ``debug`` receives
     each reason a cache was not used, once per reason.
     """
 
@@ -64,12 +65,20 @@ class Cache:
         directory: os.PathLike[str] | str | None,
         *,
         writable: bool = False,
+        defer: bool = False,
         debug: Callable[..., object] | None = None,
     ) -> None:
         self.directory = None if directory is None else os.fspath(directory)
         self.writable = writable
         self._debug = debug
         self._said: set[str] = set()
+        self._pending: dict[str, object] | None = {} if defer else None
+
+    def flush(self) -> None:
+        """Write what :meth:`write` kept back (``defer``: the daemon writes after READY=1)."""
+        pending, self._pending = self._pending, {}
+        for name, data in (pending or {}).items():
+            self._write(name, data)
 
     def _note(self, event: str, name: str, reason: str) -> None:
         key = f"{event} {name} {reason}"
@@ -107,9 +116,16 @@ class Cache:
         return document["data"]
 
     def write(self, name: str, data: object) -> bool:
-        """Replace document ``name`` with ``data`` (JSON types only); False when not written."""
+        """Replace document ``name`` with ``data`` (JSON types only), or with ``defer`` at
+        the next :meth:`flush`; False when not written."""
         if self.directory is None or not self.writable:
             return False
+        if self._pending is not None:
+            self._pending[name] = data
+            return True
+        return self._write(name, data)
+
+    def _write(self, name: str, data: object) -> bool:
         import json  # noqa: PLC0415 - only when a cache is written
 
         text = json.dumps(

@@ -93,7 +93,9 @@ class Daemon:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._last_cap = cap_last_cap()
         self._book = StatusBook(rescan_interval=settings.rescan_interval)
-        self._cache = Cache(settings.cache_directory, writable=True, debug=self._log.debug)
+        self._cache = Cache(
+            settings.cache_directory, writable=True, defer=True, debug=self._log.debug
+        )
         self._keeper: Keeper | None = None
         self._mounts: MountWatch | None = None
         self._paused = False  # inotify unread for a moment (Keeper.quiet_until)
@@ -187,6 +189,7 @@ class Daemon:
             if self._book.dirty:
                 self._write_status_file()
             self._cache.save_elf_facts()
+            self._cache.flush()
 
     def _start(self, keeper: Keeper, state: State) -> None:
         keeper.install(state)
@@ -211,7 +214,8 @@ class Daemon:
         self._notifier.ready(self._sd_status)
         self._publish()
         self.ready.set()
-        self._cache.save_elf_facts()  # after READY=1: start-up does not wait for it
+        self._cache.save_elf_facts()
+        self._cache.flush()  # after READY=1: start-up does not wait for the writes
 
     def _loop(self, keeper: Keeper) -> None:
         poller = select.poll()
@@ -331,6 +335,7 @@ class Daemon:
         )
         keeper.full_reconcile("reload")
         self._notifier.ready(self._status_line())
+        self._cache.flush()
 
     def _watch_mounts(self) -> MountWatch | None:
         try:
