@@ -18,6 +18,8 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import structlog
+from structlog.testing import capture_logs
 
 from capkeeper import files
 from capkeeper.cache import ELF_CACHE, MAX_CACHE_BYTES, Cache
@@ -705,20 +707,23 @@ def test_cache_directory_setting() -> None:
         load_settings({}, environ={"CAPKEEPER_CACHE_DIRECTORY": "rel"})
 
 
-def _run_daemon(state: Path, cache: Path | None, status: Path) -> None:
+def _run_daemon(state: Path, cache: Path | None, status: Path) -> list[str]:
+    """Run the daemon in process until READY=1, stop it; the events it logged."""
     settings = Settings(
         state=state, status_file=status, cache_directory=cache, rescan_interval=3600
     )
-    daemon = Daemon(settings, install_signals=False)
+    with capture_logs() as logs:
+        daemon = Daemon(settings, logger=structlog.get_logger(), install_signals=False)
 
-    def stop_when_ready() -> None:
-        daemon.ready.wait(30)
-        daemon.request_stop()
+        def stop_when_ready() -> None:
+            if daemon.ready.wait(30):
+                daemon.request_stop()
 
-    thread = threading.Thread(target=stop_when_ready)
-    thread.start()
-    daemon.run()
-    thread.join()
+        thread = threading.Thread(target=stop_when_ready, daemon=True)
+        thread.start()
+        daemon.run()
+        thread.join()
+    return [str(log["event"]) for log in logs]
 
 
 def test_daemon_writes_and_uses_its_cache(  # noqa: PLR0917 - fixtures
@@ -737,20 +742,23 @@ def test_daemon_writes_and_uses_its_cache(  # noqa: PLR0917 - fixtures
     state.write_text(
         "".join(f'[[binary]]\npath = "{b}"\ncaps = "cap_net_raw=ep"\n' for b in binaries)
     )
-    _run_daemon(state, cache_dir, tmp_path / "status.json")
+    assert _run_daemon(state, cache_dir, tmp_path / "status.json").count("cache_ignored") == 2
     assert sorted(p.name for p in cache_dir.iterdir()) == [ELF_CACHE, STATE_CACHE]
     assert all(os.getxattr(b, "security.capability") for b in binaries)
     os.removexattr(binaries[0], "security.capability")
     monkeypatch.setattr(files, "_ELF_CACHE", files._ElfCache())
     parsed.clear()
     inspected.clear()
-    _run_daemon(state, cache_dir, tmp_path / "status.json")
+    assert "cache_ignored" not in _run_daemon(state, cache_dir, tmp_path / "status.json")
     assert (parsed, inspected) == ([], [str(binaries[0])])  # its ctime moved: parsed again
     assert os.getxattr(binaries[0], "security.capability")
-    off = tmp_path / "off"
-    off.mkdir(mode=0o700)
-    _run_daemon(state, None, tmp_path / "status.json")
-    assert list(off.iterdir()) == []
+    stamps = {p.name: p.stat().st_mtime_ns for p in cache_dir.iterdir()}
+    monkeypatch.setattr(files, "_ELF_CACHE", files._ElfCache())
+    parsed.clear()
+    inspected.clear()
+    assert "cache_ignored" not in _run_daemon(state, None, tmp_path / "status.json")  # disabled
+    assert (len(parsed), len(inspected)) == (1, 5)
+    assert {p.name: p.stat().st_mtime_ns for p in cache_dir.iterdir()} == stamps
 
 
 def test_one_shot_reads_a_large_state_from_the_cache(
