@@ -470,17 +470,18 @@ class _ElfCache:
         self.changed = True
 
     def export(self) -> dict[str, object]:
-        """Every fact with its key, as JSON types (for :mod:`capkeeper.cache`)."""
+        """Every fact with its key, as JSON types (for :mod:`capkeeper.cache`): the distinct
+        facts once, the keys as one hexadecimal string, and each key's index of facts."""
         index: dict[ElfFacts, int] = {}
-        rows: list[list[object]] = []
-        for key, facts in self._facts.items():
-            number = None if facts is None else index.setdefault(facts, len(index))
-            rows.append([key.hex(), number])
+        numbers: list[int | None] = []
+        for facts in self._facts.values():
+            numbers.append(None if facts is None else index.setdefault(facts, len(index)))
         self.changed = False
         return {
             "symbols": list(MARKER_SYMBOLS),
             "facts": [_facts_row(facts) for facts in index],
-            "files": rows,
+            "keys": b"".join(self._facts).hex(),
+            "of": numbers,
         }
 
     def restore(self, data: object) -> int:
@@ -559,17 +560,15 @@ def _checked_export(
     if document.get("symbols") != list(MARKER_SYMBOLS):
         raise ValueError("looked up other symbols")
     facts = [_facts_of(row) for row in _checked(document.get("facts"), list)]
+    keys = bytes.fromhex(_checked(document.get("keys"), str))
+    numbers = _checked(document.get("of"), list)
+    if len(numbers) > size or len(keys) != len(numbers) * _ELF_KEY.size:
+        raise ValueError("keys and indexes disagree, or more than the cache holds")
     rows: list[tuple[bytes, int | None]] = []
-    for row in _checked(document.get("files"), list):
-        key, number = _checked(row, list)
-        key = bytes.fromhex(_checked(key, str))
-        if len(key) != _ELF_KEY.size:
-            raise ValueError(row)
+    for offset, number in zip(range(0, len(keys), _ELF_KEY.size), numbers, strict=True):
         if number is not None and not 0 <= _checked(number, int) < len(facts):
-            raise ValueError(row)
-        rows.append((key, number))
-    if len(rows) > size:
-        raise ValueError("more files than the cache holds")
+            raise ValueError(number)
+        rows.append((keys[offset : offset + _ELF_KEY.size], number))
     return facts, rows
 
 

@@ -564,7 +564,7 @@ def load_state(
     if problems:
         raise StateError(problems)
     if cache is not None and cache.writable and key:
-        cache.write(STATE_CACHE, {"key": key, "entries": [_row(entry) for entry in entries]})
+        cache.write(STATE_CACHE, _document(key, entries))
     return State(entries=tuple(entries), files=files)
 
 
@@ -592,63 +592,91 @@ def _state_key(main: str, documents: Sequence[tuple[Path, str, bytes]], last_cap
     return digest.hexdigest()
 
 
-def _row(entry: Entry) -> list[object]:
-    """An entry as the state cache keeps it (its owner's uid is resolved on loading)."""
-    caps = entry.caps
-    return [
-        entry.path,
-        caps.permitted,
-        caps.inheritable,
-        caps.effective,
-        caps.rootid,
-        entry.caps_text,
-        entry.owner,
-        entry.sha256,
-        entry.allow_inheritable,
-        entry.allow_interpreter,
-        entry.source,
-    ]
+def _document(key: str, entries: Sequence[Entry]) -> dict[str, object]:
+    """The state cache document: each distinct declaration (caps, owner, pin, flags) once,
+    and per entry its path, its declaration's index and its source, in three columns (few
+    objects to parse and to free: the daemon keeps what it builds from them)."""
+    kinds: dict[tuple[object, ...], int] = {}
+    indexes: list[int] = []
+    for entry in entries:
+        caps = entry.caps
+        kind = (
+            caps.permitted,
+            caps.inheritable,
+            caps.effective,
+            caps.rootid,
+            entry.caps_text,
+            entry.owner,
+            entry.sha256,
+            entry.allow_inheritable,
+            entry.allow_interpreter,
+        )
+        indexes.append(kinds.setdefault(kind, len(kinds)))
+    return {
+        "key": key,
+        "kinds": [list(kind) for kind in kinds],
+        "paths": [entry.path for entry in entries],
+        "of": indexes,
+        "sources": [entry.source for entry in entries],
+    }
+
+
+_Declaration = tuple[CapSet, str, str, int, str | None, bool, bool]
+
+
+def _declaration(kind: object, uid_of: Callable[[str], int]) -> _Declaration:
+    """The shared fields of one of :func:`_document`'s kinds, in :class:`Entry` order from
+    ``caps`` to ``allow_interpreter``; ValueError or KeyError (no such owner) if malformed."""
+    if type(kind) is not list or len(kind) != 9:
+        raise ValueError(kind)
+    permitted, inheritable, effective, rootid, text, owner, digest, inherit, interp = kind
+    # Exact types: JSON's true is no number here, nor 1 a boolean.
+    if not (
+        type(permitted) is int
+        and type(inheritable) is int
+        and type(effective) is bool
+        and type(rootid) is int
+        and type(text) is str
+        and type(owner) is str
+        and (digest is None or type(digest) is str)
+        and type(inherit) is bool
+        and type(interp) is bool
+    ):
+        raise ValueError(kind)
+    caps = CapSet(permitted, inheritable, effective, rootid)
+    return (caps, text, owner, uid_of(owner), digest, inherit, interp)
 
 
 def _from_cache(data: object, key: str, uid_of: Callable[[str], int]) -> tuple[Entry, ...] | None:
     """The entries of a state cache document for ``key``; None when it is for other
     files, malformed in any way, or an owner no longer resolves (the full load then
     reports it)."""
-    if type(data) is not dict or data.get("key") != key or type(data.get("entries")) is not list:
+    if type(data) is not dict or data.get("key") != key:
         return None
-    entries: list[Entry] = []
-    shared: dict[tuple[int, int, bool, int], CapSet] = {}  # one CapSet per distinct set
+    kinds, paths, indexes, sources = (
+        data.get(name) for name in ("kinds", "paths", "of", "sources")
+    )
+    if not (
+        type(kinds) is list
+        and type(paths) is list
+        and type(indexes) is list
+        and type(sources) is list
+        and len(paths) == len(indexes) == len(sources)
+    ):
+        return None
     try:
-        for row in data["entries"]:
-            if type(row) is not list or len(row) != 11:
-                return None
-            path, permitted, inheritable, effective, rootid, text, owner, digest = row[:8]
-            inheritable_ok, interpreter_ok, source = row[8:]
-            # Exact types: JSON's true is no number here, nor 1 a boolean.
-            if not (
-                type(path) is str
-                and type(permitted) is int
-                and type(inheritable) is int
-                and type(effective) is bool
-                and type(rootid) is int
-                and type(text) is str
-                and type(owner) is str
-                and (digest is None or type(digest) is str)
-                and type(inheritable_ok) is bool
-                and type(interpreter_ok) is bool
-                and type(source) is str
-            ):
-                return None
-            numbers = (permitted, inheritable, effective, rootid)
-            caps = shared.get(numbers)
-            if caps is None:
-                caps = shared[numbers] = CapSet(*numbers)
-            uid = uid_of(owner)
-            entries.append(
-                Entry(path, caps, text, owner, uid, digest, inheritable_ok, interpreter_ok, source)
-            )
+        declarations = [_declaration(kind, uid_of) for kind in kinds]
     except (KeyError, ValueError):  # no such owner now; a mask CapSet refuses
         return None
+    count = len(declarations)
+    entries: list[Entry] = []
+    for path, index, source in zip(paths, indexes, sources, strict=True):
+        if not (
+            type(path) is str and type(index) is int and 0 <= index < count and type(source) is str
+        ):
+            return None
+        caps, text, owner, uid, digest, inherit, interp = declarations[index]
+        entries.append(Entry(path, caps, text, owner, uid, digest, inherit, interp, source))
     return tuple(entries)
 
 

@@ -285,9 +285,9 @@ def test_owner_uid_change_in_passwd_is_seen(tmp_path: Path, state: Path, cache_d
 def _forge(document: Path) -> None:
     """Rewrite a genuine state cache so that every entry declares cap_sys_admin."""
     data = json.loads(document.read_text())
-    for row in data["data"]["entries"]:
-        row[1] = 1 << 21  # CAP_SYS_ADMIN in permitted
-        row[5] = "cap_sys_admin=ep"
+    for kind in data["data"]["kinds"]:
+        kind[0] = 1 << 21  # CAP_SYS_ADMIN in permitted
+        kind[4] = "cap_sys_admin=ep"
     document.write_text(json.dumps(data))
 
 
@@ -366,13 +366,15 @@ def _document(cache_dir: Path) -> dict[str, object]:
     return dict(json.loads((cache_dir / STATE_CACHE).read_text()))
 
 
-def _rows(cache_dir: Path) -> list[list[object]]:
-    return _document(cache_dir)["data"]["entries"]  # type: ignore[index, no-any-return]
-
-
-def _with_row(cache_dir: Path, index: int, value: object) -> str:
+def _with_item(cache_dir: Path, column: str, index: int, value: object) -> str:
     document = _document(cache_dir)
-    document["data"]["entries"][0][index] = value  # type: ignore[index]
+    document["data"][column][index] = value  # type: ignore[index]
+    return json.dumps(document)
+
+
+def _with_kind(cache_dir: Path, index: int, value: object) -> str:
+    document = _document(cache_dir)
+    document["data"]["kinds"][0][index] = value  # type: ignore[index]
     return json.dumps(document)
 
 
@@ -398,18 +400,25 @@ BAD_DOCUMENTS = {
     "wrong version": lambda d: _with(d, "capkeeper", "0.0.0-forged"),
     "wrong name": lambda d: _with(d, "name", "elf.json"),
     "wrong key": lambda d: _with_data(d, "key", "0" * 64),
-    "entries not a list": lambda d: _with_data(d, "entries", {}),
-    "short row": lambda d: _with_data(d, "entries", [_rows(d)[0][:-1]]),
-    "mask as text": lambda d: _with_row(d, 1, "8192"),
-    "mask as float": lambda d: _with_row(d, 1, 8192.0),
-    "mask too large": lambda d: _with_row(d, 1, 1 << 64),
-    "negative mask": lambda d: _with_row(d, 2, -1),
-    "effective as 1": lambda d: _with_row(d, 3, 1),
-    "flag as 0": lambda d: _with_row(d, 8, 0),
-    "rootid too large": lambda d: _with_row(d, 4, 1 << 32),
-    "path as null": lambda d: _with_row(d, 0, None),
-    "sha256 as number": lambda d: _with_row(d, 7, 7),
-    "no such owner": lambda d: _with_row(d, 6, "no-such-user-ckcache"),
+    "kinds not a list": lambda d: _with_data(d, "kinds", {}),
+    "paths not a list": lambda d: _with_data(d, "paths", "/x"),
+    "a column short": lambda d: _with_data(d, "sources", _document(d)["data"]["sources"][:-1]),  # type: ignore[index]
+    "short kind": lambda d: _with_data(d, "kinds", [k[:-1] for k in _document(d)["data"]["kinds"]]),  # type: ignore[index]
+    "index out of range": lambda d: _with_item(d, "of", 0, 99),
+    "negative index": lambda d: _with_item(d, "of", 0, -1),
+    "index as true": lambda d: _with_item(d, "of", 0, True),
+    "path as null": lambda d: _with_item(d, "paths", 0, None),
+    "source as number": lambda d: _with_item(d, "sources", 0, 3),
+    "mask as text": lambda d: _with_kind(d, 0, "8192"),
+    "mask as float": lambda d: _with_kind(d, 0, 8192.0),
+    "mask too large": lambda d: _with_kind(d, 0, 1 << 64),
+    "negative mask": lambda d: _with_kind(d, 1, -1),
+    "effective as 1": lambda d: _with_kind(d, 2, 1),
+    "rootid too large": lambda d: _with_kind(d, 3, 1 << 32),
+    "caps text as null": lambda d: _with_kind(d, 4, None),
+    "no such owner": lambda d: _with_kind(d, 5, "no-such-user-ckcache"),
+    "sha256 as number": lambda d: _with_kind(d, 6, 7),
+    "flag as 0": lambda d: _with_kind(d, 7, 0),
 }
 
 
@@ -462,8 +471,8 @@ def test_attacker_cannot_feed_a_cache(arena: Path, state: Path) -> None:
     warm(state, genuine)
     as_attacker("mkdir", "-m", "0700", str(home / "cache"), str(home / "forged"))
     forged = json.loads((genuine / STATE_CACHE).read_text())
-    for row in forged["data"]["entries"]:
-        row[1], row[5] = 1 << 21, "cap_sys_admin=ep"
+    for kind in forged["data"]["kinds"]:
+        kind[0], kind[4] = 1 << 21, "cap_sys_admin=ep"
     subprocess.run(
         [
             *setpriv(),
@@ -667,29 +676,34 @@ def test_verdicts_with_cached_facts_equal_the_full_path(
 
 def test_elf_cache_is_bounded_and_checked(cache_dir: Path, new_process: None) -> None:
     """More files than the in-memory bound, other marker symbols, bad keys: nothing restored."""
-    genuine = {"symbols": list(MARKER_SYMBOLS), "facts": [], "files": []}
+    genuine = {"symbols": list(MARKER_SYMBOLS), "facts": [], "keys": "", "of": []}
     key = "00" * files._ELF_KEY.size
+    fact = [2, 1, 2, 62, "/lib/ld.so", True, ["libc.so.6"], None, []]
+    one = {**genuine, "facts": [fact], "keys": key, "of": [0]}
     bad = [
-        {**genuine, "files": [[key, None]] * (files._ELF_CACHE_SIZE + 1)},
-        {**genuine, "symbols": ["Py_Main"]},
-        {**genuine, "files": [["zz", None]]},
-        {**genuine, "files": [["00", None]]},
-        {**genuine, "files": [[key, 0]]},
-        {**genuine, "files": [[key, True]]},
-        {**genuine, "facts": [[9, 1, 2, 62, None, True, [], None, []]], "files": [[key, 0]]},
-        {**genuine, "facts": [[2, 1, 2, 62, None, 1, [], None, []]], "files": [[key, 0]]},
         {
             **genuine,
-            "facts": [[2, 1, 2, 62, None, True, [], None, ["system"]]],
-            "files": [[key, 0]],
+            "keys": key * (files._ELF_CACHE_SIZE + 1),
+            "of": [None] * (files._ELF_CACHE_SIZE + 1),
         },
+        {**one, "symbols": ["Py_Main"]},
+        {**one, "keys": "zz" * files._ELF_KEY.size},
+        {**one, "keys": key[:-2]},
+        {**one, "keys": key * 2},
+        {**one, "of": [1]},
+        {**one, "of": [True]},
+        {**one, "of": 0},
+        {**one, "facts": [[9, *fact[1:]]]},
+        {**one, "facts": [[*fact[:5], 1, *fact[6:]]]},
+        {**one, "facts": [[*fact[:8], ["system"]]]},
+        {**one, "facts": [[*fact[:6], "libc.so.6", *fact[7:]]]},
+        {**one, "facts": [fact[:-1]]},
         [],
         None,
     ]
     for data in bad:
         assert files.restore_elf_facts(data) == 0, data
-    good = {**genuine, "facts": [[2, 1, 2, 62, "/lib/ld.so", True, ["libc.so.6"], None, []]]}
-    assert files.restore_elf_facts({**good, "files": [[key, 0]]}) == 1
+    assert files.restore_elf_facts(one) == 1
 
 
 # -- settings and the daemon --------------------------------------------------------------
