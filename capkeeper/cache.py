@@ -56,8 +56,8 @@ class Cache:
 
     ``directory`` None: caching is off (every read a miss, every write skipped).
     ``writable`` False: a reader only (the one-shot commands); ``defer``: writes wait
-    for :meth:`flush`. ``debug`` receives
-    each reason a cache was not used, once per reason.
+    for :meth:`flush`. ``debug`` receives each reason a cache was not used or not
+    written, once per reason.
     """
 
     def __init__(
@@ -76,8 +76,10 @@ class Cache:
 
     def flush(self) -> None:
         """Write what :meth:`write` kept back (``defer``: the daemon writes after READY=1)."""
+        if self._pending is None:
+            return
         pending, self._pending = self._pending, {}
-        for name, data in (pending or {}).items():
+        for name, data in pending.items():
             self._write(name, data)
 
     def _note(self, event: str, name: str, reason: str) -> None:
