@@ -812,3 +812,24 @@ def test_one_shot_reads_a_large_state_from_the_cache(
         lines = capsys.readouterr().out.splitlines()
         assert len(lines) == count
         assert all('"status": "missing"' in line or '"missing"' in line for line in lines)
+
+
+def test_script_written_over_a_cached_elf_is_refused(
+    tree: Path, cache_dir: Path, new_process: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cached ELF rewritten in place by a #! script of the same size, mtime set back: the
+    next process refuses it as a script, exactly as without any cache."""
+    binary = make_binary(tree / "tool")
+    setcap("cap_net_raw=ep", binary)
+    entry = _entry(binary)
+    assert reconcile(entry, write=False).status.value == "in-sync"
+    before = binary.stat()
+    restart(cache_dir, monkeypatch)
+    script = b"#!/bin/sh\nexec /bin/sh\n"
+    binary.write_bytes(script + b"#" * (before.st_size - len(script)))
+    os.utime(binary, ns=(before.st_atime_ns, before.st_mtime_ns))
+    cached = reconcile(entry, write=False)
+    monkeypatch.setattr(files, "_ELF_CACHE", files._ElfCache())
+    uncached = reconcile(entry, write=False)
+    assert cached.status.value == "refused"
+    assert (cached.status, cached.reason) == (uncached.status, uncached.reason)
