@@ -98,6 +98,9 @@ class Cache:
         except _Untrusted as exc:
             self._note("cache_ignored", name, str(exc))
             return None
+        except OSError as exc:  # e.g. fstat(2) of the directory: a cache is never an error
+            self._note("cache_ignored", name, exc.strerror or str(exc))
+            return None
         import json  # noqa: PLC0415 - only when a cache is read: a one-shot may never
 
         try:
