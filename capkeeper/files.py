@@ -437,6 +437,9 @@ class _ElfCache:
         self._facts: dict[bytes, ElfFacts | None] = {}
         self._shared: dict[ElfFacts, ElfFacts] = {}
         self.changed = False  # anything learnt or carried since export() or restore()
+        # Facts another process saved (restore()), moved to _facts when a file asks for
+        # them; what is left when they are exported is stale and dropped.
+        self._restored: dict[bytes, ElfFacts | None] = {}
 
     @staticmethod
     def key(st: os.stat_result) -> bytes:
@@ -449,6 +452,11 @@ class _ElfCache:
             return self._facts[key]
         except KeyError:
             pass
+        if key in self._restored:
+            changed, facts = self.changed, self._restored.pop(key)
+            self._remember(key, facts)
+            self.changed = changed  # known already: nothing new to save
+            return facts
         facts = inspect_fd(fd, MARKER_SYMBOLS)
         if facts is not None:
             facts = self._shared.setdefault(facts, facts)
@@ -477,6 +485,7 @@ class _ElfCache:
         for facts in self._facts.values():
             numbers.append(None if facts is None else index.setdefault(facts, len(index)))
         self.changed = False
+        self._restored.clear()  # not asked for since they were restored: stale
         return {
             "symbols": list(MARKER_SYMBOLS),
             "facts": [_facts_row(facts) for facts in index],
@@ -485,23 +494,25 @@ class _ElfCache:
         }
 
     def restore(self, data: object) -> int:
-        """Add the facts :meth:`export` gave (another process's, read back from the cache);
+        """Take the facts :meth:`export` gave (another process's, read back from the cache);
         the number of files restored. Anything malformed restores nothing, and nothing
-        beyond this cache's bound is taken."""
+        beyond this cache's bound is taken. A restored fact is used when a file with its
+        key asks for it; the others are dropped at the next :meth:`export`."""
         try:
             facts, rows = _checked_export(data, self._size)
         except (TypeError, ValueError):
             return 0
-        if len(self._facts) + len(rows) > self._size:
-            self._facts.clear()
-            self._shared.clear()
-        for key, number in rows:
-            found = None if number is None else facts[number]
-            if found is not None:
-                found = self._shared.setdefault(found, found)
-            self._facts.setdefault(key, found)  # what this process saw itself stays
-        self.changed = False
+        shared: dict[ElfFacts, ElfFacts] = {}
+        self._restored = {
+            key: None if number is None else shared.setdefault(facts[number], facts[number])
+            for key, number in rows
+        }
         return len(rows)
+
+    @property
+    def stale(self) -> bool:
+        """Whether an :meth:`export` now would drop restored facts nobody asked for."""
+        return bool(self._restored)
 
 
 def _facts_row(facts: ElfFacts) -> list[object]:
@@ -577,8 +588,8 @@ _ELF_CACHE = _ElfCache()
 
 def export_elf_facts() -> dict[str, object] | None:
     """The ELF facts learnt so far, as JSON types; None when nothing changed since the
-    last export or restore."""
-    return _ELF_CACHE.export() if _ELF_CACHE.changed else None
+    last export or restore (nothing learnt, carried, or left unused of what was restored)."""
+    return _ELF_CACHE.export() if _ELF_CACHE.changed or _ELF_CACHE.stale else None
 
 
 def restore_elf_facts(data: object) -> int:

@@ -832,3 +832,23 @@ def test_script_written_over_a_cached_elf_is_refused(
     uncached = reconcile(entry, write=False)
     assert cached.status.value == "refused"
     assert (cached.status, cached.reason) == (uncached.status, uncached.reason)
+
+
+def test_stale_elf_facts_are_dropped_at_the_next_save(
+    tree: Path, cache_dir: Path, new_process: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Facts restored for a file that changed since are not saved again: the cache holds
+    the files as they are, not every version ever seen; unchanged, it is not rewritten."""
+    paths = [make_binary(tree / f"bin{i}") for i in range(3)]
+    for path in paths:
+        files.observe(str(path))
+    assert restart(cache_dir, monkeypatch) == 3
+    os.chmod(paths[0], 0o750)  # ctime moves: a new key
+    for path in paths:
+        files.observe(str(path))
+    assert restart(cache_dir, monkeypatch) == 3  # two restored + one new; the old one gone
+    written = (cache_dir / ELF_CACHE).stat().st_mtime_ns
+    for path in paths:
+        files.observe(str(path))
+    assert Cache(cache_dir, writable=True).save_elf_facts() is False  # nothing changed
+    assert (cache_dir / ELF_CACHE).stat().st_mtime_ns == written
