@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
+from capkeeper.cache import Cache
 from capkeeper.capabilities import capability_number
 from capkeeper.enforce import reconcile
 from capkeeper.errors import CapkeeperError, PrivilegeError, StateError
@@ -92,6 +93,9 @@ class Daemon:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._last_cap = cap_last_cap()
         self._book = StatusBook(rescan_interval=settings.rescan_interval)
+        self._cache = Cache(
+            settings.cache_directory, writable=True, defer=True, debug=self._log.debug
+        )
         self._keeper: Keeper | None = None
         self._mounts: MountWatch | None = None
         self._paused = False  # inotify unread for a moment (Keeper.quiet_until)
@@ -151,7 +155,8 @@ class Daemon:
         """
         try:
             with self._signal_handling():
-                state = load_state(self._settings.state)  # StateError: the caller reports it
+                # StateError: the caller reports it
+                state = load_state(self._settings.state, cache=self._cache)
                 self._run(state)
         finally:
             if self._mounts is not None:
@@ -183,12 +188,15 @@ class Daemon:
             self._notifier.stopping("stopping")
             if self._book.dirty:
                 self._write_status_file()
+            self._cache.save_elf_facts()
+            self._cache.flush()
 
     def _start(self, keeper: Keeper, state: State) -> None:
         keeper.install(state)
         self._log.info(
             "state_loaded", entries=len(state.entries), files=", ".join(map(str, state.files))
         )
+        self._cache.load_elf_facts()  # ELF files unchanged since they were cached are not parsed
         keeper.full_reconcile("startup")
         self._log.info(
             "daemon_started",
@@ -206,6 +214,8 @@ class Daemon:
         self._notifier.ready(self._sd_status)
         self._publish()
         self.ready.set()
+        self._cache.save_elf_facts()
+        self._cache.flush()  # after READY=1: start-up does not wait for the writes
 
     def _loop(self, keeper: Keeper) -> None:
         poller = select.poll()
@@ -299,7 +309,7 @@ class Daemon:
     def _do_reload(self, keeper: Keeper) -> None:
         self._notifier.reloading()
         try:
-            state = load_state(self._settings.state)
+            state = load_state(self._settings.state, cache=self._cache)
         except Exception as exc:
             # A reload only replaces a working state: anything that stops loading
             # the new one (a problem, or a fault the loader did not foresee) keeps
@@ -325,6 +335,7 @@ class Daemon:
         )
         keeper.full_reconcile("reload")
         self._notifier.ready(self._status_line())
+        self._cache.flush()
 
     def _watch_mounts(self) -> MountWatch | None:
         try:

@@ -29,11 +29,12 @@ import struct
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import xattr
 
 from capkeeper.capabilities import CapSet, decode, encode
-from capkeeper.elf import ElfError, ElfFacts, parse
+from capkeeper.elf import EIClass, EIData, ElfError, ElfFacts, parse
 from capkeeper.errors import CapabilitiesNotKept, FileAccessError, InvalidCapabilityData
 from capkeeper.interpreters import MARKER_SYMBOLS
 from capkeeper.model import Hop, Kind, Observation
@@ -435,6 +436,10 @@ class _ElfCache:
         self._size = size
         self._facts: dict[bytes, ElfFacts | None] = {}
         self._shared: dict[ElfFacts, ElfFacts] = {}
+        self.changed = False  # anything learnt or carried since export() or restore()
+        # Facts another process saved (restore()), moved to _facts when a file asks for
+        # them; what is left when they are exported is stale and dropped.
+        self._restored: dict[bytes, ElfFacts | None] = {}
 
     @staticmethod
     def key(st: os.stat_result) -> bytes:
@@ -447,6 +452,11 @@ class _ElfCache:
             return self._facts[key]
         except KeyError:
             pass
+        if key in self._restored:
+            changed, facts = self.changed, self._restored.pop(key)
+            self._remember(key, facts)
+            self.changed = changed  # known already: nothing new to save
+            return facts
         facts = inspect_fd(fd, MARKER_SYMBOLS)
         if facts is not None:
             facts = self._shared.setdefault(facts, facts)
@@ -465,9 +475,127 @@ class _ElfCache:
             self._facts.clear()
             self._shared.clear()
         self._facts[key] = facts
+        self.changed = True
+
+    def export(self) -> dict[str, object]:
+        """Every fact with its key, as JSON types (for :mod:`capkeeper.cache`): the distinct
+        facts once, the keys as one hexadecimal string, and each key's index of facts."""
+        index: dict[ElfFacts, int] = {}
+        numbers: list[int | None] = []
+        for facts in self._facts.values():
+            numbers.append(None if facts is None else index.setdefault(facts, len(index)))
+        self.changed = False
+        self._restored.clear()  # not asked for since they were restored: stale
+        return {
+            "symbols": list(MARKER_SYMBOLS),
+            "facts": [_facts_row(facts) for facts in index],
+            "keys": b"".join(self._facts).hex(),
+            "of": numbers,
+        }
+
+    def restore(self, data: object) -> int:
+        """Take the facts :meth:`export` gave (another process's, read back from the cache);
+        the number of files restored. Anything malformed restores nothing, and nothing
+        beyond this cache's bound is taken. A restored fact is used when a file with its
+        key asks for it; the others are dropped at the next :meth:`export`."""
+        try:
+            facts, rows = _checked_export(data, self._size)
+        except (TypeError, ValueError):
+            return 0
+        shared: dict[ElfFacts, ElfFacts] = {}
+        self._restored = {
+            key: None if number is None else shared.setdefault(facts[number], facts[number])
+            for key, number in rows
+        }
+        return len(rows)
+
+    @property
+    def stale(self) -> bool:
+        """Whether an :meth:`export` now would drop restored facts nobody asked for."""
+        return bool(self._restored)
+
+
+def _facts_row(facts: ElfFacts) -> list[object]:
+    return [
+        int(facts.elf_class),
+        int(facts.data),
+        facts.type,
+        facts.machine,
+        facts.interp,
+        facts.dynamic,
+        list(facts.needed),
+        facts.soname,
+        sorted(facts.exports),
+    ]
+
+
+def _checked(value: object, *kinds: type) -> Any:
+    # Exact types: JSON's true is no number here, nor 1 a boolean.
+    if type(value) not in kinds:
+        raise TypeError(value)
+    return value
+
+
+def _names(value: object) -> tuple[str, ...]:
+    return tuple(_checked(name, str) for name in _checked(value, list))
+
+
+def _facts_of(row: object) -> ElfFacts:
+    """An :class:`ElfFacts` from :func:`_facts_row`'s list; TypeError or ValueError if not."""
+    fields = _checked(row, list)
+    if len(fields) != 9:
+        raise ValueError(row)
+    elf_class, data, kind, machine, interp, dynamic, needed, soname, exports = fields
+    names = _names(exports)
+    if not set(names) <= set(MARKER_SYMBOLS):
+        raise ValueError(exports)
+    return ElfFacts(
+        elf_class=EIClass(_checked(elf_class, int)),
+        data=EIData(_checked(data, int)),
+        type=_checked(kind, int),
+        machine=_checked(machine, int),
+        interp=_checked(interp, str, type(None)),
+        dynamic=_checked(dynamic, bool),
+        needed=_names(needed),
+        soname=_checked(soname, str, type(None)),
+        exports=frozenset(names),
+    )
+
+
+def _checked_export(
+    data: object, size: int
+) -> tuple[list[ElfFacts], list[tuple[bytes, int | None]]]:
+    """The facts and ``(key, index)`` rows of an :meth:`_ElfCache.export`; TypeError or
+    ValueError for anything else (other marker symbols, a bad key or index, too many)."""
+    document = _checked(data, dict)
+    if document.get("symbols") != list(MARKER_SYMBOLS):
+        raise ValueError("looked up other symbols")
+    facts = [_facts_of(row) for row in _checked(document.get("facts"), list)]
+    keys = bytes.fromhex(_checked(document.get("keys"), str))
+    numbers = _checked(document.get("of"), list)
+    if len(numbers) > size or len(keys) != len(numbers) * _ELF_KEY.size:
+        raise ValueError("keys and indexes disagree, or more than the cache holds")
+    rows: list[tuple[bytes, int | None]] = []
+    for offset, number in zip(range(0, len(keys), _ELF_KEY.size), numbers, strict=True):
+        if number is not None and not 0 <= _checked(number, int) < len(facts):
+            raise ValueError(number)
+        rows.append((keys[offset : offset + _ELF_KEY.size], number))
+    return facts, rows
 
 
 _ELF_CACHE = _ElfCache()
+
+
+def export_elf_facts() -> dict[str, object] | None:
+    """The ELF facts learnt so far, as JSON types; None when nothing changed since the
+    last export or restore (nothing learnt, carried, or left unused of what was restored)."""
+    return _ELF_CACHE.export() if _ELF_CACHE.changed or _ELF_CACHE.stale else None
+
+
+def restore_elf_facts(data: object) -> int:
+    """Take the facts of :func:`export_elf_facts` (read back from a trusted cache); the
+    number of files restored, 0 when ``data`` is malformed in any way."""
+    return _ELF_CACHE.restore(data)
 
 
 def observe_fd(path: str, fd: int, hops: list[Hop], resolved: str, *, hash: bool) -> Observation:

@@ -41,6 +41,7 @@ from capkeeper.state import DEFAULT_STATE, read_trusted_file
 RESCAN_INTERVAL = (1.0, 86_400.0)  # seconds: bounds of --rescan-interval
 SETTLE_TIME = (0.0, 60.0)  # seconds: bounds of --settle-time
 SETTINGS_FILE = Path("/etc/capkeeper/settings.toml")
+DEFAULT_CACHE_DIRECTORY = Path("/var/cache/capkeeper")  # the unit's CacheDirectory=capkeeper
 SETTINGS_FILE_VARIABLE = "CAPKEEPER_SETTINGS_FILE"
 ENV_PREFIX = "CAPKEEPER_"
 _WHY = "whoever can edit the settings can point capkeeper at another state"
@@ -64,6 +65,16 @@ def _path(empty: str) -> Callable[[object], Path]:
         return Path(text)
 
     return check
+
+
+def _cache_directory(value: object) -> Path | None:
+    """The rule of ``cache_directory``: an absolute path, or empty (None) for no cache."""
+    if value is None or value == "":
+        return None
+    path = _path("")(value)
+    if not path.is_absolute():
+        raise ValueError(f"must be an absolute path, or empty to disable caching, got {value!r}")
+    return path
 
 
 def _seconds(low: float, high: float) -> Callable[[object], float]:
@@ -110,6 +121,7 @@ RULES: dict[str, Rule] = {
     "log_level": _optional(_choice(LEVELS)),  # None: info
     "status_file": _path("name the status file"),
     "metrics_file": _optional(_path("name the metrics file, or unset it")),
+    "cache_directory": _cache_directory,  # None: no cache
 }
 """Every setting and its one rule, in the order they are documented. The defaults are
 :class:`Settings`'; what each means is written once, for people, in capkeeper(8)
@@ -131,6 +143,7 @@ class Settings:
     log_level: str | None = None
     status_file: Path = Path("/run/capkeeper/status.json")
     metrics_file: Path | None = None
+    cache_directory: Path | None = DEFAULT_CACHE_DIRECTORY
 
     # Every setting's name, as pydantic's BaseSettings called it (packaging/manpages.py).
     model_fields: ClassVar[Mapping[str, Rule]] = RULES
@@ -278,6 +291,7 @@ def _validate_with_pydantic_settings(
         log_level: object = defaults.log_level
         status_file: object = defaults.status_file
         metrics_file: object = defaults.metrics_file
+        cache_directory: object = defaults.cache_directory
 
         @field_validator("*", mode="before")
         @classmethod

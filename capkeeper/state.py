@@ -10,9 +10,11 @@ The tables are checked by hand from one table of keys (:data:`TABLE_KEYS`), not
 by pydantic: the check is six exact-type tests and two rules, and importing
 pydantic would cost every ``ExecStartPre=`` apply three bare interpreter starts.
 The messages are pydantic's, word for word (a test keeps the old model as the
-oracle). A cache of validated states was the other way; it would have to be as
-trusted as the state files and keyed by all of them, for a saving this
-removes outright.
+oracle).
+
+The daemon also keeps the validated entries in a cache (:mod:`capkeeper.cache`), as
+trusted as the state files and keyed by all of them: with 10,000 entries, parsing
+and validating cost half a second of every start.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from capkeeper.capabilities import CapSet, format_text, parse
 from capkeeper.errors import (
@@ -44,6 +46,9 @@ from capkeeper.files import REPLACED, open_declared
 from capkeeper.kernel import cap_last_cap
 from capkeeper.model import Entry, Hop
 from capkeeper.trust import declaration_refusals, file_refusals, route_refusals
+
+if TYPE_CHECKING:
+    from capkeeper.cache import Cache
 
 DEFAULT_STATE = Path("/etc/capkeeper/state.toml")
 MAX_STATE_BYTES = 16 << 20
@@ -472,6 +477,7 @@ def load_state(
     *,
     last_cap: int | None = None,
     uid_of: Callable[[str], int] = _uid_of,
+    cache: Cache | None = None,
 ) -> State:
     """Load and validate the state; raise :class:`StateError` listing every problem.
 
@@ -479,6 +485,13 @@ def load_state(
     start and every SIGHUP reload): the main file, ``state.d/`` and each
     drop-in pass the route and ownership rules and are read from the checked
     descriptors, or the whole state is invalid.
+
+    With a ``cache`` (a read-only one only for a state of :data:`CACHE_WORTH` bytes or
+    more), the files are still read that way every time, but parsing
+    and validating them is skipped when the cache holds the entries validated
+    from exactly these files (:func:`_state_key`); owner names are resolved
+    again on every load. A state validated here is written to a writable
+    ``cache``; a state with problems never is.
     """
     limit = cap_last_cap() if last_cap is None else last_cap
     try:
@@ -497,6 +510,17 @@ def load_state(
     reader.main_file()
     reader.dropins()
     problems = list(dict.fromkeys(reader.problems))  # a shared ancestor is reported once
+    files = tuple(path for path, _, _ in reader.documents)
+    key = ""
+    if (
+        cache is not None
+        and not problems
+        and (cache.writable or sum(len(data) for _, _, data in reader.documents) >= CACHE_WORTH)
+    ):
+        key = _state_key(absolute, reader.documents, limit)
+        cached = _from_cache(cache.read(STATE_CACHE), key, uid_of)
+        if cached is not None:
+            return State(entries=cached, files=files)
     entries: list[Entry] = []
     seen: dict[str, str] = {}
     for _, shown, data in reader.documents:
@@ -539,7 +563,121 @@ def load_state(
             entries.append(entry)
     if problems:
         raise StateError(problems)
-    return State(entries=tuple(entries), files=tuple(path for path, _, _ in reader.documents))
+    if cache is not None and cache.writable and key:
+        cache.write(STATE_CACHE, _document(key, entries))
+    return State(entries=tuple(entries), files=files)
+
+
+STATE_CACHE = "state.json"
+"""The validated-state cache's name in the cache directory."""
+CACHE_WORTH = 64 << 10
+"""The state size from which a read-only cache (a one-shot command's) is looked at: below
+it, parsing costs less than hashing the files and reading the cache (~600 entries)."""
+
+
+def _state_key(main: str, documents: Sequence[tuple[Path, str, bytes]], last_cap: int) -> str:
+    """What every validated entry depends on but owner names: the main file's path, the
+    name, shown name and bytes of every state file in the order read (so adding,
+    removing or renaming a drop-in changes it too) and the kernel's last capability.
+    The capkeeper version is the cache's (:mod:`capkeeper.cache`)."""
+    import hashlib  # noqa: PLC0415 - OpenSSL's libcrypto, only when caching
+
+    digest = hashlib.sha256()
+    fields = [main.encode(errors="surrogateescape"), str(last_cap).encode()]
+    for declared, shown, data in documents:
+        fields += [os.fsencode(declared), shown.encode(errors="surrogateescape"), data]
+    for value in fields:  # each length-prefixed: no two lists of fields hash alike
+        digest.update(len(value).to_bytes(8, "little"))
+        digest.update(value)
+    return digest.hexdigest()
+
+
+def _document(key: str, entries: Sequence[Entry]) -> dict[str, object]:
+    """The state cache document: each distinct declaration (caps, owner, pin, flags) once,
+    and per entry its path, its declaration's index and its source, in three columns (few
+    objects to parse and to free: the daemon keeps what it builds from them)."""
+    kinds: dict[tuple[object, ...], int] = {}
+    indexes: list[int] = []
+    for entry in entries:
+        caps = entry.caps
+        kind = (
+            caps.permitted,
+            caps.inheritable,
+            caps.effective,
+            caps.rootid,
+            entry.caps_text,
+            entry.owner,
+            entry.sha256,
+            entry.allow_inheritable,
+            entry.allow_interpreter,
+        )
+        indexes.append(kinds.setdefault(kind, len(kinds)))
+    return {
+        "key": key,
+        "kinds": [list(kind) for kind in kinds],
+        "paths": [entry.path for entry in entries],
+        "of": indexes,
+        "sources": [entry.source for entry in entries],
+    }
+
+
+_Declaration = tuple[CapSet, str, str, int, str | None, bool, bool]
+
+
+def _declaration(kind: object, uid_of: Callable[[str], int]) -> _Declaration:
+    """The shared fields of one of :func:`_document`'s kinds, in :class:`Entry` order from
+    ``caps`` to ``allow_interpreter``; ValueError or KeyError (no such owner) if malformed."""
+    if type(kind) is not list or len(kind) != 9:
+        raise ValueError(kind)
+    permitted, inheritable, effective, rootid, text, owner, digest, inherit, interp = kind
+    # Exact types: JSON's true is no number here, nor 1 a boolean.
+    if not (
+        type(permitted) is int
+        and type(inheritable) is int
+        and type(effective) is bool
+        and type(rootid) is int
+        and type(text) is str
+        and type(owner) is str
+        and (digest is None or type(digest) is str)
+        and type(inherit) is bool
+        and type(interp) is bool
+    ):
+        raise ValueError(kind)
+    caps = CapSet(permitted, inheritable, effective, rootid)
+    return (caps, text, owner, uid_of(owner), digest, inherit, interp)
+
+
+def _from_cache(data: object, key: str, uid_of: Callable[[str], int]) -> tuple[Entry, ...] | None:
+    """The entries of a state cache document for ``key``; None when it is for other
+    files, malformed in any way, or an owner no longer resolves (the full load then
+    reports it)."""
+    if type(data) is not dict or data.get("key") != key:
+        return None
+    kinds, paths, indexes, sources = (
+        data.get(name) for name in ("kinds", "paths", "of", "sources")
+    )
+    if not (
+        type(kinds) is list
+        and type(paths) is list
+        and type(indexes) is list
+        and type(sources) is list
+        and len(paths) == len(indexes) == len(sources)
+    ):
+        return None
+    try:
+        declarations = [_declaration(kind, uid_of) for kind in kinds]
+    except (KeyError, ValueError):  # no such owner now; a mask CapSet refuses
+        return None
+    count = len(declarations)
+    entries: list[Entry] = []
+    for path, index, source in zip(paths, indexes, sources, strict=True):
+        if not (
+            type(path) is str and type(index) is int and 0 <= index < count and type(source) is str
+        ):
+            return None
+        caps, text, owner, uid, digest, inherit, interp = declarations[index]
+        entries.append(Entry(path, caps, text, owner, uid, digest, inherit, interp, source))
+    return tuple(entries)
 
 
 def _entry(

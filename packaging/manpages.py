@@ -51,6 +51,12 @@ SETTINGS = {
     "status_file": "Where the daemon writes, and capkeeper status reads, its status "
     "(default /run/capkeeper/status.json).",
     "metrics_file": "Also write a Prometheus textfile there (node_exporter).",
+    "cache_directory": "Where the daemon keeps what it can rebuild but would rather not at "
+    "every start: the validated state and the ELF facts of the declared files (default "
+    "/var/cache/capkeeper, created by the unit's CacheDirectory=); apply and check read the "
+    "state cache for a state of 64 KiB or more. Used only when it and its "
+    "files are owned by root (or the daemon's user) and writable by nobody else; an empty "
+    "value disables caching.",
 }
 
 KEYS = {

@@ -82,6 +82,8 @@ def test_scale_figures(tmp_path: Path) -> None:
     assert figures["rss_kib"] > figures["python_rss_kib"] > 0
     assert figures["idle_wakeups"] >= 0
     assert figures["exit_codes"] == [0, 0]
+    assert figures["ready_warm_s"] > 0  # a third start, with the cache the others wrote
+    assert figures["exit_code_warm"] == 0
 
 
 @pytest.mark.usefixtures("root")

@@ -42,6 +42,7 @@ LAYERS: dict[str, int] = {
     "notify": ADAPTER,
     "journal": ADAPTER,
     "log": ADAPTER,
+    "cache": ADAPTER,
     "state": ADAPTER,
     "settings": ADAPTER,
     "status": ADAPTER,

@@ -130,7 +130,8 @@ def test_unknown_keys_and_bad_toml_in_the_file(tmp_path: Path) -> None:
     path = _file(tmp_path / "settings.toml", 'statee = "/x"\n[watch]\nrescan = 1\n')
     assert _error(path) == (
         f"invalid settings file: {path}: unknown keys 'statee', 'watch' (known: state, "
-        "rescan_interval, settle_time, log_format, log_level, status_file, metrics_file)"
+        "rescan_interval, settle_time, log_format, log_level, status_file, metrics_file, "
+        "cache_directory)"
     )
     _file(path, "state = \n")
     assert _error(path).startswith(f"invalid settings file: {path}: Invalid value (at line 1")

@@ -345,6 +345,30 @@ def test_status_file_in_runtime_directory(installed: Installed) -> None:
     assert owner == "capkeeper"
 
 
+def test_restart_uses_the_cache_in_cache_directory(installed: Installed) -> None:
+    """The daemon keeps its caches in /var/cache/capkeeper (CacheDirectory=, the capkeeper
+    user's, 0700; files 0600); a restart with nothing changed rewrites neither, which it
+    would on a miss (the state cache when read, the ELF facts after READY=1)."""
+    cache = "/var/cache/capkeeper"
+    names = ("state.json", "elf.json")
+    installed.start("restart")
+
+    def stamps() -> str | None:
+        out = installed.run(
+            "sh", "-c", f"cd {cache} && stat -c '%n %U %a %y' {' '.join(names)}", check=False
+        )
+        return out if out.count("\n") == len(names) else None
+
+    first = wait_for(stamps, "both caches written")
+    assert installed.run("stat", "-c", "%U %a", cache).split() == ["capkeeper", "700"]
+    assert [line.split()[:3] for line in first.splitlines()] == [
+        [name, "capkeeper", "600"] for name in names
+    ]
+    installed.start("restart")
+    time.sleep(1)  # the ELF facts are saved after READY=1, when they changed
+    assert stamps() == first
+
+
 def test_rsync_deploy_is_repaired_and_journaled(installed: Installed) -> None:
     """An rsync deploy is repaired; the journal entry has the fields, PRIORITY=4 and the catalog."""
     installed.start()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, TextIO
 
+from capkeeper.cache import Cache
 from capkeeper.commands import COMMANDS
 from capkeeper.commands._entries import run_entries
 from capkeeper.exit_codes import ExitStatus
@@ -34,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, settings: Settings, out: TextIO) -> ExitStatus:
     """Restore what drifted; exit FAILED when any binary was refused, missing or not written."""
-    state = load_state(settings.state)
+    state = load_state(settings.state, cache=Cache(settings.cache_directory))
     if args.unit:  # ExecStartPre= mode: warnings only, the exit status stays apply's
         from capkeeper.diagnose import preflight  # noqa: PLC0415 - only --unit needs it
 

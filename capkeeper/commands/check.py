@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, TextIO
 
+from capkeeper.cache import Cache
 from capkeeper.commands import COMMANDS
 from capkeeper.commands._entries import run_entries
 from capkeeper.exit_codes import ExitStatus
@@ -24,4 +25,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, settings: Settings, out: TextIO) -> ExitStatus:
     """DRIFT when any declared binary differs, FAILED when any is refused or missing."""
-    return run_entries(args, load_state(settings.state), out, write=False)
+    state = load_state(settings.state, cache=Cache(settings.cache_directory))
+    return run_entries(args, state, out, write=False)
