@@ -9,11 +9,12 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
+import structlog
+from structlog.testing import CapturingLogger
 
 from capkeeper import keeper as keeper_module
 from capkeeper import watcher as watcher_module
 from capkeeper.keeper import Keeper
-from capkeeper.log import get_logger
 from capkeeper.state import load_state
 from capkeeper.status import StatusBook
 from capkeeper.watcher import Route, Watcher, WatchFailure, plan_route
@@ -28,7 +29,9 @@ def _keeper(watcher: Watcher, state_file: Path) -> Keeper:
     keeper = Keeper(
         watcher,
         StatusBook(),
-        logger=get_logger(),
+        # Its own logger: the one configured globally may write to a stream an earlier
+        # test closed.
+        logger=structlog.wrap_logger(CapturingLogger(), processors=[]),
         settle_time=0.1,
         last_cap=40,
         clock=time.monotonic,
