@@ -23,6 +23,7 @@ EPERM, EACCES and EROFS become sentences with a hint (:func:`file_error`).
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import stat
 import struct
@@ -129,10 +130,16 @@ class RawCaps:
         """``(caps, None)``, or ``(None, problem)`` when the value cannot be read."""
         if self.value is None:
             return None, REFUSED.get(self.error, REFUSED[errno.EINVAL])
-        try:
-            return decode(self.value), None
-        except InvalidCapabilityData as exc:
-            return None, exc.message
+        return _decoded(self.value)
+
+
+@functools.lru_cache(maxsize=256)
+def _decoded(value: bytes) -> tuple[CapSet | None, str | None]:
+    """:meth:`RawCaps.decode` of a value, remembered: thousands of files carry the same few."""
+    try:
+        return decode(value), None
+    except InvalidCapabilityData as exc:
+        return None, exc.message
 
 
 def _raw(target: int | str, *, follow_symlinks: bool = False) -> RawCaps | None:

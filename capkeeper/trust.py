@@ -7,6 +7,7 @@ written, returns every reason to refuse (an empty tuple means trusted).
 
 from __future__ import annotations
 
+import functools
 import posixpath
 import stat
 from collections.abc import Collection, Sequence
@@ -63,8 +64,9 @@ def declaration_refusals(caps: CapSet, *, allow_inheritable: bool, last_cap: int
     purpose (rule ``inheritable``). The state refuses such a declaration when it is
     loaded; :func:`assess` asks again for entries built otherwise."""
     refusals: list[Refusal] = []
-    beyond = sorted(n for n in caps.capabilities() if n > last_cap)
-    if beyond:
+    # The bits above last_cap, tested at once before any list is built.
+    if (caps.permitted | caps.inheritable) >> max(last_cap + 1, 0):
+        beyond = sorted(n for n in caps.capabilities() if n > last_cap)
         names = ", ".join(capability_name(n) for n in beyond)
         refusals.append(
             Refusal("kernel", f"{names} not known to this kernel (last capability is {last_cap})")
@@ -176,68 +178,122 @@ def route_refusals(
     ``uid`` and ``nlink`` are those of the file reached; ``owners`` may own the
     directories and symlinks on the way besides root (``owner`` names them).
     The one route rule, for binaries and for the state files alike.
+
+    The verdict on the hops that do not depend on the file reached is
+    remembered by value (the hops, ``owners``, ``owner``): the thousands of
+    files of one directory share every hop of their route.
     """
+    route = tuple(hops)
+    parts, pseudo = _route_part(route, tuple(owners), owner)
     refusals: list[Refusal] = []
-    for index, hop in enumerate(hops):
-        if hop.is_symlink:
-            if hop.uid not in owners:
-                refusals.append(
-                    Refusal(
-                        "symlink",
-                        f"symlink {hop.path} -> {hop.target} is owned by uid {hop.uid}, "
-                        f"not by {owner}",
-                        "only root may own symlinks on the path to a privileged binary",
-                        component=hop.path,
-                    )
-                )
-            continue
-        if hop.uid not in owners:
-            refusals.append(
-                Refusal(
-                    "directory-owner",
-                    f"directory {hop.path} is owned by uid {hop.uid}, not by {owner}",
-                    "whoever owns a directory can replace the binary inside it",
-                    component=hop.path,
-                )
+    for part in parts:
+        if isinstance(part, int):
+            refusals += _hop_refusals(
+                route, part, resolved=resolved, uid=uid, nlink=nlink, owners=owners, owner=owner
             )
-        if writable_by_others(hop.mode):
-            sticky_ok = (
-                hop.uid == 0 and hop.mode & stat.S_ISVTX and _next_owner(hops, index, uid) in owners
-            )
-            if sticky_ok and nlink > 1 and posixpath.dirname(resolved) == hop.path:
-                # With fs.protected_hardlinks=0 anyone may link a root-owned file into
-                # a sticky directory: the root-owned name proves nothing then.
-                refusals.append(
-                    Refusal(
-                        "hardlink",
-                        f"{resolved} has {nlink} hard links and sits in "
-                        f"world-writable {hop.path}, where anyone could have linked it",
-                        "keep managed binaries in directories only root can write",
-                        component=hop.path,
-                    )
-                )
-            if not sticky_ok:
-                refusals.append(
-                    Refusal(
-                        "directory-writable",
-                        f"directory {hop.path} is writable by "
-                        f"{_who(hop.mode)} (mode {stat.S_IMODE(hop.mode):04o})",
-                        f"chmod go-w {hop.path}",
-                        component=hop.path,
-                    )
-                )
+        else:
+            refusals += part
     # /proc/<pid>/root, /proc/self/fd/N and friends lead wherever some process is.
-    on_pseudo = [p for p in (*(hop.path for hop in hops), resolved) if _on_pseudo_fs(p)]
-    if on_pseudo:
+    if pseudo is None and _on_pseudo_fs(resolved):
+        pseudo = resolved
+    if pseudo is not None:
         refusals.append(
             Refusal(
                 "pseudo-fs",
                 f"{declared} leads into /proc or /sys (resolved: {resolved}), "
                 "which hold no stable binary",
                 "declare the real path of the binary",
-                component=on_pseudo[0],
+                component=pseudo,
             )
         )
+    return refusals
+
+
+_RoutePart = tuple[tuple[tuple[Refusal, ...] | int, ...], str | None]
+
+
+@functools.lru_cache(maxsize=1024)
+def _route_part(hops: tuple[Hop, ...], owners: tuple[int, ...], owner: str) -> _RoutePart:
+    """What :func:`route_refusals` says of ``hops`` whatever the file reached: per hop
+    its refusals, or its index when they depend on that file; and the first hop in
+    /proc or /sys (None: none)."""
+    parts: list[tuple[Refusal, ...] | int] = []
+    for index, hop in enumerate(hops):
+        # Only a sticky root-owned directory others can write to is judged with the file
+        # reached (its owner and hard links); every other hop is judged alone.
+        if not hop.is_symlink and writable_by_others(hop.mode) and _sticky_root(hop):
+            parts.append(index)
+        else:
+            hop_refusals = _hop_refusals(
+                hops, index, resolved="", uid=-1, nlink=0, owners=owners, owner=owner
+            )
+            if hop_refusals:
+                parts.append(tuple(hop_refusals))
+    pseudo = next((hop.path for hop in hops if _on_pseudo_fs(hop.path)), None)
+    return tuple(parts), pseudo
+
+
+def _sticky_root(hop: Hop) -> bool:
+    return hop.uid == 0 and bool(hop.mode & stat.S_ISVTX)
+
+
+def _hop_refusals(
+    hops: Sequence[Hop],
+    index: int,
+    *,
+    resolved: str,
+    uid: int,
+    nlink: int,
+    owners: Collection[int],
+    owner: str,
+) -> list[Refusal]:
+    """The route rule for the one hop ``hops[index]`` on the way to ``resolved``."""
+    hop = hops[index]
+    refusals: list[Refusal] = []
+    if hop.is_symlink:
+        if hop.uid not in owners:
+            refusals.append(
+                Refusal(
+                    "symlink",
+                    f"symlink {hop.path} -> {hop.target} is owned by uid {hop.uid}, not by {owner}",
+                    "only root may own symlinks on the path to a privileged binary",
+                    component=hop.path,
+                )
+            )
+        return refusals
+    if hop.uid not in owners:
+        refusals.append(
+            Refusal(
+                "directory-owner",
+                f"directory {hop.path} is owned by uid {hop.uid}, not by {owner}",
+                "whoever owns a directory can replace the binary inside it",
+                component=hop.path,
+            )
+        )
+    if writable_by_others(hop.mode):
+        sticky_ok = _sticky_root(hop) and _next_owner(hops, index, uid) in owners
+        if sticky_ok and nlink > 1 and posixpath.dirname(resolved) == hop.path:
+            # With fs.protected_hardlinks=0 anyone may link a root-owned file into
+            # a sticky directory: the root-owned name proves nothing then.
+            refusals.append(
+                Refusal(
+                    "hardlink",
+                    f"{resolved} has {nlink} hard links and sits in "
+                    f"world-writable {hop.path}, where anyone could have linked it",
+                    "keep managed binaries in directories only root can write",
+                    component=hop.path,
+                )
+            )
+        if not sticky_ok:
+            refusals.append(
+                Refusal(
+                    "directory-writable",
+                    f"directory {hop.path} is writable by "
+                    f"{_who(hop.mode)} (mode {stat.S_IMODE(hop.mode):04o})",
+                    f"chmod go-w {hop.path}",
+                    component=hop.path,
+                )
+            )
     return refusals
 
 
