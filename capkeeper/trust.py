@@ -179,122 +179,107 @@ def route_refusals(
     directories and symlinks on the way besides root (``owner`` names them).
     The one route rule, for binaries and for the state files alike.
 
-    The verdict on the hops that do not depend on the file reached is
-    remembered by value (the hops, ``owners``, ``owner``): the thousands of
-    files of one directory share every hop of their route.
+    The thousands of files of one directory share their route: for a file with
+    one link, the verdict on the hops depends only on the hops, the file's
+    owner and ``owners``, and is remembered by those values.
     """
     route = tuple(hops)
-    parts, pseudo = _route_part(route, tuple(owners), owner)
-    refusals: list[Refusal] = []
-    for part in parts:
-        if isinstance(part, int):
-            refusals += _hop_refusals(
-                route, part, resolved=resolved, uid=uid, nlink=nlink, owners=owners, owner=owner
-            )
-        else:
-            refusals += part
+    if nlink > 1:
+        refusals, pseudo = _hop_refusals(
+            route, resolved=resolved, uid=uid, nlink=nlink, owners=tuple(owners), owner=owner
+        )
+    else:
+        # With one link, resolved and nlink only enter the hardlink rule, which needs
+        # nlink > 1: the same verdict for every such file of that owner on this route.
+        refusals, pseudo = _one_link_hop_refusals(route, uid, tuple(owners), owner)
     # /proc/<pid>/root, /proc/self/fd/N and friends lead wherever some process is.
     if pseudo is None and _on_pseudo_fs(resolved):
         pseudo = resolved
-    if pseudo is not None:
-        refusals.append(
-            Refusal(
-                "pseudo-fs",
-                f"{declared} leads into /proc or /sys (resolved: {resolved}), "
-                "which hold no stable binary",
-                "declare the real path of the binary",
-                component=pseudo,
-            )
-        )
-    return refusals
+    if pseudo is None:
+        return list(refusals)
+    return [
+        *refusals,
+        Refusal(
+            "pseudo-fs",
+            f"{declared} leads into /proc or /sys (resolved: {resolved}), "
+            "which hold no stable binary",
+            "declare the real path of the binary",
+            component=pseudo,
+        ),
+    ]
 
 
-_RoutePart = tuple[tuple[tuple[Refusal, ...] | int, ...], str | None]
+_HopVerdict = tuple[tuple[Refusal, ...], str | None]
 
 
 @functools.lru_cache(maxsize=1024)
-def _route_part(hops: tuple[Hop, ...], owners: tuple[int, ...], owner: str) -> _RoutePart:
-    """What :func:`route_refusals` says of ``hops`` whatever the file reached: per hop
-    its refusals, or its index when they depend on that file; and the first hop in
-    /proc or /sys (None: none)."""
-    parts: list[tuple[Refusal, ...] | int] = []
-    for index, hop in enumerate(hops):
-        # Only a sticky root-owned directory others can write to is judged with the file
-        # reached (its owner and hard links); every other hop is judged alone.
-        if not hop.is_symlink and writable_by_others(hop.mode) and _sticky_root(hop):
-            parts.append(index)
-        else:
-            hop_refusals = _hop_refusals(
-                hops, index, resolved="", uid=-1, nlink=0, owners=owners, owner=owner
-            )
-            if hop_refusals:
-                parts.append(tuple(hop_refusals))
-    pseudo = next((hop.path for hop in hops if _on_pseudo_fs(hop.path)), None)
-    return tuple(parts), pseudo
-
-
-def _sticky_root(hop: Hop) -> bool:
-    return hop.uid == 0 and bool(hop.mode & stat.S_ISVTX)
+def _one_link_hop_refusals(
+    hops: tuple[Hop, ...], uid: int, owners: tuple[int, ...], owner: str
+) -> _HopVerdict:
+    return _hop_refusals(hops, resolved="", uid=uid, nlink=1, owners=owners, owner=owner)
 
 
 def _hop_refusals(
-    hops: Sequence[Hop],
-    index: int,
+    hops: tuple[Hop, ...],
     *,
     resolved: str,
     uid: int,
     nlink: int,
-    owners: Collection[int],
+    owners: tuple[int, ...],
     owner: str,
-) -> list[Refusal]:
-    """The route rule for the one hop ``hops[index]`` on the way to ``resolved``."""
-    hop = hops[index]
+) -> _HopVerdict:
+    """The route rule on each hop, and the first hop in /proc or /sys (None: none)."""
     refusals: list[Refusal] = []
-    if hop.is_symlink:
+    for index, hop in enumerate(hops):
+        if hop.is_symlink:
+            if hop.uid not in owners:
+                refusals.append(
+                    Refusal(
+                        "symlink",
+                        f"symlink {hop.path} -> {hop.target} is owned by uid {hop.uid}, "
+                        f"not by {owner}",
+                        "only root may own symlinks on the path to a privileged binary",
+                        component=hop.path,
+                    )
+                )
+            continue
         if hop.uid not in owners:
             refusals.append(
                 Refusal(
-                    "symlink",
-                    f"symlink {hop.path} -> {hop.target} is owned by uid {hop.uid}, not by {owner}",
-                    "only root may own symlinks on the path to a privileged binary",
+                    "directory-owner",
+                    f"directory {hop.path} is owned by uid {hop.uid}, not by {owner}",
+                    "whoever owns a directory can replace the binary inside it",
                     component=hop.path,
                 )
             )
-        return refusals
-    if hop.uid not in owners:
-        refusals.append(
-            Refusal(
-                "directory-owner",
-                f"directory {hop.path} is owned by uid {hop.uid}, not by {owner}",
-                "whoever owns a directory can replace the binary inside it",
-                component=hop.path,
+        if writable_by_others(hop.mode):
+            sticky_ok = (
+                hop.uid == 0 and hop.mode & stat.S_ISVTX and _next_owner(hops, index, uid) in owners
             )
-        )
-    if writable_by_others(hop.mode):
-        sticky_ok = _sticky_root(hop) and _next_owner(hops, index, uid) in owners
-        if sticky_ok and nlink > 1 and posixpath.dirname(resolved) == hop.path:
-            # With fs.protected_hardlinks=0 anyone may link a root-owned file into
-            # a sticky directory: the root-owned name proves nothing then.
-            refusals.append(
-                Refusal(
-                    "hardlink",
-                    f"{resolved} has {nlink} hard links and sits in "
-                    f"world-writable {hop.path}, where anyone could have linked it",
-                    "keep managed binaries in directories only root can write",
-                    component=hop.path,
+            if sticky_ok and nlink > 1 and posixpath.dirname(resolved) == hop.path:
+                # With fs.protected_hardlinks=0 anyone may link a root-owned file into
+                # a sticky directory: the root-owned name proves nothing then.
+                refusals.append(
+                    Refusal(
+                        "hardlink",
+                        f"{resolved} has {nlink} hard links and sits in "
+                        f"world-writable {hop.path}, where anyone could have linked it",
+                        "keep managed binaries in directories only root can write",
+                        component=hop.path,
+                    )
                 )
-            )
-        if not sticky_ok:
-            refusals.append(
-                Refusal(
-                    "directory-writable",
-                    f"directory {hop.path} is writable by "
-                    f"{_who(hop.mode)} (mode {stat.S_IMODE(hop.mode):04o})",
-                    f"chmod go-w {hop.path}",
-                    component=hop.path,
+            if not sticky_ok:
+                refusals.append(
+                    Refusal(
+                        "directory-writable",
+                        f"directory {hop.path} is writable by "
+                        f"{_who(hop.mode)} (mode {stat.S_IMODE(hop.mode):04o})",
+                        f"chmod go-w {hop.path}",
+                        component=hop.path,
+                    )
                 )
-            )
-    return refusals
+    pseudo = next((hop.path for hop in hops if _on_pseudo_fs(hop.path)), None)
+    return tuple(refusals), pseudo
 
 
 def _on_pseudo_fs(path: str) -> bool:
