@@ -433,9 +433,12 @@ class Keeper:
             return None
         self._deferred.pop(path, None)
         known = self._state_of(path).pacing.identity
+        seen: list[tuple[Observation, Identity]] = []  # the last one held or not, for _report
 
         def hold(observation: Observation, decision: Decision) -> bool:
-            return may_be_mid_write(cause, known, identity_of(observation), decision)
+            identity = identity_of(observation)
+            seen[:] = [(observation, identity)]
+            return may_be_mid_write(cause, known, identity, decision)
 
         try:
             outcome = self._check(entry, write=True, last_cap=self._last_cap, hold=hold, pins=pins)
@@ -449,10 +452,20 @@ class Keeper:
             self._settling.hold(path, self._clock() + wait, cause)
             self._log.debug("write_in_progress", path=path, cause=cause, found=outcome.found)
             return None
-        self._report(outcome, cause, since)
+        observed = outcome.observation
+        if observed is None:
+            identity = None
+        elif seen and seen[0][0] is observed:
+            identity = seen[0][1]
+        else:
+            identity = identity_of(observed)
+        self._report(outcome, cause, since, identity)
         return outcome
 
-    def _report(self, outcome: Outcome, cause: str, since: float | None) -> None:
+    def _report(
+        self, outcome: Outcome, cause: str, since: float | None, identity: Identity | None
+    ) -> None:
+        """Log, pace and record ``outcome``; ``identity`` is that of its observation."""
         now = self._clock()
         path = outcome.entry.path
         record = self._state_of(path)
@@ -475,13 +488,7 @@ class Keeper:
             log_outcome(self._log, outcome, **fields)
         else:
             self._log.debug("verdict_unchanged", path=path, status=str(verdict), cause=cause)
-        observed = outcome.observation
-        braked = record.pacing.checked(
-            verdict,
-            identity_of(observed) if observed is not None else None,
-            now,
-            transient=outcome.transient,
-        )
+        braked = record.pacing.checked(verdict, identity, now, transient=outcome.transient)
         if braked is not None and braked.alert:
             self._log.warning(
                 "restore_flapping",
