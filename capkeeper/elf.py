@@ -92,6 +92,8 @@ class _DT(enum.IntEnum):
     GNU_HASH = 0x6FFFFEF5
 
 
+_CLASSES = {int(c): c for c in EIClass}
+_ORDERS = {int(d): d for d in EIData}
 # Plain ints for the loops over every program header and dynamic entry: comparing
 # with an IntEnum member costs a class attribute lookup each time.
 _PT_LOAD, _PT_DYNAMIC, _PT_INTERP = int(_PT.LOAD), int(_PT.DYNAMIC), int(_PT.INTERP)
@@ -161,6 +163,17 @@ class _Budget:
                 raise ElfError(f"{size} bytes at offset {offset} run past the end of the file")
         return b"".join(parts)
 
+    def unpack(self, fmt: str, offset: int) -> tuple[int, ...]:
+        """``struct.unpack`` of ``fmt`` (a full format, byte order first) over exactly
+        its size at ``offset``: :meth:`get` without the copy when it fits one block."""
+        size = struct.calcsize(fmt)
+        first, start = divmod(offset, _BLOCK)
+        if offset >= 0 and start + size <= _BLOCK:
+            block = self._blocks.get(first) or self._block(first)
+            if start + size <= len(block):
+                return struct.unpack_from(fmt, block, start)
+        return struct.unpack(fmt, self.get(offset, size))
+
     def string(self, offset: int) -> bytes:
         """The NUL-terminated string at ``offset`` (at most :data:`MAX_NAME` bytes)."""
         if offset < 0:
@@ -192,6 +205,10 @@ class _Layout(NamedTuple):
 
     def unpack(self, fmt: str, data: bytes, offset: int = 0) -> tuple[int, ...]:
         return struct.unpack_from(self.order + fmt, data, offset)
+
+    def at(self, src: _Budget, fmt: str, offset: int) -> tuple[int, ...]:
+        """``fmt`` in this byte order read from ``src`` at ``offset`` (exactly its size)."""
+        return src.unpack(self.order + fmt, offset)
 
     @property
     def word(self) -> str:  # Elf_Addr / Elf_Off / Elf_Xword / d_tag
@@ -235,6 +252,21 @@ def _keys(names: tuple[str, ...]) -> tuple[_Key, ...]:
     """``names`` with their encodings and both hashes, computed once per set of names."""
     encoded = [name.encode() for name in names]
     return tuple(_Key(n, k, gnu_hash(k), sysv_hash(k)) for n, k in zip(names, encoded, strict=True))
+
+
+@functools.lru_cache(maxsize=64)
+def _bloom_passing(
+    keys: tuple[_Key, ...], bits: int, size: int, shift: int, bloom: tuple[int, ...]
+) -> tuple[_Key, ...]:
+    """The ``keys`` a GNU Bloom filter of ``size`` words of ``bits`` does not rule out:
+    for each, two bits of one word must be set. Remembered by value (copies of one
+    binary share their filter)."""
+    return tuple(
+        k
+        for k in keys
+        if bloom[(k.gnu // bits) % size] >> (k.gnu % bits) & 1
+        and bloom[(k.gnu // bits) % size] >> ((k.gnu >> shift) % bits) & 1
+    )
 
 
 class _Dynamic:
@@ -297,11 +329,11 @@ class _Dynamic:
         for name, key, index in candidates:
             if name in found:
                 continue
-            entry = self.src.get(symtab + index * syment, syment)
+            at = symtab + index * syment
             if self.lay.c64:
-                st_name, _, _, shndx = self.lay.unpack("IBBH", entry)
+                st_name, _, _, shndx, _, _ = self.lay.at(self.src, "IBBHQQ", at)
             else:
-                st_name, _, _, _, _, shndx = self.lay.unpack("IIIBBH", entry)
+                st_name, _, _, _, _, shndx = self.lay.at(self.src, "IIIBBH", at)
             # SHN_UNDEF (0): an import, not a definition.
             if shndx != 0 and self.src.string(strtab + st_name) == key:
                 found.add(name)
@@ -314,7 +346,7 @@ class _Dynamic:
 
     def _gnu_candidates(self, table: int, keys: tuple[_Key, ...]) -> list[tuple[str, bytes, int]]:
         """``(name, key, symbol index)`` of every symbol the GNU hash table offers for ``keys``."""
-        nbuckets, symoffset, bloom_size, shift = self.lay.unpack("4I", self.src.get(table, 16))
+        nbuckets, symoffset, bloom_size, shift = self.lay.at(self.src, "4I", table)
         if not 0 < nbuckets <= MAX_BUCKETS or not 0 < bloom_size <= MAX_BLOOM_WORDS:
             raise ElfError(f"GNU hash table of {nbuckets} buckets, {bloom_size} bloom words")
         bits = 64 if self.lay.c64 else 32
@@ -322,12 +354,7 @@ class _Dynamic:
         buckets_at = table + 16 + bloom_size * bits // 8
         chain_at = buckets_at + nbuckets * 4
         # The Bloom filter answers "certainly absent" for most names without the buckets.
-        passing = [
-            k
-            for k in keys
-            if bloom[(k.gnu // bits) % bloom_size] >> (k.gnu % bits) & 1
-            and bloom[(k.gnu // bits) % bloom_size] >> ((k.gnu >> shift) % bits) & 1
-        ]
+        passing = _bloom_passing(keys, bits, bloom_size, shift, bloom)
         found: list[tuple[str, bytes, int]] = []
         if not passing:
             return found
@@ -338,7 +365,7 @@ class _Dynamic:
                 continue
             while True:
                 self._step("GNU")
-                (value,) = self.lay.unpack("I", self.src.get(chain_at + (index - symoffset) * 4, 4))
+                (value,) = self.lay.at(self.src, "I", chain_at + (index - symoffset) * 4)
                 if value | 1 == k.gnu | 1:
                     found.append((k.name, k.key, index))
                 if value & 1:
@@ -348,7 +375,7 @@ class _Dynamic:
 
     def _sysv_candidates(self, table: int, keys: tuple[_Key, ...]) -> list[tuple[str, bytes, int]]:
         """``(name, key, symbol index)`` of every symbol the SysV hash table offers for ``keys``."""
-        nbucket, nchain = self.lay.unpack("2I", self.src.get(table, 8))
+        nbucket, nchain = self.lay.at(self.src, "2I", table)
         if not 0 < nbucket <= MAX_BUCKETS:
             raise ElfError(f"hash table of {nbucket} buckets")
         buckets = self._array(table + 8, nbucket, 4)
@@ -363,7 +390,7 @@ class _Dynamic:
                 if index >= nchain:
                     raise ElfError(f"hash chain index {index} beyond nchain {nchain}")
                 found.append((k.name, k.key, index))
-                (index,) = self.lay.unpack("I", self.src.get(chain_at + index * 4, 4))
+                (index,) = self.lay.at(self.src, "I", chain_at + index * 4)
         return found
 
 
@@ -377,19 +404,18 @@ def parse(read: Read, symbols: Collection[str] = ()) -> ElfFacts:
     ident = src.get(0, 16)
     if ident[:4] != b"\x7fELF":
         raise ElfError(f"bad magic {ident[:4]!r}")
-    try:
-        elf_class, data = EIClass(ident[4]), EIData(ident[5])
-    except ValueError:
-        raise ElfError(f"unknown class {ident[4]} or byte order {ident[5]}") from None
+    elf_class, data = _CLASSES.get(ident[4]), _ORDERS.get(ident[5])
+    if elf_class is None or data is None:
+        raise ElfError(f"unknown class {ident[4]} or byte order {ident[5]}")
     lay = _Layout("<" if data is EIData.LSB else ">", elf_class is EIClass.C64)
     if lay.c64:
-        header = src.get(16, 48)
-        e_type, machine, _, _, phoff, _, _, _, phentsize, phnum = lay.unpack("HHIQQQIHHH", header)
-        phformat, phsize = "IIQQQQQQ", 56
+        e_type, machine, _, _, phoff, _, _, _, phentsize, phnum = lay.at(src, "HHIQQQIHHH6x", 16)
+        # p_type, p_offset, p_vaddr, p_filesz of Elf64_Phdr (p_flags after p_type)
+        phformat, phsize = "I4xQQ8xQ16x", 56
     else:
-        header = src.get(16, 36)
-        e_type, machine, _, _, phoff, _, _, _, phentsize, phnum = lay.unpack("HHIIIIIHHH", header)
-        phformat, phsize = "IIIIIIII", 32
+        e_type, machine, _, _, phoff, _, _, _, phentsize, phnum = lay.at(src, "HHIIIIIHHH6x", 16)
+        # p_type, p_offset, p_vaddr, p_filesz of Elf32_Phdr (p_flags after p_filesz)
+        phformat, phsize = "III4xI12x", 32
     if phnum > MAX_PROGRAM_HEADERS:
         raise ElfError(f"{phnum} program headers (at most {MAX_PROGRAM_HEADERS} read)")
     if phnum and phentsize != phsize:
@@ -398,11 +424,7 @@ def parse(read: Read, symbols: Collection[str] = ()) -> ElfFacts:
     loads: list[tuple[int, int, int]] = []
     interp: str | None = None
     dynamic: tuple[int, int] | None = None
-    for fields in struct.iter_unpack(lay.order + phformat, table):
-        if lay.c64:
-            p_type, _, p_offset, p_vaddr, _, p_filesz, _, _ = fields
-        else:
-            p_type, p_offset, p_vaddr, _, p_filesz, _, _, _ = fields
+    for p_type, p_offset, p_vaddr, p_filesz in struct.iter_unpack(lay.order + phformat, table):
         if p_type == _PT_LOAD:
             loads.append((p_vaddr, p_filesz, p_offset))
         elif p_type == _PT_INTERP and interp is None:
@@ -410,17 +432,15 @@ def parse(read: Read, symbols: Collection[str] = ()) -> ElfFacts:
             interp = _text(raw.split(b"\0", 1)[0])
         elif p_type == _PT_DYNAMIC and dynamic is None:
             dynamic = (p_offset, p_filesz)
-    facts = ElfFacts(elf_class, data, e_type, machine, interp, dynamic is not None)
     if dynamic is None:
-        return facts
+        return ElfFacts(elf_class, data, e_type, machine, interp, False)
     entry_size = 16 if lay.c64 else 8
     count = min(dynamic[1] // entry_size, MAX_DYNAMIC_ENTRIES)
     raw = src.get(dynamic[0], count * entry_size)
-    tags: list[tuple[int, int]] = []
-    for tag, value in struct.iter_unpack(lay.order + lay.word * 2, raw):
-        if tag == _DT_NULL:
-            break
-        tags.append((tag, value))
+    words = struct.unpack(f"{lay.order}{2 * count}{lay.word}", raw)
+    keys = words[0::2]
+    end = keys.index(_DT_NULL) if _DT_NULL in keys else count  # DT_NULL ends the section
+    tags = list(zip(keys[:end], words[1 : 2 * end : 2], strict=True))
     dyn = _Dynamic(src, lay, loads, tags)
     strtab_addr = dyn.first(_DT.STRTAB)
     needed: list[str] = []

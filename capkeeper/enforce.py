@@ -9,10 +9,11 @@ removes) ``security.capability`` on that same descriptor.
 from __future__ import annotations
 
 import errno
+import os
 from collections.abc import Callable
 
 from capkeeper.errors import CapabilitiesNotKept, FileAccessError
-from capkeeper.files import NO_XATTR, Pins, observe_fd, open_declared, remove_caps, write_caps
+from capkeeper.files import NO_XATTR, Pins, observe_declared, remove_caps, write_caps
 from capkeeper.kernel import cap_last_cap
 from capkeeper.model import Entry, Observation
 from capkeeper.reconcile import Decision, Outcome, Status, decide
@@ -62,8 +63,9 @@ def _reconcile_once(
     hold: Callable[[Observation, Decision], bool] | None,
     pins: Pins | None,
 ) -> Outcome:
-    with open_declared(entry.path, pins=pins) as (fd, hops, resolved):
-        observation = observe_fd(entry.path, fd, hops, resolved, hash=entry.sha256 is not None)
+    fd, observation = observe_declared(entry.path, hash=entry.sha256 is not None, pins=pins)
+    try:
+        resolved = observation.resolved
         decision = decide(entry, observation, last_cap=last_cap)
         if hold is not None and hold(observation, decision):
             return Outcome(
@@ -117,6 +119,8 @@ def _reconcile_once(
             extra=decision.extra,
             observation=observation,
         )
+    finally:
+        os.close(fd)
 
 
 def _refuse(

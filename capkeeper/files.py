@@ -23,6 +23,7 @@ EPERM, EACCES and EROFS become sentences with a hint (:func:`file_error`).
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import stat
 import struct
@@ -130,10 +131,16 @@ class RawCaps:
         """``(caps, None)``, or ``(None, problem)`` when the value cannot be read."""
         if self.value is None:
             return None, REFUSED.get(self.error, REFUSED[errno.EINVAL])
-        try:
-            return decode(self.value), None
-        except InvalidCapabilityData as exc:
-            return None, exc.message
+        return _decoded(self.value)
+
+
+@functools.lru_cache(maxsize=256)
+def _decoded(value: bytes) -> tuple[CapSet | None, str | None]:
+    """:meth:`RawCaps.decode` of a value, remembered: thousands of files carry the same few."""
+    try:
+        return decode(value), None
+    except InvalidCapabilityData as exc:
+        return None, exc.message
 
 
 def _raw(target: int | str, *, follow_symlinks: bool = False) -> RawCaps | None:
@@ -265,29 +272,34 @@ def open_declared(
     Raises :class:`FileAccessError` (``errno`` ENOENT when the file is missing,
     EAGAIN with :data:`REPLACED` when it was replaced between walk and open).
     """
-    walk: Walk[int] | None = None
-    fd: int | None = None
+    fd, hops, resolved, _ = _open(path, calls=calls, pins=pins, directory=directory)
     try:
-        try:
-            opened = _from_pin(path, pins, calls, directory=directory)
-            if opened is None:
-                walk = Walk(path, calls.open("/", _DIR_FLAGS), release=calls.close)
-                opened = _walk(path, walk, calls, directory=directory, pins=pins)
-            fd, hops, resolved = opened
-        except OSError as exc:
-            raise file_error(exc, path, "open") from exc
-        # Outside the try above: an error of the caller's is not an error opening.
         yield fd, hops, resolved
     finally:
-        if fd is not None:
-            calls.close(fd)
+        calls.close(fd)
+
+
+_Opened = tuple[int, list[Hop], str, os.stat_result]
+"""The final file of a walk: its descriptor, the route to it, where it is, its fstat."""
+
+
+def _open(path: str, *, calls: FdCalls, pins: Pins | None, directory: bool) -> _Opened:
+    """The walk of :func:`open_declared`, its directories closed once the file is open."""
+    walk: Walk[int] | None = None
+    try:
+        opened = _from_pin(path, pins, calls, directory=directory)
+        if opened is None:
+            walk = Walk(path, calls.open("/", _DIR_FLAGS), release=calls.close)
+            opened = _walk(path, walk, calls, directory=directory, pins=pins)
+    except OSError as exc:
+        raise file_error(exc, path, "open") from exc
+    finally:
         if walk is not None:
             walk.close()
+    return opened
 
 
-def _from_pin(
-    path: str, pins: Pins | None, calls: FdCalls, *, directory: bool
-) -> tuple[int, list[Hop], str] | None:
+def _from_pin(path: str, pins: Pins | None, calls: FdCalls, *, directory: bool) -> _Opened | None:
     """The final file opened from a pinned directory; None: walk from ``/`` instead."""
     if pins is None:
         return None
@@ -309,7 +321,7 @@ def _from_pin(
 
 def _walk(
     path: str, walk: Walk[int], calls: FdCalls, *, directory: bool, pins: Pins | None = None
-) -> tuple[int, list[Hop], str]:
+) -> _Opened:
     """The walk of :func:`open_declared`; directory descriptors are left to ``walk``."""
     st = calls.fstat(walk.directory[0])
     hops = [Hop("/", st.st_uid, st.st_mode)]
@@ -354,7 +366,7 @@ def _open_final(
     *,
     calls: FdCalls,
     directory: bool,
-) -> tuple[int, list[Hop], str]:
+) -> _Opened:
     """Open the final ``name`` (not a symlink, ``st`` its lstat) in the directory
     ``where`` (descriptor, resolved path)."""
     dir_fd, dir_path = where
@@ -373,7 +385,7 @@ def _open_final(
             context=path,
             errno=errno.EAGAIN,
         )
-    return fd, hops, posixjoin(dir_path, name)
+    return fd, hops, posixjoin(dir_path, name), opened
 
 
 def read_caps(fd: int) -> tuple[CapSet | None, str | None]:
@@ -602,6 +614,33 @@ def observe_fd(path: str, fd: int, hops: list[Hop], resolved: str, *, hash: bool
     """Gather the :class:`Observation` of an already opened file."""
     try:
         st = os.fstat(fd)
+    except OSError as exc:
+        raise file_error(exc, path, "read") from exc
+    return _observe(path, fd, hops=hops, resolved=resolved, st=st, hash=hash)
+
+
+def observe_declared(path: str, *, hash: bool, pins: Pins | None = None) -> tuple[int, Observation]:
+    """Open ``path`` as :func:`open_declared` does and observe it: ``(fd, observation)``.
+
+    The caller closes ``fd`` (it is closed here when the observation fails).
+    The fstat taken right after the open, to tell a file replaced between the
+    walk and the open, is the one the observation starts from. Raises
+    :class:`FileAccessError` like :func:`open_declared` and :func:`observe_fd`.
+    """
+    fd, hops, resolved, st = _open(path, calls=FD_CALLS, pins=pins, directory=False)
+    try:
+        return fd, _observe(path, fd, hops=hops, resolved=resolved, st=st, hash=hash)
+    except BaseException:
+        FD_CALLS.close(fd)
+        raise
+
+
+def _observe(
+    path: str, fd: int, *, hops: list[Hop], resolved: str, st: os.stat_result, hash: bool
+) -> Observation:
+    """The :class:`Observation` of ``fd``, reached by ``hops`` at ``resolved``, whose
+    fstat after the open is ``st``."""
+    try:
         kind, interpreter = _kind(fd, st.st_mode)
         elf = _ELF_CACHE.facts(fd, st) if kind is Kind.ELF else None
         regular = kind is not Kind.NOT_REGULAR

@@ -15,6 +15,7 @@ first signal, the name (:data:`INTERPRETER`) the second.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -147,9 +148,11 @@ def _by_name(name: str) -> RunsCode | None:
     return None
 
 
+@functools.lru_cache(maxsize=1024)
 def runs_other_code(name: str, elf: ElfFacts | None) -> RunsCode | None:
     """Why the ELF file called ``name`` runs other code, or ``None`` when it does not.
 
     ``elf`` is ``None`` when the content could not be read as ELF: the name decides.
+    Remembered by value: thousands of declared binaries share a few names and facts.
     """
     return (_by_content(elf) if elf is not None else None) or _by_name(name)

@@ -58,6 +58,7 @@ _REPLAN_ROUNDS = 8  # plan, watch, look again: at most this often per batch (a d
 # Anyone can overflow the queue of a directory others can write to, as often as they
 # like: warn about it at most this often (seconds); the rescans it causes are cheap.
 _EXPOSED_OVERFLOW_WARN_EVERY = 60.0
+_DEBUG = 10  # logging.DEBUG, the level structlog's filtering loggers compare with
 
 Reconcile = Callable[..., Outcome]
 
@@ -100,6 +101,7 @@ class Keeper:
         self._exposed = Throttle(_EXPOSED_OVERFLOW_WARN_EVERY)
         self._batch = Counter[str]()  # what the current batch of events led to
         self._watcher_dirty = False  # a watch was dropped: sync even if no route changed
+        self._logs_debug: bool | None = None  # known during a rescan: are debug events kept?
 
     def install(self, state: State) -> None:
         """Keep exactly the entries of ``state`` from now on (the caller reconciles)."""
@@ -413,14 +415,18 @@ class Keeper:
         self._replan(self.entries)
         self._deferred.clear()  # every entry is checked now; failed ones re-queue themselves
         counts: dict[str, int] = {}
-        with Pins() as pins:
-            for entry in self._state.entries:
-                if self._stopping():
-                    break
-                outcome = self._check_entry(entry.path, cause, since, pins)
-                if outcome is not None:
-                    counts[str(outcome.status)] = counts.get(str(outcome.status), 0) + 1
-                self._tick()
+        self._logs_debug = _logs_debug(self._log)
+        try:
+            with Pins() as pins:
+                for entry in self._state.entries:
+                    if self._stopping():
+                        break
+                    outcome = self._check_entry(entry.path, cause, since, pins)
+                    if outcome is not None:
+                        counts[str(outcome.status)] = counts.get(str(outcome.status), 0) + 1
+                    self._tick()
+        finally:
+            self._logs_debug = None
         self.book.rescans += 1
         self.book.dirty = True
         quiet = cause == "periodic" and set(counts) <= {str(Status.IN_SYNC)}
@@ -437,14 +443,18 @@ class Keeper:
         started = self._clock()
         counts: dict[str, int] = {}
         todo = sorted(p for p in paths if p in self.entries)
-        with Pins() as pins:
-            for path in todo:
-                if self._stopping():
-                    break
-                outcome = self._check_entry(path, cause, since, pins)
-                if outcome is not None:
-                    counts[str(outcome.status)] = counts.get(str(outcome.status), 0) + 1
-                self._tick()
+        self._logs_debug = _logs_debug(self._log)
+        try:
+            with Pins() as pins:
+                for path in todo:
+                    if self._stopping():
+                        break
+                    outcome = self._check_entry(path, cause, since, pins)
+                    if outcome is not None:
+                        counts[str(outcome.status)] = counts.get(str(outcome.status), 0) + 1
+                    self._tick()
+        finally:
+            self._logs_debug = None
         self.book.dirty = True
         # Anyone can cause overflow rescans: log them above debug only when they found drift.
         quiet = cause == "overflow" and set(counts) <= {str(Status.IN_SYNC)}
@@ -465,9 +475,12 @@ class Keeper:
             return None
         self._deferred.pop(path, None)
         known = self._state_of(path).pacing.identity
+        seen: list[tuple[Observation, Identity]] = []  # the last one held or not, for _report
 
         def hold(observation: Observation, decision: Decision) -> bool:
-            return may_be_mid_write(cause, known, identity_of(observation), decision)
+            identity = identity_of(observation)
+            seen[:] = [(observation, identity)]
+            return may_be_mid_write(cause, known, identity, decision)
 
         try:
             outcome = self._check(entry, write=True, last_cap=self._last_cap, hold=hold, pins=pins)
@@ -481,10 +494,20 @@ class Keeper:
             self._settling.hold(path, self._clock() + wait, cause)
             self._log.debug("write_in_progress", path=path, cause=cause, found=outcome.found)
             return None
-        self._report(outcome, cause, since)
+        observed = outcome.observation
+        if observed is None:
+            identity = None
+        elif seen and seen[0][0] is observed:
+            identity = seen[0][1]
+        else:
+            identity = identity_of(observed)
+        self._report(outcome, cause, since, identity)
         return outcome
 
-    def _report(self, outcome: Outcome, cause: str, since: float | None) -> None:
+    def _report(
+        self, outcome: Outcome, cause: str, since: float | None, identity: Identity | None
+    ) -> None:
+        """Log, pace and record ``outcome``; ``identity`` is that of its observation."""
         now = self._clock()
         path = outcome.entry.path
         record = self._state_of(path)
@@ -493,7 +516,10 @@ class Keeper:
         fields: dict[str, Any] = {"cause": cause}
         if since is not None and verdict is Status.RESTORED:
             fields["latency_ms"] = round((now - since) * 1000, 3)
-        if verdict is Status.RESTORED:
+        if verdict is Status.IN_SYNC and (last is None or last.ok):
+            if self._logs_debug is not False:  # a debug event: not even built when dropped
+                log_outcome(self._log, outcome, **fields)
+        elif verdict is Status.RESTORED:
             log_outcome(self._log, outcome, **fields)
         elif verdict is Status.IN_SYNC and last is not None and not last.ok:
             self._log.info("capability_in_sync", **outcome.fields(), **fields)
@@ -504,13 +530,7 @@ class Keeper:
             log_outcome(self._log, outcome, **fields)
         else:
             self._log.debug("verdict_unchanged", path=path, status=str(verdict), cause=cause)
-        observed = outcome.observation
-        braked = record.pacing.checked(
-            verdict,
-            identity_of(observed) if observed is not None else None,
-            now,
-            transient=outcome.transient,
-        )
+        braked = record.pacing.checked(verdict, identity, now, transient=outcome.transient)
         if braked is not None and braked.alert:
             self._log.warning(
                 "restore_flapping",
@@ -527,6 +547,16 @@ class Keeper:
             # EROFS, ENOSPC, EIO: the fix (a remount, freed space) raises no event.
             self._deferred.setdefault(path, "retry")
         self.book.record(outcome, cause=cause)
+
+
+def _logs_debug(logger: Any) -> bool:
+    """Whether ``logger`` keeps debug events: structlog's filtering loggers say so
+    (``is_enabled_for``); any other logger is taken to keep them."""
+    try:
+        kept = logger.is_enabled_for(_DEBUG)
+    except AttributeError:
+        return True
+    return kept if isinstance(kept, bool) else True
 
 
 def _stat_identity(path: str) -> Identity | None:

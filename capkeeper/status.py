@@ -136,9 +136,10 @@ class StatusBook:
     def record(self, outcome: Outcome, *, cause: str, now: float | None = None) -> bool:
         """Fold one outcome in; return True when the entry's status changed."""
         stamp = time.time() if now is None else now
-        record = self.entries.setdefault(
-            outcome.entry.path, EntryState(outcome.entry.path, outcome.expected)
-        )
+        path = outcome.entry.path
+        record = self.entries.get(path)
+        if record is None:
+            record = self.entries[path] = EntryState(path, outcome.expected)
         status = str(outcome.status)
         changed = record.status != status or record.found != outcome.found
         if outcome.status is Status.RESTORED:

@@ -7,6 +7,7 @@ written, returns every reason to refuse (an empty tuple means trusted).
 
 from __future__ import annotations
 
+import functools
 import posixpath
 import stat
 from collections.abc import Collection, Sequence
@@ -63,8 +64,9 @@ def declaration_refusals(caps: CapSet, *, allow_inheritable: bool, last_cap: int
     purpose (rule ``inheritable``). The state refuses such a declaration when it is
     loaded; :func:`assess` asks again for entries built otherwise."""
     refusals: list[Refusal] = []
-    beyond = sorted(n for n in caps.capabilities() if n > last_cap)
-    if beyond:
+    # The bits above last_cap, tested at once before any list is built.
+    if (caps.permitted | caps.inheritable) >> max(last_cap + 1, 0):
+        beyond = sorted(n for n in caps.capabilities() if n > last_cap)
         names = ", ".join(capability_name(n) for n in beyond)
         refusals.append(
             Refusal("kernel", f"{names} not known to this kernel (last capability is {last_cap})")
@@ -176,7 +178,57 @@ def route_refusals(
     ``uid`` and ``nlink`` are those of the file reached; ``owners`` may own the
     directories and symlinks on the way besides root (``owner`` names them).
     The one route rule, for binaries and for the state files alike.
+
+    The thousands of files of one directory share their route: for a file with
+    one link, the verdict on the hops depends only on the hops, the file's
+    owner and ``owners``, and is remembered by those values.
     """
+    route = tuple(hops)
+    if nlink > 1:
+        refusals, pseudo = _hop_refusals(
+            route, resolved=resolved, uid=uid, nlink=nlink, owners=tuple(owners), owner=owner
+        )
+    else:
+        # With one link, resolved and nlink only enter the hardlink rule, which needs
+        # nlink > 1: the same verdict for every such file of that owner on this route.
+        refusals, pseudo = _one_link_hop_refusals(route, uid, tuple(owners), owner)
+    # /proc/<pid>/root, /proc/self/fd/N and friends lead wherever some process is.
+    if pseudo is None and _on_pseudo_fs(resolved):
+        pseudo = resolved
+    if pseudo is None:
+        return list(refusals)
+    return [
+        *refusals,
+        Refusal(
+            "pseudo-fs",
+            f"{declared} leads into /proc or /sys (resolved: {resolved}), "
+            "which hold no stable binary",
+            "declare the real path of the binary",
+            component=pseudo,
+        ),
+    ]
+
+
+_HopVerdict = tuple[tuple[Refusal, ...], str | None]
+
+
+@functools.lru_cache(maxsize=1024)
+def _one_link_hop_refusals(
+    hops: tuple[Hop, ...], uid: int, owners: tuple[int, ...], owner: str
+) -> _HopVerdict:
+    return _hop_refusals(hops, resolved="", uid=uid, nlink=1, owners=owners, owner=owner)
+
+
+def _hop_refusals(
+    hops: tuple[Hop, ...],
+    *,
+    resolved: str,
+    uid: int,
+    nlink: int,
+    owners: tuple[int, ...],
+    owner: str,
+) -> _HopVerdict:
+    """The route rule on each hop, and the first hop in /proc or /sys (None: none)."""
     refusals: list[Refusal] = []
     for index, hop in enumerate(hops):
         if hop.is_symlink:
@@ -226,19 +278,8 @@ def route_refusals(
                         component=hop.path,
                     )
                 )
-    # /proc/<pid>/root, /proc/self/fd/N and friends lead wherever some process is.
-    on_pseudo = [p for p in (*(hop.path for hop in hops), resolved) if _on_pseudo_fs(p)]
-    if on_pseudo:
-        refusals.append(
-            Refusal(
-                "pseudo-fs",
-                f"{declared} leads into /proc or /sys (resolved: {resolved}), "
-                "which hold no stable binary",
-                "declare the real path of the binary",
-                component=on_pseudo[0],
-            )
-        )
-    return refusals
+    pseudo = next((hop.path for hop in hops if _on_pseudo_fs(hop.path)), None)
+    return tuple(refusals), pseudo
 
 
 def _on_pseudo_fs(path: str) -> bool:
