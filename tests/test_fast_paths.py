@@ -35,7 +35,7 @@ def _entry(path: Path | str, caps: str = "cap_net_raw=ep") -> Entry:
 
 def _forget() -> None:
     """Clear every value memo of the reconcile path: the next check computes it all."""
-    trust._one_link_hop_refusals.cache_clear()
+    trust._TRUSTED_ROUTES.clear()
     interpreters.runs_other_code.cache_clear()
     files._decoded.cache_clear()
     elf._bloom_passing.cache_clear()
