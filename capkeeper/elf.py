@@ -254,6 +254,9 @@ def _keys(names: tuple[str, ...]) -> tuple[_Key, ...]:
     return tuple(_Key(n, k, gnu_hash(k), sysv_hash(k)) for n, k in zip(names, encoded, strict=True))
 
 
+_BLOOM_MEMO_WORDS = 1024  # libc.so.6 has 256; 64 remembered filters keep at most ~3 MB
+
+
 @functools.lru_cache(maxsize=64)
 def _bloom_passing(
     keys: tuple[_Key, ...], bits: int, size: int, shift: int, bloom: tuple[int, ...]
@@ -354,7 +357,13 @@ class _Dynamic:
         buckets_at = table + 16 + bloom_size * bits // 8
         chain_at = buckets_at + nbuckets * 4
         # The Bloom filter answers "certainly absent" for most names without the buckets.
-        passing = _bloom_passing(keys, bits, bloom_size, shift, bloom)
+        # Remembered only for a filter of a real binary's size: the file's content picks
+        # the key, and a hostile file's 65,536 words would be kept (~3 MB) in each slot.
+        passing = (
+            _bloom_passing(keys, bits, bloom_size, shift, bloom)
+            if bloom_size <= _BLOOM_MEMO_WORDS
+            else _bloom_passing.__wrapped__(keys, bits, bloom_size, shift, bloom)
+        )
         found: list[tuple[str, bytes, int]] = []
         if not passing:
             return found

@@ -74,3 +74,53 @@ def test_refused_routes_an_attacker_varies_are_not_remembered(attacker_dir: Path
     # One verdict on such a route is ~4.5 MB; remembering all would keep ~27 MB.
     assert kept < 2_000_000, f"{kept} bytes kept after {_ROUTES} refused routes"
     assert os.lstat(home / "l39").st_uid == ATTACKER
+
+
+_CRAFT_ELF = r"""
+import random, struct, sys
+# A 64-bit shared object whose GNU hash table has the largest Bloom filter the parser
+# reads (65,536 words), random each time: its dynamic table names DT_STRTAB, DT_SYMTAB
+# and DT_GNU_HASH, so looking up the marker symbols reads the filter.
+rng = random.Random(int(sys.argv[2]))
+words = 1 << 16
+dyn_off, str_off, sym_off, hash_off = 176, 240, 256, 304
+table = struct.pack("<4I", 1, 1, words, 0)
+table += b"".join(struct.pack("<Q", rng.getrandbits(64)) for _ in range(words))
+table += struct.pack("<2I", 1, 1)
+end = hash_off + len(table)
+ident = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9)
+ehdr = ident + struct.pack("<HHIQQQIHHHHHH", 3, 62, 1, 0, 64, 0, 0, 64, 56, 2, 0, 0, 0)
+load = struct.pack("<IIQQQQQQ", 1, 5, 0, 0, 0, end, end, 0x1000)
+dynamic = struct.pack("<IIQQQQQQ", 2, 6, dyn_off, dyn_off, dyn_off, 64, 64, 8)
+tags = struct.pack("<8Q", 5, str_off, 6, sym_off, 0x6FFFFEF5, hash_off, 0, 0)
+strtab = b"\0Py_Main\0".ljust(16, b"\0")
+with open(sys.argv[1], "wb") as out:
+    out.write(ehdr + load + dynamic + tags + strtab + bytes(48) + table)
+"""
+
+
+def test_hostile_bloom_filters_are_not_remembered(attacker_dir: Path) -> None:
+    """Attack: the attacker rewrites a declared file it can write (in its own directory)
+    with an ELF whose GNU hash Bloom filter is 65,536 random words, before each check.
+    Runs as: attacker 4242 writes the file; the checks run as root.
+    Never: memory kept after the checks grows with the filters they read."""
+    target = attacker_dir / "tool"
+
+    def judge(seed: int) -> None:
+        crafted = [*setpriv(), SYSTEM_PYTHON, "-I", "-c", _CRAFT_ELF, str(target), str(seed)]
+        subprocess.run(crafted, check=True)
+        assert files.observe(str(target)).elf is not None
+
+    judge(0)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for seed in range(1, 9):
+            judge(seed)
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    # A filter of 65,536 words is ~2.9 MB as a tuple of ints; remembering 8 is ~23 MB.
+    assert kept < 4_000_000, f"{kept} bytes kept after 8 hostile Bloom filters"
