@@ -191,7 +191,7 @@ def route_refusals(
     else:
         # With one link, resolved and nlink only enter the hardlink rule, which needs
         # nlink > 1: the same verdict for every such file of that owner on this route.
-        refusals, pseudo = _one_link_hop_refusals(route, uid, tuple(owners), owner)
+        refusals, pseudo = _one_link_verdict(route, uid, tuple(owners), owner)
     # /proc/<pid>/root, /proc/self/fd/N and friends lead wherever some process is.
     if pseudo is None and _on_pseudo_fs(resolved):
         pseudo = resolved
@@ -210,6 +210,27 @@ def route_refusals(
 
 
 _HopVerdict = tuple[tuple[Refusal, ...], str | None]
+
+
+_LastVerdict = tuple[tuple[Hop, ...], int, tuple[int, ...], str, _HopVerdict]
+_last_verdict: _LastVerdict | None = None
+
+
+def _one_link_verdict(
+    hops: tuple[Hop, ...], uid: int, owners: tuple[int, ...], owner: str
+) -> _HopVerdict:
+    """:func:`_one_link_hop_refusals`, the last answer remembered by the identity of
+    ``hops``: the files of one pinned directory share one route object
+    (:class:`capkeeper.files.Pins`), whose hashing (every hop) the cache would redo for
+    each. A tuple of frozen hops cannot change, and the reference kept here stops its
+    identity from passing to another tuple."""
+    global _last_verdict  # noqa: PLW0603 - a one-entry memo, like the cache below
+    last = _last_verdict
+    if last is not None and last[0] is hops and last[1:4] == (uid, owners, owner):
+        return last[4]
+    verdict = _one_link_hop_refusals(hops, uid, owners, owner)
+    _last_verdict = (hops, uid, owners, owner, verdict)
+    return verdict
 
 
 @functools.lru_cache(maxsize=1024)
@@ -321,7 +342,7 @@ def assess(entry: Entry, observation: Observation, *, last_cap: int) -> tuple[Re
     elif observation.kind is Kind.OTHER:
         refusals.append(Refusal("elf", f"{path} is not an ELF executable"))
     elif not entry.allow_interpreter and (
-        runs := runs_other_code(posixpath.basename(path), observation.elf)
+        runs := runs_other_code(path.rpartition("/")[2], observation.elf)  # basename
     ):
         refusals.append(
             Refusal(
