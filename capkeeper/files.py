@@ -27,7 +27,7 @@ import functools
 import os
 import stat
 import struct
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -274,12 +274,12 @@ def open_declared(
     """
     fd, hops, resolved, _ = _open(path, calls=calls, pins=pins, directory=directory)
     try:
-        yield fd, hops, resolved
+        yield fd, list(hops), resolved
     finally:
         calls.close(fd)
 
 
-_Opened = tuple[int, list[Hop], str, os.stat_result]
+_Opened = tuple[int, Sequence[Hop], str, os.stat_result]
 """The final file of a walk: its descriptor, the route to it, where it is, its fstat."""
 
 
@@ -315,7 +315,12 @@ def _from_pin(path: str, pins: Pins | None, calls: FdCalls, *, directory: bool) 
     if stat.S_ISLNK(st.st_mode):
         return None
     here = calls.fstat(dir_fd)
-    hops = [*route[:-1], Hop(route[-1].path, here.st_uid, here.st_mode)]
+    last = route[-1]
+    hops: Sequence[Hop] = route
+    if (here.st_uid, here.st_mode) != (last.uid, last.mode):
+        hops = (*route[:-1], Hop(last.path, here.st_uid, here.st_mode))
+    # Unchanged: the pinned route itself, one object for the whole directory, whose
+    # verdict trust.route_refusals then remembers by identity.
     return _open_final(path, name, st, (dir_fd, dir_path), hops, calls=calls, directory=directory)
 
 
@@ -362,7 +367,7 @@ def _open_final(
     name: str,
     st: os.stat_result,
     where: tuple[int, str],
-    hops: list[Hop],
+    hops: Sequence[Hop],
     *,
     calls: FdCalls,
     directory: bool,
@@ -636,7 +641,7 @@ def observe_declared(path: str, *, hash: bool, pins: Pins | None = None) -> tupl
 
 
 def _observe(
-    path: str, fd: int, *, hops: list[Hop], resolved: str, st: os.stat_result, hash: bool
+    path: str, fd: int, *, hops: Sequence[Hop], resolved: str, st: os.stat_result, hash: bool
 ) -> Observation:
     """The :class:`Observation` of ``fd``, reached by ``hops`` at ``resolved``, whose
     fstat after the open is ``st``."""

@@ -190,15 +190,7 @@ def route_refusals(
     else:
         # With one link, resolved and nlink only enter the hardlink rule, which needs
         # nlink > 1: the same verdict for every such file of that owner on this route.
-        key = (route, uid, tuple(owners))
-        if key in _TRUSTED_ROUTES:
-            refusals, pseudo = (), _TRUSTED_ROUTES[key]
-        else:
-            refusals, pseudo = _hop_refusals(
-                route, resolved="", uid=uid, nlink=1, owners=key[2], owner=owner
-            )
-            if not refusals:
-                _remember_trusted(key, pseudo)
+        refusals, pseudo = _one_link_verdict(route, uid, tuple(owners), owner)
     # /proc/<pid>/root, /proc/self/fd/N and friends lead wherever some process is.
     if pseudo is None and _on_pseudo_fs(resolved):
         pseudo = resolved
@@ -230,6 +222,36 @@ def _remember_trusted(key: _RouteKey, pseudo: str | None) -> None:
     if len(_TRUSTED_ROUTES) >= _TRUSTED_ROUTES_MAX:
         _TRUSTED_ROUTES.clear()
     _TRUSTED_ROUTES[key] = pseudo
+
+
+# The last trusted route, by identity: the files of one pinned directory share one
+# route object (:class:`capkeeper.files.Pins`), whose hashing (every hop) the dict above
+# would redo for each. A tuple of frozen hops cannot change, and the reference kept here
+# stops its identity from passing to another tuple.
+_last_trusted: tuple[tuple[Hop, ...], int, tuple[int, ...], str | None] | None = None
+
+
+def _one_link_verdict(
+    hops: tuple[Hop, ...], uid: int, owners: tuple[int, ...], owner: str
+) -> _HopVerdict:
+    """:func:`_hop_refusals` of a one-link file owned by ``uid``; a route with no
+    refusal is remembered (see :data:`_TRUSTED_ROUTES`), a refused one never."""
+    global _last_trusted  # noqa: PLW0603 - a one-entry memo over the one above
+    last = _last_trusted
+    if last is not None and last[0] is hops and last[1] == uid and last[2] == owners:
+        return (), last[3]
+    key = (hops, uid, owners)
+    if key in _TRUSTED_ROUTES:
+        pseudo = _TRUSTED_ROUTES[key]
+    else:
+        refusals, pseudo = _hop_refusals(
+            hops, resolved="", uid=uid, nlink=1, owners=owners, owner=owner
+        )
+        if refusals:
+            return refusals, pseudo
+        _remember_trusted(key, pseudo)
+    _last_trusted = (hops, uid, owners, pseudo)
+    return (), pseudo
 
 
 def _hop_refusals(
@@ -334,7 +356,7 @@ def assess(entry: Entry, observation: Observation, *, last_cap: int) -> tuple[Re
     elif observation.kind is Kind.OTHER:
         refusals.append(Refusal("elf", f"{path} is not an ELF executable"))
     elif not entry.allow_interpreter and (
-        runs := runs_other_code(posixpath.basename(path), observation.elf)
+        runs := runs_other_code(path.rpartition("/")[2], observation.elf)  # basename
     ):
         refusals.append(
             Refusal(

@@ -36,6 +36,7 @@ def _entry(path: Path | str, caps: str = "cap_net_raw=ep") -> Entry:
 def _forget() -> None:
     """Clear every value memo of the reconcile path: the next check computes it all."""
     trust._TRUSTED_ROUTES.clear()
+    trust._last_trusted = None
     interpreters.runs_other_code.cache_clear()
     files._decoded.cache_clear()
     elf._bloom_passing.cache_clear()
@@ -192,3 +193,100 @@ def test_attacker_files_in_a_sticky_directory_never_share_roots_verdict(
         process.kill()
         process.communicate()
     assert Status.REFUSED in seen  # the race was run against files that existed
+
+
+def test_a_pinned_route_is_judged_on_its_directory_as_it_is_at_each_entry(tree: Path) -> None:
+    """In one batch, the files of a pinned directory share its route (one object, its
+    verdict remembered by identity) only while the directory's owner and mode are those
+    pinned: loosened, handed to another user, or restored between two entries, each
+    entry is judged on the directory as it is then, exactly as a lone check is."""
+    home = tree / "bin"
+    home.mkdir(mode=0o755)
+    names = [f"t{index}" for index in range(8)]
+    for name in names:
+        setcap("cap_net_raw=ep", make_binary(home / name))
+    changes = {
+        "t2": lambda: os.chmod(home, 0o775),
+        "t3": lambda: os.chmod(home, 0o755),
+        "t4": lambda: os.chown(home, ATTACKER, 0),
+        "t5": lambda: os.chown(home, 0, 0),
+        "t6": lambda: os.chmod(home, 0o777),
+        "t7": lambda: os.chmod(home, 0o755),
+    }
+    for _ in range(2):
+        batch, lone = [], []
+        with Pins() as pins:
+            for name in names:
+                if name in changes:
+                    changes[name]()
+                batch.append(reconcile(_entry(home / name), write=False, pins=pins))
+                _forget()
+                lone.append(reconcile(_entry(home / name), write=False))
+        assert [_verdict(o) for o in batch] == [_verdict(o) for o in lone]
+        assert [o.observation for o in batch] == [o.observation for o in lone]
+        statuses = [o.status for o in batch]
+        assert statuses == [Status.IN_SYNC] * 2 + [Status.REFUSED, Status.IN_SYNC] * 3
+        assert "writable by group" in batch[2].reason
+        assert f"owned by uid {ATTACKER}" in batch[4].reason
+        assert "writable by group and others" in batch[6].reason
+
+
+_FLIP = r"""
+import os, sys
+home = sys.argv[1]
+print("flipping", flush=True)
+while True:
+    os.chmod(home, 0o755)
+    os.chmod(home, 0o700)
+    os.chmod(home, 0o777)
+"""
+
+
+@pytest.fixture
+def open_arena() -> Iterator[Path]:
+    """A root-owned 0755 directory in /tmp that every user can reach."""
+    require_root()
+    base = Path(tempfile.mkdtemp(prefix="capkeeper-fast-", dir="/tmp"))
+    try:
+        os.chmod(base, 0o755)
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_attacker_flipping_the_mode_of_their_directory_never_gets_a_trusted_verdict(
+    open_arena: Path,
+) -> None:
+    """Attack: root's binaries sit in a directory the attacker owns; while batches check
+    them over and over (the route of each pinned and shared), the attacker flips the
+    directory's mode in a loop (0755, 0700, 0777), so that consecutive entries see
+    different owners' routes and modes.
+    Runs as: the attacker uid 4242 (setpriv), capkeeper as root.
+    Never: any of them is judged anything but refused, or written (stripped of the
+    capabilities they carry: the attacker chose what the route reaches)."""
+    home = open_arena / "home"
+    home.mkdir(mode=0o755)
+    binaries = [make_binary(home / f"t{index}") for index in range(20)]
+    for binary in binaries:
+        setcap("cap_net_raw=ep", binary)
+    os.chown(home, ATTACKER, ATTACKER)
+    value = os.getxattr(binaries[0], XATTR_NAME)
+    process = subprocess.Popen(
+        [*setpriv(), SYSTEM_PYTHON, "-I", "-c", _FLIP, str(home)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline() == b"flipping\n", process.communicate(timeout=10)[1]
+        for _ in range(100):
+            with Pins() as pins:
+                for binary in binaries:
+                    outcome = reconcile(_entry(binary), write=True, pins=pins)
+                    assert outcome.status is Status.REFUSED, outcome
+                    assert f"owned by uid {ATTACKER}" in outcome.reason
+        assert process.poll() is None, process.communicate()[1]
+    finally:
+        process.kill()
+        process.communicate()
+    assert all(os.getxattr(binary, XATTR_NAME) == value for binary in binaries)
