@@ -218,6 +218,10 @@ class Cache:
             raise
 
 
+_SLICE = 256
+"""Elements of a long list encoded at once by :func:`_pieces`."""
+
+
 def _pieces(value: object, depth: int = 3) -> Iterator[str]:
     """``json.dumps(value, separators=(",", ":"))`` in pieces: the lists and dicts of
     the top ``depth`` levels (the envelope, its data, the data's columns) element by
@@ -227,16 +231,15 @@ def _pieces(value: object, depth: int = 3) -> Iterator[str]:
     import json  # noqa: PLC0415 - only when a cache is written
 
     encode = json.JSONEncoder(separators=(",", ":")).encode
-    quote = json.encoder.encode_basestring_ascii
     if depth and type(value) is list:
         yield "["
-        for number, item in enumerate(value):
-            if depth > 1 and type(item) in (dict, list):
+        if depth == 1:  # the encoder's speed, a bounded slice at a time
+            for start in range(0, len(value), _SLICE):
+                piece = encode(value[start : start + _SLICE])[1:-1]
+                yield ("," if start else "") + piece
+        else:
+            for number, item in enumerate(value):
                 yield from (("," if number else ""), *_pieces(item, depth - 1))
-            elif type(item) is str:  # what encode() does with a str, without its overhead
-                yield ("," if number else "") + quote(item)
-            else:
-                yield ("," if number else "") + encode(item)
         yield "]"
     elif depth and type(value) is dict and all(type(key) is str for key in value):
         yield "{"

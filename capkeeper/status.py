@@ -15,6 +15,7 @@ Names: a *verdict* is a :class:`~capkeeper.reconcile.Status`; an entry's
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -221,7 +222,7 @@ def write_status(path: Path, book: StatusBook) -> None:
 
 
 def status_text(book: StatusBook) -> Iterator[str]:
-    """The status file's text in pieces, one entry at a time: exactly
+    """The status file's text in pieces, 256 entries at a time: exactly
     ``json.dumps(book.snapshot(), separators=(",", ":")) + "\\n"``, without building the
     snapshot of every entry and the whole text at once (10,000 entries' dicts and
     text stay in the daemon's heap as fragmentation: ~10 MB of RSS, measured)."""
@@ -229,8 +230,12 @@ def status_text(book: StatusBook) -> Iterator[str]:
     head = {name: getattr(book, name) for name in _SNAPSHOT_FIELDS}
     head["schema"] = SCHEMA
     yield compact(head)[:-1] + ',"entries":['
-    for number, record in enumerate(book.entries.values()):
-        yield ("," if number else "") + compact(record.snapshot())
+    records = iter(book.entries.values())
+    separator = ""
+    # A few hundred entries per encoder call: nearly its speed on the whole list.
+    while chunk := [record.snapshot() for record in itertools.islice(records, 256)]:
+        yield separator + compact(chunk)[1:-1]
+        separator = ","
     yield '],"written":' + compact(time.time()) + "}\n"
 
 

@@ -519,6 +519,9 @@ def test_cache_written_without_holding_the_document(cache_dir: Path) -> None:
     size = (cache_dir / "doc.json").stat().st_size
     assert size > 500_000
     assert peak < size, f"peak {peak} bytes for a {size}-byte document"
+    document = {"format": 1, "capkeeper": cache_version(), "name": "doc.json", "data": data}
+    expected = json.dumps(document, separators=(",", ":")).encode()
+    assert (cache_dir / "doc.json").read_bytes() == expected
 
 
 # -- the attacker ------------------------------------------------------------------------

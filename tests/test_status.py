@@ -339,7 +339,9 @@ def test_status_file_streamed_is_the_snapshot(
     assert len(json.loads(status_file.read_bytes())["entries"]) == count
 
 
-def test_status_file_written_without_holding_every_entry(tmp_path: Path) -> None:
+def test_status_file_written_without_holding_every_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Writing the status of 10,000 entries never holds their snapshots or the whole
     text at once: Python keeps the heap such a peak grew (the daemon's RSS)."""
     import tracemalloc
@@ -360,3 +362,6 @@ def test_status_file_written_without_holding_every_entry(tmp_path: Path) -> None
     assert size > 2_000_000
     assert peak < size / 4, f"peak {peak} bytes for a {size}-byte status file"
     assert len(json.loads(status_file.read_bytes())["entries"]) == 10_000
+    monkeypatch.setattr(time, "time", lambda: _STAMP)  # the same "written" in both
+    write_status(status_file, book)
+    assert status_file.read_text() == json.dumps(book.snapshot(), separators=(",", ":")) + "\n"
