@@ -205,7 +205,7 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
         debug = bool(getattr(args, "debug", False))
         from capkeeper.settings import load_settings  # noqa: PLC0415 - after --help/--version
 
-        settings = load_settings(_overrides(args))
+        settings = load_settings(_overrides(args), isolate=args.command == "watch")
         level = "debug" if debug else (settings.log_level or "info")
         concrete = configure(settings.log_format, level)
         # One-shot commands report on stdout; their events also go to the log when

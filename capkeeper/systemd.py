@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import posixpath
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from capkeeper.errors import CapkeeperError
@@ -121,13 +121,20 @@ def dropin_text(state: State) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_atomically(path: Path, text: str, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``text`` by rename, so readers never see half a file."""
+def write_atomically(path: Path, text: str | Iterable[str], mode: int = 0o644) -> None:
+    """Replace ``path`` with ``text`` by rename, so readers never see half a file.
+
+    ``text`` may be an iterable of pieces, written as they come: a large file is
+    never held in memory whole (the daemon's status file of 10,000 entries).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "w") as handle:
-            handle.write(text)
+            if isinstance(text, str):
+                handle.write(text)
+            else:
+                handle.writelines(text)
             handle.flush()
             os.fchmod(handle.fileno(), mode)
             os.fsync(handle.fileno())

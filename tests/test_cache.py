@@ -23,6 +23,7 @@ from structlog.testing import capture_logs
 
 from capkeeper import files
 from capkeeper.cache import ELF_CACHE, MAX_CACHE_BYTES, Cache
+from capkeeper.cache import _version as cache_version
 from capkeeper.capabilities import format_text, parse
 from capkeeper.cli import main
 from capkeeper.daemon import Daemon
@@ -456,6 +457,71 @@ def test_cache_write_failures_are_quiet(state: Path, tmp_path: Path) -> None:
     reasons = [str(f["reason"]) for f in said]
     assert "no such directory" in reasons
     assert any("not a directory" in reason.lower() for reason in reasons), reasons
+
+
+_DOCUMENTS: list[object] = [
+    {},
+    [],
+    {"paths": ["/a", '/\u00e9\n"q"', "/\udcff"], "of": [0, 1, None], "kinds": [[1, True, None]]},
+    {"columns": {"nested": [{"deep": [1.5, float("nan"), -(2**70)]}]}, "": "", "x": []},
+    {1: "int key", "s": [{"a": 1}, [2, [3]]]},  # json.dumps turns the key into "1"
+    ["top", {"k": [[], {}]}, 7],
+    "a string",
+]
+
+
+@pytest.mark.parametrize("data", _DOCUMENTS, ids=range(len(_DOCUMENTS)))
+def test_cache_document_is_written_as_json_dumps(cache_dir: Path, data: object) -> None:
+    """A document written in pieces is exactly what one ``json.dumps`` writes, and
+    reads back."""
+    cache = Cache(cache_dir, writable=True)
+    assert cache.write("doc.json", data)
+    written = (cache_dir / "doc.json").read_bytes()
+    document = {"format": 1, "capkeeper": cache_version(), "name": "doc.json", "data": data}
+    assert written == json.dumps(document, separators=(",", ":")).encode()
+    assert json.dumps(cache.read("doc.json")) == json.dumps(json.loads(json.dumps(data)))
+    assert sorted(os.listdir(cache_dir)) == ["doc.json"]
+
+
+def test_cache_larger_than_the_limit_is_not_written(
+    cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A document past the limit leaves the previous one and no temporary file."""
+    said: list[dict[str, object]] = []
+    cache = Cache(cache_dir, writable=True, debug=lambda event, **f: said.append(f))
+    assert cache.write("doc.json", ["small"])
+    monkeypatch.setattr("capkeeper.cache.MAX_CACHE_BYTES", 1000)
+    assert not cache.write("doc.json", [f"/srv/{number}" for number in range(1000)])
+    assert said
+    assert "larger than" in str(said[0]["reason"])
+    assert sorted(os.listdir(cache_dir)) == ["doc.json"]
+    assert cache.read("doc.json") == ["small"]
+
+
+def test_cache_written_without_holding_the_document(cache_dir: Path) -> None:
+    """Writing 10,000 entries' columns never holds their text whole nor the encoder's
+    10,000 chunks: Python keeps the heap such a peak grew (the daemon's RSS)."""
+    import tracemalloc
+
+    data = {
+        "paths": [f"/srv/app{number:05d}/bin/tool" for number in range(10_000)],
+        "of": [number % 3 for number in range(10_000)],
+        "sources": ["/etc/capkeeper/state.toml"] * 10_000,
+    }
+    cache = Cache(cache_dir, writable=True)
+    cache_version()  # importlib.metadata's first use is not the writer's
+    tracemalloc.start()
+    try:
+        assert cache.write("doc.json", data)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    size = (cache_dir / "doc.json").stat().st_size
+    assert size > 500_000
+    assert peak < size, f"peak {peak} bytes for a {size}-byte document"
+    document = {"format": 1, "capkeeper": cache_version(), "name": "doc.json", "data": data}
+    expected = json.dumps(document, separators=(",", ":")).encode()
+    assert (cache_dir / "doc.json").read_bytes() == expected
 
 
 # -- the attacker ------------------------------------------------------------------------

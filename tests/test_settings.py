@@ -238,3 +238,116 @@ def test_bogus_log_level_is_one_line_and_exit_78(tmp_path: Path) -> None:
         "capkeeper: error: invalid setting: CAPKEEPER_LOG_LEVEL: must be one of debug, info, "
         "warning, error, critical, got 'bogus'\n"
     )
+
+
+_SOURCES: list[tuple[str, dict[str, object], dict[str, str]]] = [
+    (FILE_TEXT, {}, {}),
+    (FILE_TEXT, {}, {"CAPKEEPER_STATE": "/from/env.toml", "CAPKEEPER_LOG_LEVEL": "ERROR"}),
+    (FILE_TEXT, {"state": "/from/cli.toml", "log_level": None, "rescan_interval": 5.0}, {}),
+    ("", {}, {"CAPKEEPER_CACHE_DIRECTORY": "/var/cache/other", "CAPKEEPER_METRICS_FILE": "/m"}),
+    ("", {}, {"CAPKEEPER_LOG_LEVEL": "bogus"}),
+    ('log_level = "bogus"\n', {}, {}),
+    ("", {"rescan_interval": 0.5}, {"CAPKEEPER_SETTLE_TIME": "nan"}),
+    ("rescan_interval = true\nmetrics_file = 3\n", {"settle_time": 1.0}, {}),
+    ('status_file = "a\\u0000b"\n', {}, {"CAPKEEPER_STATE": ""}),
+    ('state = "/caf\\u00e9\\udcff"\n', {}, {"CAPKEEPER_LOG_FORMAT": "xml\udcff"}),
+]
+
+
+def _outcome(
+    path: Path, overrides: dict[str, object], env: dict[str, str], isolate: bool
+) -> object:
+    environ = {SETTINGS_FILE_VARIABLE: str(path), **env}
+    try:
+        return load_settings(overrides, environ=environ, isolate=isolate)
+    except SettingsError as exc:
+        return ("SettingsError", str(exc))
+
+
+@pytest.mark.parametrize(("text", "overrides", "env"), _SOURCES)
+def test_isolated_check_gives_the_same_settings_and_errors(
+    tmp_path: Path, text: str, overrides: dict[str, object], env: dict[str, str]
+) -> None:
+    """The daemon's check in a child process gives what the in-process one gives: the
+    same values, or the same one-line error."""
+    path = _file(tmp_path / "settings.toml", text)
+    expected = _outcome(path, overrides, env, isolate=False)
+    assert _outcome(path, overrides, env, isolate=True) == expected
+
+
+def test_isolated_check_without_a_child_checks_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No child (fork fails) or a child that dies: the check is made in this process."""
+    path = _file(tmp_path / "settings.toml", FILE_TEXT)
+    expected = _outcome(path, {}, {"CAPKEEPER_LOG_LEVEL": "bogus"}, isolate=False)
+
+    def failing() -> int:
+        raise OSError(11, "Resource temporarily unavailable")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "fork", failing)
+        assert _outcome(path, {}, {"CAPKEEPER_LOG_LEVEL": "bogus"}, isolate=True) == expected
+    with monkeypatch.context() as patch:  # the child exits at once, answering nothing
+        patch.setattr(
+            "capkeeper.settings._validate_with_pydantic_settings", _exit_in_child(os.getpid())
+        )
+        with pytest.raises(SettingsError, match="CAPKEEPER_LOG_LEVEL: must be one of"):
+            load_settings(
+                {},
+                environ={SETTINGS_FILE_VARIABLE: str(path), "CAPKEEPER_LOG_LEVEL": "bogus"},
+                isolate=True,
+            )
+
+
+def _exit_in_child(parent: int) -> object:
+    from capkeeper.settings import _validate_with_pydantic_settings as real
+
+    def validate(*args: object) -> object:
+        if os.getpid() != parent:
+            os._exit(3)
+        return real(*args)  # type: ignore[arg-type]
+
+    return validate
+
+
+WATCH_MODULES = """
+import sys
+import capkeeper.daemon
+capkeeper.daemon.watch = lambda settings: print(
+    settings.cache_directory, sorted(m for m in sys.modules if m.startswith("pydantic"))
+) or 0
+from capkeeper.cli import main
+sys.exit(main(["watch", "--state", sys.argv[1]]))
+"""
+
+
+def test_watch_never_imports_pydantic(tmp_path: Path) -> None:
+    """``capkeeper watch`` with ``CAPKEEPER_*`` variables and a settings file: checked by
+    pydantic-settings, in a child; the daemon's own heap never holds pydantic (~19 MB)."""
+    path = _file(tmp_path / "settings.toml", "rescan_interval = 60\n")
+    env = {
+        **os.environ,
+        SETTINGS_FILE_VARIABLE: str(path),
+        "CAPKEEPER_CACHE_DIRECTORY": str(tmp_path / "cache"),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", WATCH_MODULES, str(tmp_path / "state.toml")],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{tmp_path / 'cache'} []\n"
+    env["CAPKEEPER_LOG_LEVEL"] = "bogus"
+    result = subprocess.run(
+        [sys.executable, "-c", WATCH_MODULES, str(tmp_path / "state.toml")],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == ExitStatus.CONFIG
+    assert "invalid setting: CAPKEEPER_LOG_LEVEL: must be one of" in result.stderr
+    assert result.stdout == ""

@@ -314,3 +314,54 @@ def test_status_escapes_names_and_reports_drift() -> None:
     assert "last drift: /opt/\\u202eevil at " in out
     assert "\ndrift     /opt/evil\\nfake  bad\\x1b[2J  (restores 1, last drift " in out
     assert len(out.splitlines()) == 7
+
+
+@pytest.mark.parametrize("count", [0, 1, 3])
+def test_status_file_streamed_is_the_snapshot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, count: int
+) -> None:
+    """The status file, written one entry at a time, holds exactly the book's snapshot
+    as one ``json.dumps`` would write it (odd paths, every kind of field)."""
+    monkeypatch.setattr(time, "time", lambda: _STAMP)
+    paths = ["/usr/bin/x", '/opt/a "quoted"\nname\\é', "/srv/\udcff\u2028bin"][:count]
+    book = StatusBook()
+    book.load(dict.fromkeys(paths, "cap_net_raw=ep"), ["/etc/capkeeper/state.toml", "ü"])
+    for number, path in enumerate(paths):
+        record = book.entries[path]
+        record.status = ("in-sync", "refused", "unknown")[number]
+        record.restores, record.last_drift, record.reason = number, _STAMP + number, "why\t"
+    book.last_drift = {"path": "/usr/bin/x", "time": _STAMP, "cause": "IN_ATTRIB"}
+    book.last_error, book.rescan_interval = "cannot watch /opt", float("nan")
+    status_file = tmp_path / "status.json"
+    write_status(status_file, book)
+    expected = json.dumps(book.snapshot(), separators=(",", ":")) + "\n"
+    assert status_file.read_text(errors="surrogateescape") == expected
+    assert len(json.loads(status_file.read_bytes())["entries"]) == count
+
+
+def test_status_file_written_without_holding_every_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writing the status of 10,000 entries never holds their snapshots or the whole
+    text at once: Python keeps the heap such a peak grew (the daemon's RSS)."""
+    import tracemalloc
+
+    paths = [f"/srv/app{number:05d}/bin/tool" for number in range(10_000)]
+    book = StatusBook()
+    book.load(dict.fromkeys(paths, "cap_net_bind_service=ep"), ["/etc/capkeeper/state.toml"])
+    for record in book.entries.values():
+        record.status, record.found = "in-sync", "cap_net_bind_service=ep"
+    status_file = tmp_path / "status.json"
+    tracemalloc.start()
+    try:
+        write_status(status_file, book)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    size = status_file.stat().st_size
+    assert size > 2_000_000
+    assert peak < size / 4, f"peak {peak} bytes for a {size}-byte status file"
+    assert len(json.loads(status_file.read_bytes())["entries"]) == 10_000
+    monkeypatch.setattr(time, "time", lambda: _STAMP)  # the same "written" in both
+    write_status(status_file, book)
+    assert status_file.read_text() == json.dumps(book.snapshot(), separators=(",", ":")) + "\n"
