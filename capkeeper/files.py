@@ -432,6 +432,11 @@ def sha256_of(fd: int) -> str:
 _ELF_KEY = struct.Struct("=QQqqq")
 _IDENTITY = 32  # the bytes of the key without ctime
 _ELF_CACHE_SIZE = 1 << 15
+# The most the distinct facts may weigh (see _weight). The names an ELF file lists
+# are its author's to choose: 128 DT_NEEDED names of 255 bytes weigh 40 kB a file,
+# and anyone who can rewrite a file on a declared path makes new facts at each
+# write. 10,000 real binaries weigh about 3 MB.
+_ELF_CACHE_BYTES = 16 << 20
 
 
 class _ElfCache:
@@ -446,11 +451,14 @@ class _ElfCache:
     write anyway. Our own ``setxattr`` moves ctime too: :func:`write_caps`
     carries the facts over to the new ctime when nothing else changed
     (:meth:`carry`). Equal facts are shared, so thousands of copies of one
-    binary cost one :class:`ElfFacts`.
+    binary cost one :class:`ElfFacts`. Both the number of files and the weight of
+    the distinct facts are bounded: past either, it starts afresh.
     """
 
-    def __init__(self, size: int = _ELF_CACHE_SIZE) -> None:
+    def __init__(self, size: int = _ELF_CACHE_SIZE, weight: int = _ELF_CACHE_BYTES) -> None:
         self._size = size
+        self._max_weight = weight
+        self._weight = 0  # of the facts in _shared
         self._facts: dict[bytes, ElfFacts | None] = {}
         self._shared: dict[ElfFacts, ElfFacts] = {}
         self.changed = False  # anything learnt or carried since export() or restore()
@@ -476,8 +484,20 @@ class _ElfCache:
             return facts
         facts = inspect_fd(fd, MARKER_SYMBOLS)
         if facts is not None:
-            facts = self._shared.setdefault(facts, facts)
+            facts = self._share(facts)
         self._remember(key, facts)
+        return facts
+
+    def _share(self, facts: ElfFacts) -> ElfFacts:
+        known = self._shared.get(facts)
+        if known is not None:
+            return known
+        self._weight += _weight(facts)
+        if self._weight > self._max_weight:
+            self._facts.clear()
+            self._shared.clear()
+            self._weight = _weight(facts)
+        self._shared[facts] = facts
         return facts
 
     def carry(self, before: os.stat_result, after: os.stat_result) -> None:
@@ -491,6 +511,7 @@ class _ElfCache:
         if len(self._facts) >= self._size:
             self._facts.clear()
             self._shared.clear()
+            self._weight = 0
         self._facts[key] = facts
         self.changed = True
 
@@ -530,6 +551,12 @@ class _ElfCache:
     def stale(self) -> bool:
         """Whether an :meth:`export` now would drop restored facts nobody asked for."""
         return bool(self._restored)
+
+
+def _weight(facts: ElfFacts) -> int:
+    """About the bytes ``facts`` holds: its names, and a str object's overhead for each."""
+    names = (facts.interp or "", facts.soname or "", *facts.needed, *facts.exports)
+    return 256 + sum(len(name) + 64 for name in names)
 
 
 def _facts_row(facts: ElfFacts) -> list[object]:

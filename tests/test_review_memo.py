@@ -124,3 +124,53 @@ def test_hostile_bloom_filters_are_not_remembered(attacker_dir: Path) -> None:
         tracemalloc.stop()
     # A filter of 65,536 words is ~2.9 MB as a tuple of ints; remembering 8 is ~23 MB.
     assert kept < 4_000_000, f"{kept} bytes kept after 8 hostile Bloom filters"
+
+
+_CRAFT_NEEDED = r"""
+import struct, sys
+def craft(seed):
+    n = 128  # DT_NEEDED names of 255 bytes, each file its own
+    names = b"".join((b"%03d" % i + b"%06d" % seed).ljust(255, b"x") + b"\0" for i in range(n))
+    strtab = b"\0" + names
+    dyn_off = 176
+    tags = [(1, 1 + 256 * i) for i in range(n)] + [(5, 0), (10, len(strtab)), (0, 0)]
+    str_off = dyn_off + 16 * len(tags)
+    tags[n] = (5, str_off)
+    dyn = b"".join(struct.pack("<QQ", t, v) for t, v in tags)
+    end = str_off + len(strtab)
+    ehdr = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9) + struct.pack(
+        "<HHIQQQIHHHHHH", 3, 62, 1, 0, 64, 0, 0, 64, 56, 2, 0, 0, 0)
+    ph = struct.pack("<IIQQQQQQ", 1, 5, 0, 0, 0, end, end, 0x1000) + struct.pack(
+        "<IIQQQQQQ", 2, 6, dyn_off, dyn_off, dyn_off, len(dyn), len(dyn), 8)
+    return ehdr + ph + dyn + strtab
+for seed in range(int(sys.argv[1])):
+    with open("tool%04d" % seed, "wb") as out:
+        out.write(craft(seed))
+"""
+_NEEDED_FILES = 800
+
+
+def test_elf_facts_of_hostile_names_stay_bounded(attacker_dir: Path) -> None:
+    """Attack: the attacker writes ELF files whose DT_NEEDED names are 128 of 255 bytes
+    (about 40 kB of facts each), each with other names: what every rewrite of one
+    declared file it can write gives the daemon, which remembers the facts of each.
+    Runs as: attacker 4242 writes the files; the checks run as root.
+    Never: the facts kept grow past the cache's weight bound (16 MiB)."""
+    _as_attacker(attacker_dir, _CRAFT_NEEDED.replace("sys.argv[1]", str(_NEEDED_FILES)))
+    tools = sorted(attacker_dir.glob("tool*"))
+    assert len(tools) == _NEEDED_FILES
+    first = files.observe(str(tools[0])).elf
+    assert first is not None
+    assert len(first.needed) == 128
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for tool in tools[1:]:
+            assert files.observe(str(tool)).elf is not None
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    # Without the bound: ~40 kB a file, ~32 MB for 800.
+    assert kept < 20_000_000, f"{kept} bytes kept after {_NEEDED_FILES} hostile ELF files"
