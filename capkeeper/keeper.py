@@ -27,6 +27,7 @@ from typing import Any
 
 from capkeeper.enforce import reconcile
 from capkeeper.files import Pins
+from capkeeper.log import keeps
 from capkeeper.model import Entry, Observation
 from capkeeper.mounts import MountWatch
 from capkeeper.paths import posixjoin
@@ -58,7 +59,6 @@ _REPLAN_ROUNDS = 8  # plan, watch, look again: at most this often per batch (a d
 # Anyone can overflow the queue of a directory others can write to, as often as they
 # like: warn about it at most this often (seconds); the rescans it causes are cheap.
 _EXPOSED_OVERFLOW_WARN_EVERY = 60.0
-_DEBUG = 10  # logging.DEBUG, the level structlog's filtering loggers compare with
 
 Reconcile = Callable[..., Outcome]
 
@@ -101,7 +101,6 @@ class Keeper:
         self._exposed = Throttle(_EXPOSED_OVERFLOW_WARN_EVERY)
         self._batch = Counter[str]()  # what the current batch of events led to
         self._watcher_dirty = False  # a watch was dropped: sync even if no route changed
-        self._logs_debug: bool | None = None  # known during a rescan: are debug events kept?
 
     def install(self, state: State) -> None:
         """Keep exactly the entries of ``state`` from now on (the caller reconciles)."""
@@ -415,18 +414,14 @@ class Keeper:
         self._replan(self.entries)
         self._deferred.clear()  # every entry is checked now; failed ones re-queue themselves
         counts: dict[str, int] = {}
-        self._logs_debug = _logs_debug(self._log)
-        try:
-            with Pins() as pins:
-                for entry in self._state.entries:
-                    if self._stopping():
-                        break
-                    outcome = self._check_entry(entry.path, cause, since, pins)
-                    if outcome is not None:
-                        counts[str(outcome.status)] = counts.get(str(outcome.status), 0) + 1
-                    self._tick()
-        finally:
-            self._logs_debug = None
+        with Pins() as pins:
+            for entry in self._state.entries:
+                if self._stopping():
+                    break
+                outcome = self._check_entry(entry.path, cause, since, pins)
+                if outcome is not None:
+                    counts[str(outcome.status)] = counts.get(str(outcome.status), 0) + 1
+                self._tick()
         self.book.rescans += 1
         self.book.dirty = True
         quiet = cause == "periodic" and set(counts) <= {str(Status.IN_SYNC)}
@@ -443,18 +438,14 @@ class Keeper:
         started = self._clock()
         counts: dict[str, int] = {}
         todo = sorted(p for p in paths if p in self.entries)
-        self._logs_debug = _logs_debug(self._log)
-        try:
-            with Pins() as pins:
-                for path in todo:
-                    if self._stopping():
-                        break
-                    outcome = self._check_entry(path, cause, since, pins)
-                    if outcome is not None:
-                        counts[str(outcome.status)] = counts.get(str(outcome.status), 0) + 1
-                    self._tick()
-        finally:
-            self._logs_debug = None
+        with Pins() as pins:
+            for path in todo:
+                if self._stopping():
+                    break
+                outcome = self._check_entry(path, cause, since, pins)
+                if outcome is not None:
+                    counts[str(outcome.status)] = counts.get(str(outcome.status), 0) + 1
+                self._tick()
         self.book.dirty = True
         # Anyone can cause overflow rescans: log them above debug only when they found drift.
         quiet = cause == "overflow" and set(counts) <= {str(Status.IN_SYNC)}
@@ -517,7 +508,7 @@ class Keeper:
         if since is not None and verdict is Status.RESTORED:
             fields["latency_ms"] = round((now - since) * 1000, 3)
         if verdict is Status.IN_SYNC and (last is None or last.ok):
-            if self._logs_debug is not False:  # a debug event: not even built when dropped
+            if keeps(self._log, "debug"):  # a debug event: not even built when dropped
                 log_outcome(self._log, outcome, **fields)
         elif verdict is Status.RESTORED:
             log_outcome(self._log, outcome, **fields)
@@ -547,16 +538,6 @@ class Keeper:
             # EROFS, ENOSPC, EIO: the fix (a remount, freed space) raises no event.
             self._deferred.setdefault(path, "retry")
         self.book.record(outcome, cause=cause)
-
-
-def _logs_debug(logger: Any) -> bool:
-    """Whether ``logger`` keeps debug events: structlog's filtering loggers say so
-    (``is_enabled_for``); any other logger is taken to keep them."""
-    try:
-        kept = logger.is_enabled_for(_DEBUG)
-    except AttributeError:
-        return True
-    return kept if isinstance(kept, bool) else True
 
 
 def _stat_identity(path: str) -> Identity | None:

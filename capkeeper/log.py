@@ -183,6 +183,22 @@ def _structlog_logger() -> Any:
     return bound.logger
 
 
+def keeps(logger: Any, level: str) -> bool:
+    """Whether ``logger`` keeps events of ``level`` (one of :data:`LEVELS`), so that a
+    caller can skip building one it would drop. structlog's filtering loggers say so
+    (``is_enabled_for``), the stand-in from its pending configuration without importing
+    structlog; any other logger (a test's) is taken to keep everything."""
+    number = _NUMBERS[level]
+    pending = _pending
+    if isinstance(logger, _Logger) and pending is not None:
+        return number >= pending.level
+    try:
+        kept = logger.is_enabled_for(number)
+    except AttributeError:
+        return True
+    return kept if isinstance(kept, bool) else True
+
+
 def get_logger() -> Any:
     """The ``capkeeper`` logger (structlog's, or a stand-in until it is needed)."""
     return _LOGGER

@@ -9,7 +9,7 @@ import logging
 import structlog
 from structlog.testing import capture_logs
 
-from capkeeper.log import configure, get_logger
+from capkeeper.log import configure, get_logger, keeps
 
 
 def _events(stream: io.StringIO) -> list[tuple[str, str]]:
@@ -51,3 +51,18 @@ def test_structlog_configured_directly_and_captured_logs_are_followed() -> None:
         log.debug("not seen")
         log.info("seen again")
     assert [e["event"] for e in logs] == ["seen again"]
+
+
+def test_keeps_follows_the_configured_level() -> None:
+    """keeps() answers what the logger would drop, so a caller can skip building it."""
+    log = get_logger()
+    try:
+        configure("json", "info", stream=io.StringIO())
+        assert not keeps(log, "debug")
+        assert keeps(log, "info")
+        assert keeps(log, "critical")
+        configure("json", "debug", stream=io.StringIO())
+        assert keeps(log, "debug")
+        assert keeps(structlog.wrap_logger(structlog.testing.CapturingLogger()), "debug")
+    finally:
+        configure("json", "info", stream=io.StringIO())
