@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from capkeeper.errors import FileAccessError
-from capkeeper.files import export_elf_facts, open_declared, restore_elf_facts
+from capkeeper.files import export_elf_facts, open_declared, read_at_most, restore_elf_facts
 from capkeeper.trust import file_refusals, route_refusals
 
 FORMAT = 1
@@ -179,17 +179,10 @@ class Cache:
                 _judge_file(name, st)
                 if st.st_size > MAX_CACHE_BYTES:
                     raise _Untrusted(f"larger than {MAX_CACHE_BYTES >> 20} MiB")
-                chunks: list[bytes] = []
-                size = 0
-                # The file may grow after fstat: never read more than the limit allows.
-                while size <= MAX_CACHE_BYTES and (
-                    chunk := os.read(fd, min(1 << 20, MAX_CACHE_BYTES + 1 - size))
-                ):
-                    chunks.append(chunk)
-                    size += len(chunk)
-                if size > MAX_CACHE_BYTES:
+                content = read_at_most(fd, MAX_CACHE_BYTES)
+                if content is None:
                     raise _Untrusted(f"larger than {MAX_CACHE_BYTES >> 20} MiB")
-                return b"".join(chunks)
+                return content
             except OSError as exc:
                 raise _Untrusted(f"cannot read: {exc.strerror}") from None
             finally:

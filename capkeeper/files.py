@@ -415,6 +415,18 @@ def _kind(fd: int, mode: int) -> tuple[Kind, str]:
     return Kind.OTHER, ""
 
 
+def read_at_most(fd: int, limit: int) -> bytes | None:
+    """The whole content of ``fd`` from its offset, or None when it holds more than
+    ``limit`` bytes. Raises :class:`OSError`."""
+    chunks: list[bytes] = []
+    size = 0
+    # The file may grow after any fstat: never read more than the limit allows.
+    while size <= limit and (chunk := os.read(fd, min(1 << 20, limit + 1 - size))):
+        chunks.append(chunk)
+        size += len(chunk)
+    return None if size > limit else b"".join(chunks)
+
+
 def sha256_of(fd: int) -> str:
     # Imported here: loading OpenSSL's libcrypto costs a few ms, and only pinned
     # entries (sha256 = ...) and adopt hash a file.

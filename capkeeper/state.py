@@ -42,7 +42,7 @@ from capkeeper.errors import (
     needs_escape,
     printable,
 )
-from capkeeper.files import REPLACED, open_declared
+from capkeeper.files import REPLACED, open_declared, read_at_most
 from capkeeper.kernel import cap_last_cap
 from capkeeper.model import Entry, Hop
 from capkeeper.trust import declaration_refusals, file_refusals, route_refusals
@@ -281,22 +281,15 @@ class _Reader:
         if st.st_size > MAX_STATE_BYTES:
             self.problems.append(printable(too_big))
             return
-        chunks: list[bytes] = []
-        size = 0
         try:
-            # The file may grow after fstat: never read more than the limit allows.
-            while size <= MAX_STATE_BYTES and (
-                chunk := os.read(fd, min(1 << 16, MAX_STATE_BYTES + 1 - size))
-            ):
-                chunks.append(chunk)
-                size += len(chunk)
+            content = read_at_most(fd, MAX_STATE_BYTES)
         except OSError as exc:
             self.problems.append(printable(f"{shown}: cannot read: {exc.strerror}"))
             return
-        if size > MAX_STATE_BYTES:
+        if content is None:
             self.problems.append(printable(too_big))
             return
-        self.documents.append((Path(declared), shown, b"".join(chunks)))
+        self.documents.append((Path(declared), shown, content))
 
     def _checked_read(
         self, fd: int, hops: list[Hop], declared: str, resolved: str, st: os.stat_result
