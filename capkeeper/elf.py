@@ -38,6 +38,7 @@ __all__ = [
     "ElfError",
     "ElfFacts",
     "ElfType",
+    "ParseMemo",
     "inspect_bytes",
     "parse",
 ]
@@ -483,3 +484,110 @@ def inspect_bytes(data: bytes, symbols: Collection[str] = ()) -> ElfFacts | None
         return parse(read, symbols)
     except ElfError:
         return None
+
+
+# -- the facts of content already parsed ---------------------------------------------------
+
+
+class _Ask(NamedTuple):
+    """A step of :class:`ParseMemo`: the block :func:`parse` reads next, and what follows
+    each content of it seen so far (the next step, or the end of the parse)."""
+
+    offset: int
+    then: dict[bytes, _Ask | _End]
+
+
+class _End(NamedTuple):
+    """How a parse ended: its facts, or the message of the :class:`ElfError` it raised."""
+
+    facts: ElfFacts | None
+    error: str
+
+
+_MEMO_WEIGHT = 2 << 20  # the most of the blocks read that a ParseMemo keeps, in bytes
+_MEMO_BLOCKS = 16  # a parse that read more is not kept (python3.11: 10; a crafted one: 256)
+_MEMO_STEP = 200  # about the bytes of bookkeeping of one step, beyond its block
+
+
+class ParseMemo:
+    """:func:`parse` that remembers what it answered for the blocks it read.
+
+    :func:`parse` is a function of what ``read`` returns and nothing else: the
+    first block it reads is always the same, and which block it reads next
+    depends only on the bytes it has read so far. So the blocks it read, in
+    order, are a complete key: when ``read`` returns the same bytes for the same
+    blocks again, the parse would read the same blocks again and come to the
+    same end. The memo is a tree of those reads: :meth:`parse` reads the block
+    each step asks for and follows the branch of its exact bytes (a dict keyed by
+    the bytes: equal means equal, no digest); where no branch matches, it parses
+    for real and adds the branch. Copies of one binary (a new inode for every
+    deploy, a ctime moved by anyone's ``setxattr``) are then recognised from
+    their few blocks (2 or 3 for most programs) without parsing.
+
+    The blocks kept weigh at most ``weight`` bytes: past it, the memo starts
+    afresh. Whoever can write a file that is observed can make each write a new
+    branch, up to that bound and no further. A parse that read more than
+    :data:`_MEMO_BLOCKS` blocks is not kept at all: real programs need a few, and
+    a crafted hash table of 65,536 words would fill the memo at each write.
+    """
+
+    def __init__(self, symbols: Collection[str], weight: int = _MEMO_WEIGHT) -> None:
+        self._symbols = tuple(symbols)
+        self._max_weight = weight
+        self._weight = 0
+        self._root: _Ask | None = None
+
+    def parse(self, read: Read) -> ElfFacts:
+        """:func:`parse` of ``read`` with this memo's symbols (raises :class:`ElfError`
+        the same way)."""
+        step: _Ask | _End | None = self._root
+        while isinstance(step, _Ask):
+            step = step.then.get(read(step.offset, _BLOCK))
+        if step is None:
+            return self._learn(read)
+        if step.facts is None:
+            raise ElfError(step.error)
+        return step.facts
+
+    def _learn(self, read: Read) -> ElfFacts:
+        seen: list[tuple[int, bytes]] = []
+
+        def recorded(offset: int, size: int) -> bytes:
+            data = read(offset, size)
+            seen.append((offset, data))
+            return data
+
+        try:
+            facts = parse(recorded, self._symbols)
+        except ElfError as exc:
+            self._add(seen, _End(None, str(exc)))
+            raise
+        self._add(seen, _End(facts, ""))
+        return facts
+
+    def _add(self, seen: list[tuple[int, bytes]], end: _End) -> None:
+        if not seen or len(seen) > _MEMO_BLOCKS:
+            return
+        weight = sum(len(data) + _MEMO_STEP for _, data in seen)
+        if self._weight + weight > self._max_weight:
+            self._root, self._weight = None, 0
+            if weight > self._max_weight:
+                return
+        if self._root is None:
+            self._root = _Ask(seen[0][0], {})
+        step = self._root
+        for number, (offset, data) in enumerate(seen):
+            if step.offset != offset:  # cannot happen: parse reads the same way each time
+                return
+            last = number == len(seen) - 1
+            known = step.then.get(data)
+            if last:
+                if known is None:
+                    step.then[data] = end
+                    self._weight += weight
+                return
+            if not isinstance(known, _Ask):
+                if known is not None:  # cannot happen either: the same bytes, another end
+                    return
+                known = step.then[data] = _Ask(seen[number + 1][0], {})
+            step = known

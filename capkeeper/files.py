@@ -35,7 +35,7 @@ from typing import Any
 import xattr
 
 from capkeeper.capabilities import CapSet, decode, encode
-from capkeeper.elf import EIClass, EIData, ElfError, ElfFacts, parse
+from capkeeper.elf import EIClass, EIData, ElfError, ElfFacts, ParseMemo, parse
 from capkeeper.errors import CapabilitiesNotKept, FileAccessError, InvalidCapabilityData
 from capkeeper.interpreters import MARKER_SYMBOLS
 from capkeeper.model import Hop, Kind, Observation
@@ -774,9 +774,14 @@ def read_path_caps(path: str) -> tuple[CapSet | None, bytes | None]:
     return decode(value), value
 
 
+# Copies of one binary (each deploy's new inode, a ctime anyone's setxattr moved) are
+# recognised from the blocks the parser reads, without parsing (elf.ParseMemo).
+_PARSED = ParseMemo(MARKER_SYMBOLS)
+
+
 def inspect_fd(fd: int, symbols: Collection[str] = ()) -> ElfFacts | None:
     """:func:`capkeeper.elf.parse` over an open file with ``os.pread``; ``None`` when not
-    readable ELF.
+    readable ELF. With :data:`MARKER_SYMBOLS`, through the memo :data:`_PARSED`.
 
     An ``OSError`` of the reads propagates (it is about the file, not its content).
     """
@@ -785,6 +790,8 @@ def inspect_fd(fd: int, symbols: Collection[str] = ()) -> ElfFacts | None:
         return os.pread(fd, size, offset)
 
     try:
+        if symbols is MARKER_SYMBOLS:
+            return _PARSED.parse(read)
         return parse(read, symbols)
     except ElfError:
         return None
