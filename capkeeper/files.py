@@ -30,7 +30,7 @@ import struct
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import xattr
 
@@ -194,6 +194,18 @@ REPLACED = "replaced while opening"
 """The reason given when the file changed between the walk and the open."""
 
 
+class Walked(NamedTuple):
+    """A directory a walk reached: its device and inode, its resolved path, its route."""
+
+    dev: int
+    ino: int
+    resolved: str
+    hops: tuple[Hop, ...]
+
+
+_WALKED_MAX = 1024  # directories remembered across batches (Pins' ``walked``)
+
+
 class Pins:
     """Directories reached by one batch of walks, kept open for the next entries in them.
 
@@ -208,12 +220,27 @@ class Pins:
     are as they were when pinned. A final name that is a symlink, ``..`` or
     missing walks from ``/`` as usual. At most ``limit`` directories stay open
     (the least recently used is closed). :meth:`close` releases them all.
+
+    ``walked`` (the daemon's, kept from one batch to the next) remembers each
+    pinned directory without a descriptor: a later batch opens it again by its
+    resolved path (``O_NOFOLLOW``) and pins it only if that reaches the very
+    directory walked (device and inode), with the route found then. Whoever
+    passes ``walked`` vouches that no route changed since (the daemon forgets
+    them at any event on a route); the directory's own owner and mode are read
+    again at every use all the same.
     """
 
-    def __init__(self, *, limit: int = 64, calls: FdCalls = FD_CALLS) -> None:
+    def __init__(
+        self,
+        *,
+        limit: int = 64,
+        calls: FdCalls = FD_CALLS,
+        walked: dict[str, Walked] | None = None,
+    ) -> None:
         self._limit = limit
         self._calls = calls
         self._pinned: dict[str, tuple[int, str, tuple[Hop, ...]]] = {}
+        self._walked = walked
 
     def __enter__(self) -> Pins:
         return self
@@ -226,16 +253,52 @@ class Pins:
         pinned = self._pinned.pop(parent, None)
         if pinned is not None:
             self._pinned[parent] = pinned  # most recently used last
+        elif self._walked is not None and parent in self._walked:
+            pinned = self._reopen(parent, self._walked)
         return pinned
 
-    def pin(self, parent: str, fd: int, resolved: str, hops: list[Hop]) -> None:
-        """Keep a duplicate of ``fd``, the directory ``parent`` reached by ``hops``."""
+    def _reopen(
+        self, parent: str, walked: dict[str, Walked]
+    ) -> tuple[int, str, tuple[Hop, ...]] | None:
+        """Pin ``parent`` again from what an earlier batch walked; None: walk anew."""
+        known = walked.pop(parent)
+        try:
+            fd = self._calls.open(known.resolved, _DIR_FLAGS)
+        except (OSError, ValueError):
+            return None
+        try:
+            here = self._calls.fstat(fd)
+            if (here.st_dev, here.st_ino) != (known.dev, known.ino):
+                return None
+            self.pin(parent, fd, known.resolved, list(known.hops), here)
+        except OSError:
+            return None
+        finally:
+            self._calls.close(fd)
+        return self._pinned.get(parent)
+
+    def pin(
+        self,
+        parent: str,
+        fd: int,
+        resolved: str,
+        hops: list[Hop],
+        st: os.stat_result | None = None,
+    ) -> None:
+        """Keep a duplicate of ``fd``, the directory ``parent`` reached by ``hops``
+        (``st`` its fstat, if taken)."""
         if parent in self._pinned:
             return
         if len(self._pinned) >= self._limit:
             oldest = next(iter(self._pinned))
             self._calls.close(self._pinned.pop(oldest)[0])
-        self._pinned[parent] = (os.dup(fd), resolved, tuple(hops))
+        route = tuple(hops)
+        self._pinned[parent] = (os.dup(fd), resolved, route)
+        if self._walked is not None:
+            here = st if st is not None else self._calls.fstat(fd)
+            if len(self._walked) >= _WALKED_MAX:
+                self._walked.clear()
+            self._walked[parent] = Walked(here.st_dev, here.st_ino, resolved, route)
 
     def close(self) -> None:
         while self._pinned:

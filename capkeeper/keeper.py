@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from capkeeper.enforce import reconcile
-from capkeeper.files import Pins
+from capkeeper.files import Pins, Walked
 from capkeeper.log import keeps
 from capkeeper.model import Entry, Observation
 from capkeeper.mounts import MountWatch
@@ -101,6 +101,8 @@ class Keeper:
         self._exposed = Throttle(_EXPOSED_OVERFLOW_WARN_EVERY)
         self._batch = Counter[str]()  # what the current batch of events led to
         self._watcher_dirty = False  # a watch was dropped: sync even if no route changed
+        # The directories walked by earlier batches of events (see _batch_pins).
+        self._walked: dict[str, Walked] = {}
 
     def install(self, state: State) -> None:
         """Keep exactly the entries of ``state`` from now on (the caller reconciles)."""
@@ -110,6 +112,7 @@ class Keeper:
             self._route_problems.pop(path, None)
             self._settling.discard(path)
             self._deferred.pop(path, None)
+        self.forget_walks()
         self._state = state
         self.entries = state.by_path()
         self.book.load({e.path: e.caps_text for e in state.entries}, [str(f) for f in state.files])
@@ -144,6 +147,8 @@ class Keeper:
         """
         watcher, plan = self.watcher, self.plan
         todo = {p for p in paths if p in self.entries}
+        if todo:
+            self.forget_walks()  # a route may have moved: the next batch walks anew
         fresh = [p for p in todo if plan.route(p) is None]
         if fresh:
             # Failures here are retried and reported by the sync below.
@@ -211,10 +216,15 @@ class Keeper:
         watcher = self.watcher
         overflow = exposed_overflow = False
         renamed = False  # a declared name itself was created, removed or renamed
+        # Anything but a final name's event may have changed a route: a directory's own
+        # event (no name), one on a directory or symlink of a route, an overflow.
+        routes_moved = False
         replan: set[str] = set()
         looked: dict[str, bool] = {}  # final names of this batch: whether each leads on
         ready: dict[str, str] = {}
         for event in events:
+            if not event.name:
+                routes_moved = True
             if event.is_overflow:
                 if event.exposed:
                     exposed_overflow = True
@@ -229,6 +239,7 @@ class Keeper:
                 continue
             for path, link in self.plan.lookup(event.directory, event.name).items():
                 if not link.final:
+                    routes_moved = True
                     replan.add(path)
                     if event.is_namespace:
                         self._watcher_dirty |= watcher.invalidate(event.path)
@@ -240,6 +251,8 @@ class Keeper:
                     if self._leads_on(path, event.path, looked):
                         replan.add(path)
                 self._note(path, link, event, woke, ready)
+        if routes_moved or replan or exposed_overflow:
+            self.forget_walks()
         if overflow:
             self._log.warning("queue_overflow", events=len(events))
             self.book.overflows += 1
@@ -252,12 +265,36 @@ class Keeper:
         if exposed_overflow:
             for path in self._exposed_overflow(woke):
                 ready.pop(path, None)
-        with Pins() as pins:  # the entries of one batch share their directories' walks
+        with self._batch_pins() as pins:
             for path, cause in ready.items():
                 self._check_or_defer(path, cause, woke, pins)
                 self._tick()
         if self._batch["deferred"] and not self._batch["checked"] and not (replan or renamed):
             self.quiet_until = woke + FIGHT_PACE
+
+    def _batch_pins(self) -> Pins:
+        """The pins for the checks of a batch of events.
+
+        The entries of one batch share their directories' walks
+        (:class:`capkeeper.files.Pins`). Later batches start from the directories
+        earlier ones walked too: each is opened again by its resolved path and used
+        only if it is the very directory walked (device and inode), with the route
+        found then. That route is still the route: every directory and symlink of
+        every route is watched, any change to one raises an event on the route (its
+        parent's, with its name, or its own, with none), and :meth:`handle` forgets
+        every walk on any such event before it checks anything, as :meth:`_replan`,
+        a mount change, a reload and every rescan do. While some route cannot be
+        watched to its end (a failed watch, a route problem) an event may be missing:
+        each batch then walks anew. No descriptor is held between batches.
+        """
+        if self._failed_watches or self._route_problems:
+            self.forget_walks()
+            return Pins()
+        return Pins(walked=self._walked)
+
+    def forget_walks(self) -> None:
+        """The next batch of events walks every route from ``/``."""
+        self._walked.clear()
 
     def _leads_on(self, path: str, name: str, looked: dict[str, bool]) -> bool:
         """Whether a name change of ``name``, the final name of ``path``'s route, may
@@ -352,6 +389,7 @@ class Keeper:
         be reused for a new mount on the same point).
         """
         watcher = self.watcher
+        self.forget_walks()  # a mount on a route hides what a pinned directory was
         if self.mounts is None:
             return
         try:
@@ -407,6 +445,7 @@ class Keeper:
     def full_reconcile(self, cause: str, *, since: float | None = None) -> None:
         """Re-validate every watch, re-plan every path and reconcile every entry."""
         started = self._clock()
+        self.forget_walks()
         self._watcher_dirty = True  # also retries watches that failed before
         # A watch on a directory hidden by a mount (or replaced unseen) keeps its path
         # string: compare the inode it watches with what the path reaches now.
@@ -414,7 +453,7 @@ class Keeper:
         self._replan(self.entries)
         self._deferred.clear()  # every entry is checked now; failed ones re-queue themselves
         counts: dict[str, int] = {}
-        with Pins() as pins:
+        with self._batch_pins() as pins:
             for entry in self._state.entries:
                 if self._stopping():
                     break
@@ -436,9 +475,10 @@ class Keeper:
     def _rescan(self, paths: Iterable[str], cause: str, *, since: float, **fields: Any) -> None:
         """Reconcile ``paths`` (part of the state) and log one ``rescan`` event for them."""
         started = self._clock()
+        self.forget_walks()
         counts: dict[str, int] = {}
         todo = sorted(p for p in paths if p in self.entries)
-        with Pins() as pins:
+        with self._batch_pins() as pins:
             for path in todo:
                 if self._stopping():
                     break
