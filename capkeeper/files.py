@@ -545,18 +545,31 @@ class _ElfCache:
     def key(st: os.stat_result) -> bytes:
         return _ELF_KEY.pack(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
-    def facts(self, fd: int, st: os.stat_result) -> ElfFacts | None:
-        """The facts of the ELF file ``fd`` whose fstat is ``st`` (inspected on a miss)."""
+    def known(self, st: os.stat_result) -> tuple[bool, ElfFacts | None]:
+        """``(True, facts)`` when the file whose fstat is ``st`` was inspected already
+        (facts None: ELF magic, but not readable ELF), else ``(False, None)``.
+
+        Only files whose first bytes are the ELF magic are inspected, so a known key
+        also says that the file is ELF: its content is the one inspected then.
+        """
         key = self.key(st)
         try:
-            return self._facts[key]
+            return True, self._facts[key]
         except KeyError:
             pass
         if key in self._restored:
             changed, facts = self.changed, self._restored.pop(key)
             self._remember(key, facts)
             self.changed = changed  # known already: nothing new to save
+            return True, facts
+        return False, None
+
+    def facts(self, fd: int, st: os.stat_result) -> ElfFacts | None:
+        """The facts of the ELF file ``fd`` whose fstat is ``st`` (inspected on a miss)."""
+        found, facts = self.known(st)
+        if found:
             return facts
+        key = self.key(st)
         facts = inspect_fd(fd, MARKER_SYMBOLS)
         if facts is not None:
             facts = self._share(facts)
@@ -748,8 +761,12 @@ def _observe(
     """The :class:`Observation` of ``fd``, reached by ``hops`` at ``resolved``, whose
     fstat after the open is ``st``."""
     try:
-        kind, interpreter = _kind(fd, st.st_mode)
-        elf = _ELF_CACHE.facts(fd, st) if kind is Kind.ELF else None
+        known, elf = _ELF_CACHE.known(st) if stat.S_ISREG(st.st_mode) else (False, None)
+        if known:  # inspected already, with this very content: ELF
+            kind, interpreter = Kind.ELF, ""
+        else:
+            kind, interpreter = _kind(fd, st.st_mode)
+            elf = _ELF_CACHE.facts(fd, st) if kind is Kind.ELF else None
         regular = kind is not Kind.NOT_REGULAR
         caps, problem, supported = None, None, True
         if regular:

@@ -21,6 +21,7 @@ from capkeeper import elf, files
 from capkeeper.elf import ElfError, ParseMemo, parse
 from capkeeper.files import inspect_fd
 from capkeeper.interpreters import MARKER_SYMBOLS
+from capkeeper.model import Kind
 from tests.elf_builder import build_elf
 
 
@@ -189,3 +190,22 @@ def test_observed_copies_on_disk_have_a_fresh_parse_s_facts(tmp_path: Path) -> N
             os.close(fd)
         assert observed.elf is not None
         assert ("Py_BytesMain" in observed.elf.exports) == (source.name == "python3.11")
+
+
+def test_a_known_elf_rewritten_as_a_script_is_read_as_one(tmp_path: Path) -> None:
+    """The ELF cache's key says "ELF" without reading the file again: a known binary
+    rewritten in place as a script of the same size, its mtime set back, moves the key
+    (ctime) and is read as the script it is, as a process with no cache reads it."""
+    target = tmp_path / "tool"
+    shutil.copyfile("/bin/true", target)
+    assert files.observe(str(target)).kind is Kind.ELF
+    before = target.stat()
+    script = b"#!/bin/sh\nexit 0\n"
+    target.write_bytes(script + b"#" * (before.st_size - len(script)))
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = target.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    seen = files.observe(str(target))
+    assert seen.kind is Kind.SCRIPT
+    assert seen.elf is None
+    assert seen.interpreter == "/bin/sh"
