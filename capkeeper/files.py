@@ -27,7 +27,7 @@ import functools
 import os
 import stat
 import struct
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -203,7 +203,45 @@ class Walked(NamedTuple):
     hops: tuple[Hop, ...]
 
 
-_WALKED_MAX = 1024  # directories remembered across batches (Pins' ``walked``)
+class Walks:
+    """The directories walks reached, remembered beyond one batch of walks (:class:`Pins`'s
+    ``walked``). A route of more than :data:`_WALK_HOPS` hops is not remembered, and all
+    routes together hold at most :data:`_WALKS_HOPS`: past it, they are forgotten.
+    Real routes have a few hops; one through a directory of another user's can be
+    stretched by that user, with symlinks, to tens of thousands."""
+
+    def __init__(self) -> None:
+        self._walked: dict[str, Walked] = {}
+        self._hops = 0
+
+    def __contains__(self, parent: str) -> bool:
+        return parent in self._walked
+
+    def __len__(self) -> int:
+        return len(self._walked)
+
+    def pop(self, parent: str) -> Walked:
+        walked = self._walked.pop(parent)
+        self._hops -= len(walked.hops)
+        return walked
+
+    def add(self, parent: str, walked: Walked) -> None:
+        if len(walked.hops) > _WALK_HOPS:
+            return
+        if parent in self._walked:
+            self.pop(parent)
+        if self._hops + len(walked.hops) > _WALKS_HOPS:
+            self.clear()
+        self._walked[parent] = walked
+        self._hops += len(walked.hops)
+
+    def clear(self) -> None:
+        self._walked.clear()
+        self._hops = 0
+
+
+_WALK_HOPS = 64  # the longest route remembered
+_WALKS_HOPS = 8192  # all remembered routes together (about 1 MB of hops at most)
 
 
 class Pins:
@@ -224,10 +262,12 @@ class Pins:
     ``walked`` (the daemon's, kept from one batch to the next) remembers each
     pinned directory without a descriptor: a later batch opens it again by its
     resolved path (``O_NOFOLLOW``) and pins it only if that reaches the very
-    directory walked (device and inode), with the route found then. Whoever
-    passes ``walked`` vouches that no route changed since (the daemon forgets
-    them at any event on a route); the directory's own owner and mode are read
-    again at every use all the same.
+    directory walked (device and inode), with the route found then, and only if
+    ``unchanged()`` says nothing changed since: the daemon forgets every walk at
+    any event on a route, and ``unchanged`` says that no event is queued yet
+    unread (a change made after the daemon read its events). Otherwise the
+    entry walks from ``/``, and so do the batch's later ones. The directory's own
+    owner and mode are read again at every use all the same.
     """
 
     def __init__(
@@ -235,12 +275,14 @@ class Pins:
         *,
         limit: int = 64,
         calls: FdCalls = FD_CALLS,
-        walked: dict[str, Walked] | None = None,
+        walked: Walks | None = None,
+        unchanged: Callable[[], bool] | None = None,
     ) -> None:
         self._limit = limit
         self._calls = calls
         self._pinned: dict[str, tuple[int, str, tuple[Hop, ...]]] = {}
         self._walked = walked
+        self._unchanged = unchanged
 
     def __enter__(self) -> Pins:
         return self
@@ -257,9 +299,7 @@ class Pins:
             pinned = self._reopen(parent, self._walked)
         return pinned
 
-    def _reopen(
-        self, parent: str, walked: dict[str, Walked]
-    ) -> tuple[int, str, tuple[Hop, ...]] | None:
+    def _reopen(self, parent: str, walked: Walks) -> tuple[int, str, tuple[Hop, ...]] | None:
         """Pin ``parent`` again from what an earlier batch walked; None: walk anew."""
         known = walked.pop(parent)
         try:
@@ -269,6 +309,10 @@ class Pins:
         try:
             here = self._calls.fstat(fd)
             if (here.st_dev, here.st_ino) != (known.dev, known.ino):
+                return None
+            # After the open: a route change made before it is queued by now.
+            if self._unchanged is not None and not self._unchanged():
+                self._walked = None  # this batch walks from "/" from now on
                 return None
             self.pin(parent, fd, known.resolved, list(known.hops), here)
         except OSError:
@@ -296,9 +340,7 @@ class Pins:
         self._pinned[parent] = (os.dup(fd), resolved, route)
         if self._walked is not None:
             here = st if st is not None else self._calls.fstat(fd)
-            if len(self._walked) >= _WALKED_MAX:
-                self._walked.clear()
-            self._walked[parent] = Walked(here.st_dev, here.st_ino, resolved, route)
+            self._walked.add(parent, Walked(here.st_dev, here.st_ino, resolved, route))
 
     def close(self) -> None:
         while self._pinned:

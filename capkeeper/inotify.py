@@ -225,6 +225,11 @@ class Instance:
         if wd in self._wm.watches:
             self._wm.del_watch(wd)
 
+    def queued(self) -> int:
+        """The bytes of the records queued now, unread (0: none)."""
+        fcntl.ioctl(self._fd, termios.FIONREAD, self._size, True)
+        return self._size[0]
+
     def read(self) -> bytes:
         """Every record queued now (not those that arrive while reading: a flood never ends)."""
         fcntl.ioctl(self._fd, termios.FIONREAD, self._size, True)

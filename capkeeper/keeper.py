@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from capkeeper.enforce import reconcile
-from capkeeper.files import Pins, Walked
+from capkeeper.files import Pins, Walks
 from capkeeper.log import keeps
 from capkeeper.model import Entry, Observation
 from capkeeper.mounts import MountWatch
@@ -102,7 +102,7 @@ class Keeper:
         self._batch = Counter[str]()  # what the current batch of events led to
         self._watcher_dirty = False  # a watch was dropped: sync even if no route changed
         # The directories walked by earlier batches of events (see _batch_pins).
-        self._walked: dict[str, Walked] = {}
+        self._walked = Walks()
 
     def install(self, state: State) -> None:
         """Keep exactly the entries of ``state`` from now on (the caller reconciles)."""
@@ -283,14 +283,17 @@ class Keeper:
         every route is watched, any change to one raises an event on the route (its
         parent's, with its name, or its own, with none), and :meth:`handle` forgets
         every walk on any such event before it checks anything, as :meth:`_replan`,
-        a mount change, a reload and every rescan do. While some route cannot be
-        watched to its end (a failed watch, a route problem) an event may be missing:
-        each batch then walks anew. No descriptor is held between batches.
+        a mount change, a reload and every rescan do. A change made after the batch
+        was read has its event queued, unread: while any event is queued
+        (:meth:`capkeeper.watcher.Watcher.quiet`), the batch walks from ``/``. While
+        some route cannot be watched to its end (a failed watch, a route problem) an
+        event may be missing: each batch then walks anew. No descriptor is held
+        between batches.
         """
         if self._failed_watches or self._route_problems:
             self.forget_walks()
             return Pins()
-        return Pins(walked=self._walked)
+        return Pins(walked=self._walked, unchanged=self.watcher.quiet)
 
     def forget_walks(self) -> None:
         """The next batch of events walks every route from ``/``."""

@@ -754,6 +754,12 @@ class Watcher:
         """A descriptor that is readable when events are queued on either instance."""
         return self._epoll.fileno()
 
+    def quiet(self) -> bool:
+        """Whether no event is queued, unread, on either instance now. The kernel queues an
+        event within the system call that makes the change: a change to any watched
+        directory made before this call is unread yet or already read."""
+        return all(queue.instance.queued() <= 0 for queue in self._queues)
+
     def inotify_fds(self) -> tuple[int, int]:
         """The trusted and the exposed inotify descriptors."""
         return (self._queues[0].fd, self._queues[1].fd)
