@@ -41,7 +41,7 @@ from capkeeper.log import get_logger
 from capkeeper.mounts import MountWatch
 from capkeeper.notify import Notifier
 from capkeeper.schedule import StatusFileTimer, poll_timeout_ms
-from capkeeper.settings import Settings
+from capkeeper.settings import Settings, confirm_settings
 from capkeeper.state import State, load_state
 from capkeeper.status import StatusBook, status_line, write_metrics, write_status
 from capkeeper.watcher import Watcher, WatchEvent
@@ -227,6 +227,9 @@ class Daemon:
             watches=keeper.watcher.watch_count,
             rescan_interval=self._settings.rescan_interval,
         )
+        # The sources' check by pydantic-settings ran in a child meanwhile: its verdict
+        # comes before READY=1 (a SettingsError ends the daemon with exit status 78).
+        confirm_settings()
         self._sd_status = self._status_line()
         self._notifier.ready(self._sd_status)
         self._publish()

@@ -33,7 +33,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from capkeeper.errors import SettingsError, StateError
 from capkeeper.log import FORMATS, LEVELS, LogFormat
@@ -254,6 +254,19 @@ def load_settings(
     return Settings(**checked)  # type: ignore[arg-type]
 
 
+class _Child(NamedTuple):
+    """pydantic-settings checking the sources in a forked child (:func:`_validate_isolated`)."""
+
+    pid: int
+    answer: int  # the read end of the pipe the child answers on
+    sources: tuple[
+        Mapping[str, object], Mapping[str, object], Mapping[str, object], Mapping[str, str]
+    ]
+
+
+_pending: _Child | None = None  # the daemon's check, still running (see confirm_settings)
+
+
 def _validate_isolated(
     options: Mapping[str, object],
     environment: Mapping[str, object],
@@ -266,25 +279,65 @@ def _validate_isolated(
     Importing pydantic and pydantic-settings grows a process by ~19 MB (measured:
     VmRSS before and after) that no deletion gives back: the daemon keeps that heap
     for its whole life, 10,000 entries' worth of state. The child's verdict is the
-    verdict: its :class:`SettingsError` text is raised here unchanged. A child that
+    verdict: its :class:`SettingsError` text is raised unchanged. A child that
     cannot run or dies otherwise changes nothing: the check is then made here.
+
+    When the rules accept the values, they are returned at once and the child goes on
+    checking (importing pydantic takes ~0.25 s) while the daemon starts up:
+    :func:`confirm_settings` waits for its verdict, before ``READY=1``. When the rules
+    refuse them, the child's verdict is waited for here (its text, as always).
     """
-    try:
-        read_end, write_end = os.pipe()
-    except OSError:
+    global _pending  # noqa: PLW0603 - the one check a daemon leaves running
+    _discard_pending()
+    child = _start_child((options, environment, file, sources))
+    if child is None:
         return _validate_with_pydantic_settings(options, environment, file, sources)
+    try:
+        values = _check({**file, **environment, **options}, sources)
+    except SettingsError:
+        _verdict(child)  # its error, if it has one: pydantic-settings' text
+        raise
+    _pending = child
+    return values
+
+
+def confirm_settings() -> None:
+    """Wait for the check :func:`load_settings` (``isolate``) left running; raise its
+    :class:`SettingsError`. Nothing to do when none is running."""
+    global _pending
+    child, _pending = _pending, None
+    if child is not None:
+        _verdict(child)
+
+
+def _discard_pending() -> None:
+    """Reap a check an earlier load left running and nobody confirmed (tests do)."""
+    with contextlib.suppress(SettingsError):
+        confirm_settings()
+
+
+def _start_child(
+    sources: tuple[
+        Mapping[str, object], Mapping[str, object], Mapping[str, object], Mapping[str, str]
+    ],
+) -> _Child | None:
+    """Fork the child that checks ``sources`` with pydantic-settings; None if it cannot."""
+    try:
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    except OSError:
+        return None
     try:
         pid = os.fork()
     except OSError:
         os.close(read_end)
         os.close(write_end)
-        return _validate_with_pydantic_settings(options, environment, file, sources)
+        return None
     if pid == 0:  # pragma: no cover - the child: coverage does not follow fork
         code = 1
         try:
             os.close(read_end)
             try:
-                _validate_with_pydantic_settings(options, environment, file, sources)
+                _validate_with_pydantic_settings(*sources)
                 answer = b"ok"
             except SettingsError as exc:
                 answer = b"error " + exc.message.encode(errors="surrogateescape")
@@ -295,19 +348,25 @@ def _validate_isolated(
         finally:
             os._exit(code)  # no atexit handler, no flush of the parent's buffers
     os.close(write_end)
+    return _Child(pid, read_end, sources)
+
+
+def _verdict(child: _Child) -> None:
+    """The child's verdict: nothing, or its :class:`SettingsError`. A child that died
+    or answered nothing readable: the check is made here."""
     chunks = []
     try:
-        while chunk := os.read(read_end, 1 << 16):
+        while chunk := os.read(child.answer, 1 << 16):
             chunks.append(chunk)
     finally:
-        os.close(read_end)
-        _, status = os.waitpid(pid, 0)
+        os.close(child.answer)
+        _, status = os.waitpid(child.pid, 0)
     answer = b"".join(chunks)
     if os.waitstatus_to_exitcode(status) != 0 or not answer.startswith((b"ok", b"error ")):
-        return _validate_with_pydantic_settings(options, environment, file, sources)
+        _validate_with_pydantic_settings(*child.sources)
+        return
     if answer != b"ok":
         raise SettingsError(answer.removeprefix(b"error ").decode(errors="surrogateescape"))
-    return _check({**file, **environment, **options}, sources)
 
 
 def _validate_with_pydantic_settings(
