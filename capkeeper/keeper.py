@@ -456,11 +456,12 @@ class Keeper:
         self._replan(self.entries)
         self._deferred.clear()  # every entry is checked now; failed ones re-queue themselves
         counts: dict[str, int] = {}
+        debug = keeps(self._log, "debug")  # asked once for the whole batch
         with self._batch_pins() as pins:
             for entry in self._state.entries:
                 if self._stopping():
                     break
-                outcome = self._check_entry(entry.path, cause, since, pins)
+                outcome = self._check_entry(entry.path, cause, since, pins, debug=debug)
                 if outcome is not None:
                     counts[str(outcome.status)] = counts.get(str(outcome.status), 0) + 1
                 self._tick()
@@ -481,11 +482,12 @@ class Keeper:
         self.forget_walks()
         counts: dict[str, int] = {}
         todo = sorted(p for p in paths if p in self.entries)
+        debug = keeps(self._log, "debug")  # asked once for the whole batch
         with self._batch_pins() as pins:
             for path in todo:
                 if self._stopping():
                     break
-                outcome = self._check_entry(path, cause, since, pins)
+                outcome = self._check_entry(path, cause, since, pins, debug=debug)
                 if outcome is not None:
                     counts[str(outcome.status)] = counts.get(str(outcome.status), 0) + 1
                 self._tick()
@@ -502,8 +504,16 @@ class Keeper:
         )
 
     def _check_entry(
-        self, path: str, cause: str, since: float | None, pins: Pins | None = None
+        self,
+        path: str,
+        cause: str,
+        since: float | None,
+        pins: Pins | None = None,
+        *,
+        debug: bool | None = None,
     ) -> Outcome | None:
+        """Check ``path`` now and report the outcome (None: not declared, or held as
+        mid-write). ``debug``: whether debug events are kept, if the batch asked already."""
         entry = self.entries.get(path)
         if entry is None:
             return None
@@ -535,13 +545,20 @@ class Keeper:
             identity = seen[0][1]
         else:
             identity = identity_of(observed)
-        self._report(outcome, cause, since, identity)
+        self._report(outcome, cause, since, identity, debug=debug)
         return outcome
 
     def _report(
-        self, outcome: Outcome, cause: str, since: float | None, identity: Identity | None
+        self,
+        outcome: Outcome,
+        cause: str,
+        since: float | None,
+        identity: Identity | None,
+        *,
+        debug: bool | None = None,
     ) -> None:
-        """Log, pace and record ``outcome``; ``identity`` is that of its observation."""
+        """Log, pace and record ``outcome``; ``identity`` is that of its observation;
+        ``debug`` as for :meth:`_check_entry`."""
         now = self._clock()
         path = outcome.entry.path
         record = self._state_of(path)
@@ -551,7 +568,7 @@ class Keeper:
         if since is not None and verdict is Status.RESTORED:
             fields["latency_ms"] = round((now - since) * 1000, 3)
         if verdict is Status.IN_SYNC and (last is None or last.ok):
-            if keeps(self._log, "debug"):  # a debug event: not even built when dropped
+            if keeps(self._log, "debug") if debug is None else debug:  # not built when dropped
                 log_outcome(self._log, outcome, **fields)
         elif verdict is Status.RESTORED:
             log_outcome(self._log, outcome, **fields)

@@ -10,9 +10,8 @@ reported as (including the "tampering" verdict).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 from capkeeper.capabilities import CapSet, format_text
 from capkeeper.model import Entry, Observation
@@ -46,8 +45,7 @@ def describe(
     return f"{text} [rootid={caps.rootid}]" if caps.rootid else text
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
     """What :func:`decide` concluded, before any write."""
 
     status: Status
@@ -56,9 +54,9 @@ class Decision:
     refusals: tuple[Refusal, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """The result of reconciling one entry."""
+class Outcome(NamedTuple):
+    """The result of reconciling one entry (a NamedTuple, like
+    :class:`~capkeeper.model.Observation`: one is built for every check)."""
 
     entry: Entry
     status: Status
