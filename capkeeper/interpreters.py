@@ -118,6 +118,7 @@ class RunsCode:
         return f"runs other code: {self.reason}; every {self.runs} it runs"
 
 
+@functools.lru_cache(maxsize=256)
 def _by_content(elf: ElfFacts) -> RunsCode | None:
     if elf.type == ElfType.DYN and elf.interp is None:
         # A shared object without PT_INTERP that the kernel can exec runs as its own
@@ -136,6 +137,9 @@ def _by_content(elf: ElfFacts) -> RunsCode | None:
     return None
 
 
+# Every declared binary has a name of its own (10,000 at the scale the daemon is built
+# for), few distinct facts: each is remembered on its own, the names in a larger memo.
+@functools.lru_cache(maxsize=16384)
 def _by_name(name: str) -> RunsCode | None:
     for label, pattern in _EMULATORS.items():
         if pattern.fullmatch(name):
@@ -153,6 +157,7 @@ def runs_other_code(name: str, elf: ElfFacts | None) -> RunsCode | None:
     """Why the ELF file called ``name`` runs other code, or ``None`` when it does not.
 
     ``elf`` is ``None`` when the content could not be read as ELF: the name decides.
-    Remembered by value: thousands of declared binaries share a few names and facts.
+    Remembered by value; past 1,024 pairs (each declared binary has a name of its own),
+    the content's verdict and the name's are still remembered apart.
     """
     return (_by_content(elf) if elf is not None else None) or _by_name(name)
