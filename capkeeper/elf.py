@@ -39,6 +39,7 @@ __all__ = [
     "ElfFacts",
     "ElfType",
     "ParseMemo",
+    "facts_weight",
     "inspect_bytes",
     "parse",
 ]
@@ -118,6 +119,13 @@ class ElfFacts:
     @property
     def is_shared_object(self) -> bool:
         return self.type == ElfType.DYN
+
+
+def facts_weight(facts: ElfFacts) -> int:
+    """About the bytes ``facts`` holds: its names, and a str object's overhead for each.
+    The file's author chooses the names: 128 DT_NEEDED names of 255 bytes weigh 40 kB."""
+    names = (facts.interp or "", facts.soname or "", *facts.needed, *facts.exports)
+    return 256 + sum(len(name) + 64 for name in names)
 
 
 class _Budget:
@@ -524,11 +532,12 @@ class ParseMemo:
     deploy, a ctime moved by anyone's ``setxattr``) are then recognised from
     their few blocks (2 or 3 for most programs) without parsing.
 
-    The blocks kept weigh at most ``weight`` bytes: past it, the memo starts
-    afresh. Whoever can write a file that is observed can make each write a new
-    branch, up to that bound and no further. A parse that read more than
-    :data:`_MEMO_BLOCKS` blocks is not kept at all: real programs need a few, and
-    a crafted hash table of 65,536 words would fill the memo at each write.
+    The blocks kept and their facts (:func:`facts_weight`) weigh at most ``weight``
+    bytes: past it, the memo starts afresh. Whoever can write a file that is
+    observed can make each write a new branch, up to that bound and no further.
+    A parse that read more than :data:`_MEMO_BLOCKS` blocks is not kept at all:
+    real programs need a few, and a crafted hash table of 65,536 words would fill
+    the memo at each write.
     """
 
     def __init__(self, symbols: Collection[str], weight: int = _MEMO_WEIGHT) -> None:
@@ -569,6 +578,8 @@ class ParseMemo:
         if not seen or len(seen) > _MEMO_BLOCKS:
             return
         weight = sum(len(data) + _MEMO_STEP for _, data in seen)
+        if end.facts is not None:
+            weight += facts_weight(end.facts)
         if self._weight + weight > self._max_weight:
             self._root, self._weight = None, 0
             if weight > self._max_weight:

@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 import xattr
 
 from capkeeper.capabilities import CapSet, decode, encode
-from capkeeper.elf import EIClass, EIData, ElfError, ElfFacts, ParseMemo, parse
+from capkeeper.elf import EIClass, EIData, ElfError, ElfFacts, ParseMemo, facts_weight, parse
 from capkeeper.errors import CapabilitiesNotKept, FileAccessError, InvalidCapabilityData
 from capkeeper.interpreters import MARKER_SYMBOLS
 from capkeeper.model import Hop, Kind, Observation
@@ -205,14 +205,16 @@ class Walked(NamedTuple):
 
 class Walks:
     """The directories walks reached, remembered beyond one batch of walks (:class:`Pins`'s
-    ``walked``). A route of more than :data:`_WALK_HOPS` hops is not remembered, and all
-    routes together hold at most :data:`_WALKS_HOPS`: past it, they are forgotten.
-    Real routes have a few hops; one through a directory of another user's can be
-    stretched by that user, with symlinks, to tens of thousands."""
+    ``walked``), bounded by their weight (:func:`_route_weight`: the text of every hop's
+    path and symlink target). A route heavier than :data:`_WALK_BYTES` is not
+    remembered, and all routes together weigh at most :data:`_WALKS_BYTES`: past it,
+    they are forgotten. Real routes weigh a few hundred bytes; one through a directory
+    of another user's can be stretched by that user, with symlinks of 4 kB targets, to
+    tens of thousands of hops."""
 
     def __init__(self) -> None:
-        self._walked: dict[str, Walked] = {}
-        self._hops = 0
+        self._walked: dict[str, tuple[Walked, int]] = {}
+        self._weight = 0
 
     def __contains__(self, parent: str) -> bool:
         return parent in self._walked
@@ -221,27 +223,37 @@ class Walks:
         return len(self._walked)
 
     def pop(self, parent: str) -> Walked:
-        walked = self._walked.pop(parent)
-        self._hops -= len(walked.hops)
+        walked, weight = self._walked.pop(parent)
+        self._weight -= weight
         return walked
 
     def add(self, parent: str, walked: Walked) -> None:
-        if len(walked.hops) > _WALK_HOPS:
-            return
         if parent in self._walked:
             self.pop(parent)
-        if self._hops + len(walked.hops) > _WALKS_HOPS:
+        if len(walked.hops) > _WALK_BYTES // _HOP_BYTES:  # heavier whatever its text
+            return
+        weight = _route_weight(parent, walked)
+        if weight > _WALK_BYTES:
+            return
+        if self._weight + weight > _WALKS_BYTES:
             self.clear()
-        self._walked[parent] = walked
-        self._hops += len(walked.hops)
+        self._walked[parent] = (walked, weight)
+        self._weight += weight
 
     def clear(self) -> None:
         self._walked.clear()
-        self._hops = 0
+        self._weight = 0
 
 
-_WALK_HOPS = 64  # the longest route remembered
-_WALKS_HOPS = 8192  # all remembered routes together (about 1 MB of hops at most)
+_HOP_BYTES = 128  # about what a Hop weighs beyond its text
+_WALK_BYTES = 8 << 10  # the heaviest route remembered (real ones: a few hundred bytes)
+_WALKS_BYTES = 512 << 10  # all remembered routes together
+
+
+def _route_weight(parent: str, walked: Walked) -> int:
+    """About the bytes a remembered route holds: its hops, their paths and targets."""
+    text = len(parent) + len(walked.resolved)
+    return text + sum(_HOP_BYTES + len(hop.path) + len(hop.target) for hop in walked.hops)
 
 
 class Pins:
@@ -549,7 +561,7 @@ def sha256_of(fd: int) -> str:
 _ELF_KEY = struct.Struct("=QQqqq")
 _IDENTITY = 32  # the bytes of the key without ctime
 _ELF_CACHE_SIZE = 1 << 15
-# The most the distinct facts may weigh (see _weight). The names an ELF file lists
+# The most the distinct facts may weigh (see elf.facts_weight). The names an ELF file lists
 # are its author's to choose: 128 DT_NEEDED names of 255 bytes weigh 40 kB a file,
 # and anyone who can rewrite a file on a declared path makes new facts at each
 # write. 10,000 real binaries weigh about 3 MB.
@@ -622,11 +634,11 @@ class _ElfCache:
         known = self._shared.get(facts)
         if known is not None:
             return known
-        self._weight += _weight(facts)
+        self._weight += facts_weight(facts)
         if self._weight > self._max_weight:
             self._facts.clear()
             self._shared.clear()
-            self._weight = _weight(facts)
+            self._weight = facts_weight(facts)
         self._shared[facts] = facts
         return facts
 
@@ -681,12 +693,6 @@ class _ElfCache:
     def stale(self) -> bool:
         """Whether an :meth:`export` now would drop restored facts nobody asked for."""
         return bool(self._restored)
-
-
-def _weight(facts: ElfFacts) -> int:
-    """About the bytes ``facts`` holds: its names, and a str object's overhead for each."""
-    names = (facts.interp or "", facts.soname or "", *facts.needed, *facts.exports)
-    return 256 + sum(len(name) + 64 for name in names)
 
 
 def _facts_row(facts: ElfFacts) -> list[object]:
