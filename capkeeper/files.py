@@ -618,11 +618,9 @@ class _ElfCache:
             return True, facts
         return False, None
 
-    def facts(self, fd: int, st: os.stat_result) -> ElfFacts | None:
-        """The facts of the ELF file ``fd`` whose fstat is ``st`` (inspected on a miss)."""
-        found, facts = self.known(st)
-        if found:
-            return facts
+    def learn(self, fd: int, st: os.stat_result) -> ElfFacts | None:
+        """Inspect the ELF file ``fd`` whose fstat is ``st`` (:meth:`known` did not know
+        it) and remember its facts."""
         key = self.key(st)
         facts = inspect_fd(fd, MARKER_SYMBOLS)
         if facts is not None:
@@ -814,7 +812,7 @@ def _observe(
             kind, interpreter = Kind.ELF, ""
         else:
             kind, interpreter = _kind(fd, st.st_mode)
-            elf = _ELF_CACHE.facts(fd, st) if kind is Kind.ELF else None
+            elf = _ELF_CACHE.learn(fd, st) if kind is Kind.ELF else None
         regular = kind is not Kind.NOT_REGULAR
         caps, problem, supported = None, None, True
         if regular:

@@ -232,8 +232,7 @@ class Instance:
 
     def read(self) -> bytes:
         """Every record queued now (not those that arrive while reading: a flood never ends)."""
-        fcntl.ioctl(self._fd, termios.FIONREAD, self._size, True)
-        queued = self._size[0]
+        queued = self.queued()
         if queued <= 0:
             return b""
         try:
