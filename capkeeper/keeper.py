@@ -216,15 +216,15 @@ class Keeper:
         watcher = self.watcher
         overflow = exposed_overflow = False
         renamed = False  # a declared name itself was created, removed or renamed
-        # Anything but a final name's event may have changed a route: a directory's own
-        # event (no name), one on a directory or symlink of a route, an overflow.
-        routes_moved = False
+        # A directory's own event (no name: its owner or mode, a move, an overflow) may
+        # have changed a route without a re-plan; one on a directory or symlink of a
+        # route re-plans it.
+        nameless = False
         replan: set[str] = set()
         looked: dict[str, bool] = {}  # final names of this batch: whether each leads on
         ready: dict[str, str] = {}
         for event in events:
-            if not event.name:
-                routes_moved = True
+            nameless |= not event.name
             if event.is_overflow:
                 if event.exposed:
                     exposed_overflow = True
@@ -239,7 +239,6 @@ class Keeper:
                 continue
             for path, link in self.plan.lookup(event.directory, event.name).items():
                 if not link.final:
-                    routes_moved = True
                     replan.add(path)
                     if event.is_namespace:
                         self._watcher_dirty |= watcher.invalidate(event.path)
@@ -251,8 +250,8 @@ class Keeper:
                     if self._leads_on(path, event.path, looked):
                         replan.add(path)
                 self._note(path, link, event, woke, ready)
-        if routes_moved or replan or exposed_overflow:
-            self.forget_walks()
+        if nameless or replan:
+            self.forget_walks()  # before any check of this batch
         if overflow:
             self._log.warning("queue_overflow", events=len(events))
             self.book.overflows += 1
