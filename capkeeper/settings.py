@@ -254,14 +254,17 @@ def load_settings(
     return Settings(**checked)  # type: ignore[arg-type]
 
 
+# What _validate_with_pydantic_settings takes: options, environment, file, sources.
+_Values = Mapping[str, object]
+_Sources = tuple[_Values, _Values, _Values, Mapping[str, str]]
+
+
 class _Child(NamedTuple):
     """pydantic-settings checking the sources in a forked child (:func:`_validate_isolated`)."""
 
     pid: int
     answer: int  # the read end of the pipe the child answers on
-    sources: tuple[
-        Mapping[str, object], Mapping[str, object], Mapping[str, object], Mapping[str, str]
-    ]
+    sources: _Sources
 
 
 _pending: _Child | None = None  # the daemon's check, still running (see confirm_settings)
@@ -316,11 +319,7 @@ def _discard_pending() -> None:
         confirm_settings()
 
 
-def _start_child(
-    sources: tuple[
-        Mapping[str, object], Mapping[str, object], Mapping[str, object], Mapping[str, str]
-    ],
-) -> _Child | None:
+def _start_child(sources: _Sources) -> _Child | None:
     """Fork the child that checks ``sources`` with pydantic-settings; None if it cannot."""
     try:
         read_end, write_end = os.pipe2(os.O_CLOEXEC)
