@@ -550,19 +550,22 @@ class ParseMemo:
         """:func:`parse` of ``read`` with this memo's symbols (raises :class:`ElfError`
         the same way)."""
         step: _Ask | _End | None = self._root
+        looked: dict[int, bytes] = {}  # the blocks read on the way, for a parse on a miss
         while isinstance(step, _Ask):
-            step = step.then.get(read(step.offset, _BLOCK))
+            data = looked[step.offset] = read(step.offset, _BLOCK)
+            step = step.then.get(data)
         if step is None:
-            return self._learn(read)
+            return self._learn(read, looked)
         if step.facts is None:
             raise ElfError(step.error)
         return step.facts
 
-    def _learn(self, read: Read) -> ElfFacts:
+    def _learn(self, read: Read, looked: dict[int, bytes]) -> ElfFacts:
+        """Parse, reading no block ``looked`` holds again, and keep the blocks read."""
         seen: list[tuple[int, bytes]] = []
 
         def recorded(offset: int, size: int) -> bytes:
-            data = read(offset, size)
+            data = looked.pop(offset) if size == _BLOCK and offset in looked else read(offset, size)
             seen.append((offset, data))
             return data
 

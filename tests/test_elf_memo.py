@@ -209,3 +209,23 @@ def test_a_known_elf_rewritten_as_a_script_is_read_as_one(tmp_path: Path) -> Non
     assert seen.kind is Kind.SCRIPT
     assert seen.elf is None
     assert seen.interpreter == "/bin/sh"
+
+
+def test_a_miss_reads_no_block_twice() -> None:
+    """A copy that differs from a known program in its last block read: the blocks read
+    on the way down the memo serve the parse; each block is read once, and the facts
+    are a fresh parse's."""
+    memo = ParseMemo(MARKER_SYMBOLS)
+    memo.parse(_Reads(_PYTHON))
+    last = _PYTHON_BLOCKS[-1]
+    data = bytearray(_PYTHON)
+    data[last + 100] ^= 0xFF
+    mutant = _Reads(bytes(data))
+    try:
+        found: elf.ElfFacts | str = memo.parse(mutant)
+    except ElfError as exc:
+        found = f"error: {exc}"
+    assert found == _fresh(bytes(data))
+    offsets = [offset for offset, _ in mutant.asked]
+    assert len(offsets) == len(set(offsets)), offsets
+    assert len(offsets) > 1
