@@ -11,7 +11,6 @@ adapter; what a finding means is decided in :mod:`capkeeper.classify`.
 
 from __future__ import annotations
 
-import marshal
 import mmap
 import os
 import posixpath
@@ -29,6 +28,7 @@ from typing import Any, TextIO
 from capkeeper.capabilities import CapSet
 from capkeeper.errors import CapkeeperError
 from capkeeper.files import XATTR_NAME, caps_of_value, list_xattr_names, read_caps_value
+from capkeeper.frames import receive, send
 from capkeeper.mounts import NETWORK_FS, PSEUDO_FS, MountInfo, MountTable, mount_id, read_mounts
 
 __all__ = [
@@ -44,7 +44,6 @@ __all__ = [
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _PROBE_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
-_FRAME = struct.Struct("<I")
 _COUNTERS = struct.Struct("<QQQ")  # directories, files, found: per worker, for the progress line
 _PROGRESS_EVERY = 0.2  # seconds
 
@@ -256,30 +255,6 @@ class _Scanner:
         return (self.found, self.errors, self.skipped, self.directories, self.files)
 
 
-def _send(fd: int, message: Any) -> None:
-    data = marshal.dumps(message)
-    view = memoryview(_FRAME.pack(len(data)) + data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _read_exactly(fd: int, size: int) -> bytes:
-    chunks = []
-    while size:
-        chunk = os.read(fd, min(size, 1 << 20))
-        if not chunk:
-            raise EOFError
-        chunks.append(chunk)
-        size -= len(chunk)
-    return b"".join(chunks)
-
-
-def _receive(fd: int) -> Any:
-    (size,) = _FRAME.unpack(_read_exactly(fd, _FRAME.size))
-    # The bytes come from our own forked worker over a private pipe.
-    return marshal.loads(_read_exactly(fd, size))  # noqa: S302
-
-
 @dataclass
 class _Worker:
     pid: int
@@ -290,18 +265,18 @@ class _Worker:
 
 def _worker_main(task_fd: int, result_fd: int, scanner: _Scanner, shm: mmap.mmap, slot: int) -> int:
     def share(directories: list[tuple[str, int]]) -> None:
-        _send(result_fd, ("share", directories))
+        send(result_fd, ("share", directories))
 
     while True:
         try:
-            task = _receive(task_fd)
+            task = receive(task_fd)
         except EOFError:
             return 1  # the coordinator went away
         if task is None:
             break
         scanner.run([tuple(item) for item in task], shm, share, slot)
-        _send(result_fd, ("done",))
-    _send(result_fd, ("result", *scanner.result()))
+        send(result_fd, ("done",))
+    send(result_fd, ("result", *scanner.result()))
     return 0
 
 
@@ -379,7 +354,7 @@ def _coordinate(
         while True:
             for worker in workers:
                 if not worker.busy and pending:
-                    _send(worker.tasks, [pending.popleft()])  # shallowest, so largest, first
+                    send(worker.tasks, [pending.popleft()])  # shallowest, so largest, first
                     worker.busy = True
             busy = [w.results for w in workers if w.busy]
             if not busy:
@@ -389,7 +364,7 @@ def _coordinate(
             ready, _, _ = select.select(busy, [], [], timeout)
             for fd in ready:
                 try:
-                    message = _receive(fd)
+                    message = receive(fd)
                 except EOFError:
                     raise CapkeeperError("an audit worker exited unexpectedly") from None
                 if message[0] == "share":
@@ -406,10 +381,10 @@ def _coordinate(
                 ]
                 progress.update(*totals)
         for worker in workers:
-            _send(worker.tasks, None)
+            send(worker.tasks, None)
         for worker in workers:
             try:
-                message = _receive(worker.results)
+                message = receive(worker.results)
             except EOFError:
                 raise CapkeeperError("an audit worker exited unexpectedly") from None
             results.append(tuple(message[1:]))

@@ -1,0 +1,42 @@
+"""Messages between capkeeper and the processes it forks, over private pipes.
+
+A message is plain data (tuples, lists, dicts, strings, numbers, bytes, None)
+in :mod:`marshal` form, framed by its length. :mod:`marshal` builds no object
+of any other type and runs no code, and the pipes are made before the fork and
+known to no one else.
+"""
+
+from __future__ import annotations
+
+import marshal
+import os
+import struct
+from typing import Any
+
+_FRAME = struct.Struct("<I")
+
+
+def send(fd: int, message: Any) -> None:
+    """Write ``message`` to ``fd`` as one frame (blocking until all of it is written)."""
+    data = marshal.dumps(message)
+    view = memoryview(_FRAME.pack(len(data)) + data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _read_exactly(fd: int, size: int) -> bytes:
+    chunks = []
+    while size:
+        chunk = os.read(fd, min(size, 1 << 20))
+        if not chunk:
+            raise EOFError
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+def receive(fd: int) -> Any:
+    """The next message on ``fd``; EOFError when the writer closed it first."""
+    (size,) = _FRAME.unpack(_read_exactly(fd, _FRAME.size))
+    # The bytes come from our own forked process over a private pipe.
+    return marshal.loads(_read_exactly(fd, size))  # noqa: S302
