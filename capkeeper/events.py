@@ -219,6 +219,20 @@ EVENTS: dict[str, EventSpec] = {
             "other writer.",
         ),
         EventSpec(
+            "start_up_helper_failed",
+            "c2c4e43962644cfcbf4de65f1e2000fe",
+            Priority.WARNING,
+            "the start-up helper process failed ({reason}); the daemon checked its "
+            "{entries} remaining entries itself",
+            "capkeeper's start-up helper failed",
+            "At start-up capkeeper shares the check of a large state with one forked\n"
+            "helper process when a second CPU is available. The helper failed\n"
+            "(@CAPKEEPER_REASON@) and the daemon checked the @CAPKEEPER_ENTRIES@ entries\n"
+            "it had not reported itself, so every entry was still checked before\n"
+            "READY=1. A restore the helper made just before it failed may have gone\n"
+            "without its alert: the file is then found in sync. Please report it.",
+        ),
+        EventSpec(
             "reconcile_crashed",
             "042195f24e0b4096918cbc295d91257c",
             Priority.ERR,

@@ -687,6 +687,21 @@ class _ElfCache:
         }
         return len(rows)
 
+    def absorb(self, data: object) -> int:
+        """Take, beside what this cache knows, the facts another process of ours learnt
+        (a start-up helper's :meth:`export`); the number of files taken. Anything
+        malformed takes nothing."""
+        try:
+            facts, rows = _checked_export(data, self._size)
+        except (TypeError, ValueError):
+            return 0
+        taken = 0
+        for key, number in rows:
+            if key not in self._facts:
+                self._remember(key, None if number is None else self._share(facts[number]))
+                taken += 1
+        return taken
+
     @property
     def stale(self) -> bool:
         """Whether an :meth:`export` now would drop restored facts nobody asked for."""
@@ -774,6 +789,12 @@ def restore_elf_facts(data: object) -> int:
     """Take the facts of :func:`export_elf_facts` (read back from a trusted cache); the
     number of files restored, 0 when ``data`` is malformed in any way."""
     return _ELF_CACHE.restore(data)
+
+
+def absorb_elf_facts(data: object) -> int:
+    """Take, beside those learnt here, the facts of another process's
+    :func:`export_elf_facts` (a start-up helper's); the number of files taken."""
+    return 0 if data is None else _ELF_CACHE.absorb(data)
 
 
 def observe_fd(path: str, fd: int, hops: list[Hop], resolved: str, *, hash: bool) -> Observation:

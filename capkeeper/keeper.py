@@ -21,12 +21,14 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import traceback
 from collections import Counter
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NamedTuple
 
 from capkeeper.enforce import reconcile
-from capkeeper.files import Pins, Walks
+from capkeeper.files import Pins, Walks, absorb_elf_facts, export_elf_facts
+from capkeeper.helper import Helper, helper_worth
 from capkeeper.log import keeps
 from capkeeper.model import Entry, Observation
 from capkeeper.mounts import MountWatch
@@ -59,6 +61,8 @@ _REPLAN_ROUNDS = 8  # plan, watch, look again: at most this often per batch (a d
 # Anyone can overflow the queue of a directory others can write to, as often as they
 # like: warn about it at most this often (seconds); the rescans it causes are cheap.
 _EXPOSED_OVERFLOW_WARN_EVERY = 60.0
+_IN_SYNC = str(Status.IN_SYNC)  # the key of in-sync outcomes in a rescan's counts
+_HELPER_POLL = 64  # the daemon's own checks between two looks for a start-up helper's outcomes
 
 Reconcile = Callable[..., Outcome]
 
@@ -455,15 +459,13 @@ class Keeper:
         self._replan(self.entries)
         self._deferred.clear()  # every entry is checked now; failed ones re-queue themselves
         counts: dict[str, int] = {}
-        debug = keeps(self._log, "debug")  # asked once for the whole batch
+        shared: dict[str, Any] = {}
         with self._batch_pins() as pins:
-            for entry in self._state.entries:
-                if self._stopping():
-                    break
-                outcome = self._check_entry(entry.path, cause, since, pins, debug=debug)
-                if outcome is not None:
-                    counts[str(outcome.status)] = counts.get(str(outcome.status), 0) + 1
-                self._tick()
+            entries = self._state.entries
+            if cause == "startup" and helper_worth(len(entries)):
+                shared = self._check_shared(entries, cause, since, pins, counts)
+            else:
+                self._check_all(entries, cause, since, pins, counts)
         self.book.rescans += 1
         self.book.dirty = True
         quiet = cause == "periodic" and set(counts) <= {str(Status.IN_SYNC)}
@@ -472,8 +474,103 @@ class Keeper:
             cause=cause,
             entries=len(self._state.entries),
             duration_ms=round((self._clock() - started) * 1000, 3),
+            **shared,
             **{k.replace("-", "_"): v for k, v in counts.items()},
         )
+
+    def _check_all(
+        self,
+        entries: Sequence[Entry],
+        cause: str,
+        since: float | None,
+        pins: Pins,
+        counts: dict[str, int],
+    ) -> None:
+        """Check ``entries`` in order, counting the outcomes by status in ``counts``."""
+        debug = keeps(self._log, "debug")  # asked once for the whole batch
+        for entry in entries:
+            if self._stopping():
+                break
+            self._count(self._check_entry(entry.path, cause, since, pins, debug=debug), counts)
+            self._tick()
+
+    @staticmethod
+    def _count(outcome: Outcome | None, counts: dict[str, int]) -> None:
+        if outcome is not None:
+            counts[str(outcome.status)] = counts.get(str(outcome.status), 0) + 1
+
+    def _check_shared(
+        self,
+        entries: Sequence[Entry],
+        cause: str,
+        since: float | None,
+        pins: Pins,
+        counts: dict[str, int],
+    ) -> dict[str, Any]:
+        """:meth:`_check_all`, shared with a forked helper checking from the last entry
+        backwards (:mod:`capkeeper.helper`); the fields that say so in the rescan event."""
+        walks = Pins()  # the helper's: it walks for itself (this one stays empty here)
+
+        def look(index: int) -> tuple[bool, tuple[Any, ...]]:
+            looked = self._look(entries[index], cause, walks)
+            return looked.outcome.status is not Status.IN_SYNC, _record(looked)
+
+        debug = keeps(self._log, "debug")
+        here: list[Status | None] = []  # the verdicts on entries[:mine], checked here
+        theirs = 0
+
+        def report(helper: Helper, records: Iterable[tuple[int, Any]]) -> None:
+            nonlocal theirs
+            for index, record in records:
+                try:
+                    looked = _looked(entries[index], record)
+                except (TypeError, ValueError) as exc:
+                    helper.abandon(f"it sent an outcome that does not read: {exc}")
+                    return
+                if index < len(here):
+                    # Both took it where they met, and the verdict made here stands,
+                    # unless the helper restored what was then found in sync here: that
+                    # restore is reported instead (the "in sync" was a debug event).
+                    if (here[index], looked.outcome.status) != (Status.IN_SYNC, Status.RESTORED):
+                        continue
+                    counts[_IN_SYNC] -= 1
+                theirs += 1
+                self._count(self._conclude(looked, cause, since, debug=debug), counts)
+
+        helper = Helper.fork(len(entries), look, export_elf_facts)
+        if helper is None:
+            self._check_all(entries, cause, since, pins, counts)
+            return {}
+        try:
+            for index, entry in enumerate(entries):
+                if self._stopping() or not helper.claim(index):
+                    break
+                outcome = self._check_entry(entry.path, cause, since, pins, debug=debug)
+                here.append(None if outcome is None else outcome.status)
+                self._count(outcome, counts)
+                self._tick()
+                if index % _HELPER_POLL == 0:
+                    report(helper, helper.arrived())
+            report(helper, helper.rest(self._stopping, self._tick))
+        finally:
+            helper.close()
+        if self._stopping():
+            return {}
+        if helper.failure is None:
+            absorb_elf_facts(helper.facts)
+        else:
+            self._log.warning(
+                "start_up_helper_failed",
+                reason=helper.failure,
+                entries=helper.left,
+                pid=helper.pid,
+            )
+        # Neither took these: where they met (each saw the other's mark first), or all
+        # the helper did not report when it failed.
+        self._check_all(entries[len(here) : helper.lowest], cause, since, pins, counts)
+        if not counts.get(_IN_SYNC, 1):
+            del counts[_IN_SYNC]
+        return {"helper_entries": theirs}
 
     def _rescan(self, paths: Iterable[str], cause: str, *, since: float, **fields: Any) -> None:
         """Reconcile ``paths`` (part of the state) and log one ``rescan`` event for them."""
@@ -516,9 +613,13 @@ class Keeper:
         entry = self.entries.get(path)
         if entry is None:
             return None
-        self._deferred.pop(path, None)
-        known = self._state_of(path).pacing.identity
-        seen: list[tuple[Observation, Identity]] = []  # the last one held or not, for _report
+        return self._conclude(self._look(entry, cause, pins), cause, since, debug=debug)
+
+    def _look(self, entry: Entry, cause: str, pins: Pins | None) -> Looked:
+        """Check ``entry`` now (restoring it if due) without logging or recording
+        anything: a start-up helper runs this in another process."""
+        known = self._state_of(entry.path).pacing.identity
+        seen: list[tuple[Observation, Identity]] = []  # the last one held or not
 
         def hold(observation: Observation, decision: Decision) -> bool:
             identity = identity_of(observation)
@@ -528,15 +629,10 @@ class Keeper:
         try:
             outcome = self._check(entry, write=True, last_cap=self._last_cap, hold=hold, pins=pins)
         except Exception as exc:  # a bug on one file must not stop enforcing all the others
-            self._log.exception("reconcile_crashed", path=path, cause=cause)
             outcome = Outcome(
                 entry, Status.FAILED, "unknown", reason=f"internal error: {exc!r} (please report)"
             )
-        if outcome.held:
-            wait = settle_wait(outcome.status, self._settle_time)
-            self._settling.hold(path, self._clock() + wait, cause)
-            self._log.debug("write_in_progress", path=path, cause=cause, found=outcome.found)
-            return None
+            return Looked(outcome, None, exc)
         observed = outcome.observation
         if observed is None:
             identity = None
@@ -544,6 +640,24 @@ class Keeper:
             identity = seen[0][1]
         else:
             identity = identity_of(observed)
+        return Looked(outcome, identity)
+
+    def _conclude(
+        self, looked: Looked, cause: str, since: float | None, *, debug: bool | None
+    ) -> Outcome | None:
+        """Report what :meth:`_look` found (None: held as mid-write, nothing reported)."""
+        outcome, identity, crash = looked
+        path = outcome.entry.path
+        if isinstance(crash, BaseException):
+            self._log.error("reconcile_crashed", path=path, cause=cause, exc_info=crash)
+        elif crash is not None:  # a helper's: its traceback as text
+            self._log.error("reconcile_crashed", path=path, cause=cause, exception=crash)
+        self._deferred.pop(path, None)
+        if outcome.held:
+            wait = settle_wait(outcome.status, self._settle_time)
+            self._settling.hold(path, self._clock() + wait, cause)
+            self._log.debug("write_in_progress", path=path, cause=cause, found=outcome.found)
+            return None
         self._report(outcome, cause, since, identity, debug=debug)
         return outcome
 
@@ -608,3 +722,63 @@ def _stat_identity(path: str) -> Identity | None:
     return Identity(
         st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_uid, st.st_gid, st.st_mode
     )
+
+
+class Looked(NamedTuple):
+    """What :meth:`Keeper._look` found, before it is reported."""
+
+    outcome: Outcome
+    identity: Identity | None  # of the file the outcome was decided on
+    crash: BaseException | str | None = None  # an internal error (a helper's as text)
+
+
+def _identity_fields(identity: Identity) -> tuple[int, ...]:
+    return (
+        identity.dev,
+        identity.ino,
+        identity.size,
+        identity.mtime_ns,
+        identity.uid,
+        identity.gid,
+        identity.mode,
+    )
+
+
+def _record(looked: Looked) -> tuple[Any, ...]:
+    """``looked`` as plain data, for a start-up helper to send (:func:`_looked` reads it)."""
+    outcome, identity, crash = looked
+    if isinstance(crash, BaseException):
+        crash = "".join(traceback.format_exception(crash))
+    return (
+        outcome.status.value,
+        outcome.found,
+        outcome.resolved,
+        outcome.reason,
+        outcome.extra,
+        outcome.held,
+        outcome.transient,
+        None if identity is None else _identity_fields(identity),
+        crash,
+    )
+
+
+def _looked(entry: Entry, record: object) -> Looked:
+    """The :class:`Looked` a start-up helper sent for ``entry`` as :func:`_record`'s data;
+    TypeError or ValueError when it is not that."""
+    if not isinstance(record, tuple):
+        raise TypeError(f"a {type(record).__name__}, not a tuple")
+    status, found, resolved, reason, extra, held, transient, identity, crash = record
+    if not all(isinstance(text, str) for text in (found, resolved, reason)):
+        raise TypeError("a text is not a string")
+    if not all(isinstance(flag, bool) for flag in (extra, held, transient)):
+        raise TypeError("a flag is not a boolean")
+    if crash is not None and not isinstance(crash, str):
+        raise TypeError("a crash is not a text")
+    if identity is not None:
+        if not isinstance(identity, tuple) or not all(type(n) is int for n in identity):
+            raise TypeError("an identity is not a tuple of integers")
+        identity = Identity(*identity)
+    outcome = Outcome(
+        entry, Status(status), found, resolved, reason, extra, held=held, transient=transient
+    )
+    return Looked(outcome, identity, crash)

@@ -51,6 +51,8 @@ LAYERS: dict[str, int] = {
     "enforce": ADAPTER,
     "keeper": ADAPTER,
     "scan": ADAPTER,
+    "frames": ADAPTER,
+    "helper": ADAPTER,
     "inventory": ADAPTER,
     "diagnose": ADAPTER,
     "daemon": SHELL,
