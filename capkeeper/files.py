@@ -695,12 +695,13 @@ class _ElfCache:
             facts, rows = _checked_export(data, self._size)
         except (TypeError, ValueError):
             return 0
-        taken = 0
-        for key, number in rows:
-            if key not in self._facts:
-                self._remember(key, None if number is None else self._share(facts[number]))
-                taken += 1
-        return taken
+        known = self._facts
+        fresh = [(key, number) for key, number in rows if key not in known]
+        used = {number for _, number in fresh if number is not None}
+        shared = {number: self._share(facts[number]) for number in used}  # once each
+        for key, number in fresh:
+            self._remember(key, None if number is None else shared[number])
+        return len(fresh)
 
     @property
     def stale(self) -> bool:
