@@ -31,6 +31,7 @@ import stat
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from capkeeper._version import __version__
 from capkeeper.errors import FileAccessError
 from capkeeper.files import export_elf_facts, open_declared, read_at_most, restore_elf_facts
 from capkeeper.trust import file_refusals, route_refusals
@@ -46,8 +47,7 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEX
 
 
 def _version() -> str:
-    from capkeeper import __version__  # noqa: PLC0415 - importlib.metadata, only when caching
-
+    """The capkeeper version every document is keyed by: a new version misses."""
     return __version__
 
 

@@ -602,3 +602,13 @@ def test_exit_numbers_in_help_come_from_exit_status(capsys: pytest.CaptureFixtur
     assert main(["systemd-dropin", "--help"]) == ExitStatus.OK
     help_text = " ".join(capsys.readouterr().out.split())
     assert f"exit {int(ExitStatus.DRIFT)} when the drop-in is missing or out of date" in help_text
+
+
+def test_version_is_the_installed_distribution_s() -> None:
+    """capkeeper.__version__ (a constant, read without importlib.metadata) is the version
+    the build gave the installed distribution (pyproject.toml reads it from there)."""
+    from importlib import metadata
+
+    import capkeeper
+
+    assert capkeeper.__version__ == metadata.version("capkeeper")

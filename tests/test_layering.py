@@ -58,7 +58,8 @@ LAYERS: dict[str, int] = {
     "daemon": SHELL,
     "cli": SHELL,
     "__main__": SHELL,
-    "__init__": ADAPTER,  # reads the installed version lazily
+    "__init__": LEAF,
+    "_version": LEAF,
 }
 
 # Standard-library and third-party modules that reach the OS: the pure core and the
