@@ -62,6 +62,8 @@ _REPLAN_ROUNDS = 8  # plan, watch, look again: at most this often per batch (a d
 # like: warn about it at most this often (seconds); the rescans it causes are cheap.
 _EXPOSED_OVERFLOW_WARN_EVERY = 60.0
 _IN_SYNC = str(Status.IN_SYNC)  # the key of in-sync outcomes in a rescan's counts
+_STATUSES = {str(status): status for status in Status}  # Status(text), without its lookup
+_IDENTITY_FIELDS = len(Identity.__slots__)
 _HELPER_POLL = 64  # the daemon's own checks between two looks for a start-up helper's outcomes
 
 Reconcile = Callable[..., Outcome]
@@ -765,20 +767,24 @@ def _record(looked: Looked) -> tuple[Any, ...]:
 def _looked(entry: Entry, record: object) -> Looked:
     """The :class:`Looked` a start-up helper sent for ``entry`` as :func:`_record`'s data;
     TypeError or ValueError when it is not that."""
-    if not isinstance(record, tuple):
+    if type(record) is not tuple:
         raise TypeError(f"a {type(record).__name__}, not a tuple")
     status, found, resolved, reason, extra, held, transient, identity, crash = record
-    if not all(isinstance(text, str) for text in (found, resolved, reason)):
+    if type(found) is not str or type(resolved) is not str or type(reason) is not str:
         raise TypeError("a text is not a string")
-    if not all(isinstance(flag, bool) for flag in (extra, held, transient)):
+    if type(extra) is not bool or type(held) is not bool or type(transient) is not bool:
         raise TypeError("a flag is not a boolean")
-    if crash is not None and not isinstance(crash, str):
+    if crash is not None and type(crash) is not str:
         raise TypeError("a crash is not a text")
     if identity is not None:
-        if not isinstance(identity, tuple) or not all(type(n) is int for n in identity):
-            raise TypeError("an identity is not a tuple of integers")
+        if type(identity) is not tuple or len(identity) != _IDENTITY_FIELDS:
+            raise TypeError("an identity is not a tuple of its fields")
+        for number in identity:
+            if type(number) is not int:
+                raise TypeError("an identity is not a tuple of integers")
         identity = Identity(*identity)
-    outcome = Outcome(
-        entry, Status(status), found, resolved, reason, extra, held=held, transient=transient
-    )
+    verdict = _STATUSES.get(status) if type(status) is str else None
+    if verdict is None:
+        raise ValueError(f"no status {status!r}")
+    outcome = Outcome(entry, verdict, found, resolved, reason, extra, None, held, transient)
     return Looked(outcome, identity, crash)

@@ -28,9 +28,12 @@ import capkeeper.daemon as daemon_module
 import capkeeper.enforce
 import capkeeper.keeper as keeper_module
 from capkeeper import files
+from capkeeper.capabilities import parse
 from capkeeper.daemon import Daemon
 from capkeeper.helper import MIN_ENTRIES, Helper
-from capkeeper.reconcile import Status
+from capkeeper.model import Entry
+from capkeeper.reconcile import Outcome, Status
+from capkeeper.schedule import Identity
 from capkeeper.settings import Settings
 from tests.conftest import elf_source, make_binary, setcap
 from tests.test_daemon import DaemonProcess, caps_of, in_process, new_build, write_state
@@ -384,3 +387,36 @@ def test_a_real_daemon_shares_a_large_start_up(
         assert process.stop(signal.SIGTERM) == 0
     finally:
         process.close()
+
+
+def test_records_read_back_as_sent_and_nothing_else_reads() -> None:
+    """What a helper sends for each verdict reads back as the same outcome; a record of
+    any other shape, type or status is refused (TypeError or ValueError), never
+    taken."""
+    entry = Entry(path="/usr/bin/app", caps=parse(DECLARED), caps_text=DECLARED)
+    identity = Identity(1, 2, 3, 4, 0, 0, 0o100755)
+    for status in Status:
+        looked = keeper_module.Looked(
+            Outcome(entry, status, "found", "/x", "why", True, None, False, True), identity
+        )
+        assert keeper_module._looked(entry, keeper_module._record(looked)) == looked
+    crashed = keeper_module.Looked(Outcome(entry, Status.FAILED, "unknown"), None, "Traceback")
+    assert keeper_module._looked(entry, keeper_module._record(crashed)) == crashed
+    good = keeper_module._record(keeper_module.Looked(Outcome(entry, Status.IN_SYNC, ""), identity))
+    bad = [
+        ["list", *good[1:]],
+        good[:-1],
+        ("in_sync", *good[1:]),
+        (None, *good[1:]),
+        (good[0], 1, *good[2:]),
+        (*good[:4], 1, *good[5:]),
+        (*good[:7], (1, 2, 3), good[8]),
+        (*good[:7], (1, 2, 3, 4, 5, 6, "7"), good[8]),
+        (*good[:7], (1, 2, 3, 4, 5, 6, True), good[8]),
+        (*good[:8], b"crash"),
+    ]
+    for record in bad:
+        with pytest.raises((TypeError, ValueError)):
+            keeper_module._looked(entry, record)
+    with pytest.raises((TypeError, ValueError)):
+        keeper_module._looked(entry, list(good))
