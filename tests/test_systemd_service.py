@@ -36,6 +36,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from capkeeper.events import EVENTS
+from capkeeper.helper import MIN_ENTRIES
 from tests.sandbox import SystemdSandbox
 
 pytest_plugins = ["tests.sandbox_fixture"]
@@ -650,6 +651,46 @@ def test_systemd_analyze_security_exposure(installed: Installed) -> None:
     assert loaded is not None
     print(f"online exposure of the installed {UNIT} with its drop-in: {loaded[1]}")
     assert float(loaded[1]) <= 0.9
+
+
+def test_a_large_start_up_is_shared_with_a_helper_under_the_unit(installed: Installed) -> None:
+    """With 1,000 more binaries declared, all stripped, the daemon forks its start-up
+    helper under the unit's sandboxing (seccomp filter, no new privileges, the one
+    capability): the helper reported part of them, all carry their capabilities when
+    ``systemctl start`` returns, and no process of the unit is left but the daemon."""
+    many = "/opt/capkeeper-many"
+    paths = [f"{many}/d{n % 10}/b{n:04}" for n in range(MIN_ENTRIES)]
+    script = (
+        "import os, shutil, sys\n"
+        "for path in sys.argv[1:]:\n"
+        "    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)\n"
+        "    shutil.copy('/bin/true', path)\n"
+        "    os.chmod(path, 0o755)\n"
+    )
+    installed.stop()
+    try:
+        installed.run("python3", "-c", script, *paths)
+        installed.write_state(_state_text(dict.fromkeys(paths, NEW_CAPS)))
+        installed.run("capkeeper", "systemd-dropin")
+        installed.daemon_reload()
+        mark = installed.mark()
+        installed.start()
+        rescan = installed.wait_entry(
+            mark, "CAPKEEPER_EVENT=rescan", "CAPKEEPER_CAUSE=startup", f"_SYSTEMD_UNIT={UNIT}"
+        )
+        assert int(str(rescan["CAPKEEPER_RESTORED"])) == len(paths)
+        assert 0 < int(str(rescan["CAPKEEPER_HELPER_ENTRIES"])) < len(paths) + len(CAPS)
+        assert installed.run("getcap", "-r", many).count(NEW_CAPS) == len(paths)
+        tasks = installed.show("TasksCurrent")["TasksCurrent"]
+        assert tasks == "1", "a helper outlived the start-up"
+        assert not installed.entries(mark, "CAPKEEPER_EVENT=start_up_helper_failed")
+    finally:
+        installed.stop()
+        installed.write_state(_state_text())
+        installed.run("rm", "-rf", many)
+        installed.run("capkeeper", "systemd-dropin")
+        installed.daemon_reload()
+        installed.start()
 
 
 def test_daemon_logged_nothing_unexpected(installed: Installed) -> None:
