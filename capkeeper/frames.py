@@ -1,9 +1,10 @@
 """Messages between capkeeper and the processes it forks, over private pipes.
 
 A message is plain data (tuples, lists, dicts, strings, numbers, bytes, None)
-in :mod:`marshal` form, framed by its length. :mod:`marshal` builds no object
-of any other type and runs no code, and the pipes are made before the fork and
-known to no one else.
+in :mod:`marshal` form, framed by its length. :mod:`marshal` builds only the
+built-in types it stores (code objects among them, which it never runs: the
+reader checks the type of everything it takes), and the pipes are made before
+the fork and known to no one else.
 """
 
 from __future__ import annotations

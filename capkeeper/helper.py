@@ -17,20 +17,25 @@ which ones the helper reported, checks itself any entry neither did, and never
 reports one twice. A check is idempotent: an entry both checked is one restore
 and one "in sync".
 
-If the helper fails in any way (it exits early, sends something unexpected),
-the daemon checks itself every entry the helper did not report, and says so.
-The helper sends an outcome other than "in sync" as soon as it has it, so a
-failure can lose at most the alert of the one restore in flight, never the
-restore.
+The helper sends an outcome other than "in sync" as soon as it has it, and the
+daemon reads to the end whatever it sent, even when it stops or gives up on it.
+If the helper fails (it exits early, its messages are out of step), it is
+killed; the daemon checks itself every entry whose outcome it did not take (an
+outcome that does not read included), and says so. A failure or a stop can
+lose the alert of the one restore in flight, and that of an outcome that does
+not read, never a restore. The helper dies with the daemon
+(``PR_SET_PDEATHSIG``): nothing of capkeeper writes after the daemon is gone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import mmap
 import os
 import select
 import signal
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -46,6 +51,9 @@ MIN_ENTRIES = 1000  # below this the fork and the hand-over cost more than they 
 _FRONT, _BACK = 0, 1
 _CHUNK = 256  # outcomes "in sync" sent per message
 _WAIT = 0.5  # seconds between the daemon's ticks while it waits for the helper
+_LAST_WORDS = 2.0  # seconds the daemon reads a killed helper's pipe before leaving it
+_STOPS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>: the signal a process gets when its parent dies
 
 
 def helper_worth(entries: int) -> bool:
@@ -67,11 +75,12 @@ class Helper:
         self._fd = fd
         self._page = page
         self._marks = marks
-        self.lowest = count  # the helper reported entries lowest.. (it goes backwards)
+        self.lowest = count  # the helper sent entries lowest.. (it goes backwards)
         self.facts: object = None  # what it sent at the end (the ELF facts it learnt)
-        self.failure: str | None = None  # why it failed, once it did
-        self.left = 0  # the entries neither had checked then: now the daemon's
-        self._done = False
+        self.failure: str | None = None  # why it failed (or was stopped), once it did
+        self.left = 0  # then, the entries between the two marks: the daemon's now
+        self._killed_at: float | None = None  # when it was killed: only its last words left
+        self._done = False  # nothing more to read
 
     @classmethod
     def fork(
@@ -91,6 +100,10 @@ class Helper:
         marks = memoryview(page).cast("q")
         marks[_FRONT], marks[_BACK] = 0, count
         read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        daemon = os.getpid()
+        # Blocked across the fork: a stop arriving before the helper has its own signal
+        # dispositions would run the daemon's handler in it (a flag it never reads).
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
         try:
             with warnings.catch_warnings():
                 # Python 3.12+ warns about fork() in a process with threads (the tests
@@ -99,6 +112,7 @@ class Helper:
                 warnings.simplefilter("ignore", DeprecationWarning)
                 pid = os.fork()
         except OSError:  # EAGAIN (a task limit), EPERM (a filter): check alone
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             os.close(read_end)
             os.close(write_end)
             marks.release()
@@ -108,20 +122,21 @@ class Helper:
             code = 70
             try:
                 os.close(read_end)
-                _become_helper()
+                _become_helper(daemon)
                 _help(write_end, marks, count, look, finish)
                 code = 0
             finally:
                 os._exit(code)  # no atexit handler, no flush of the daemon's buffers
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         os.close(write_end)
         return cls(pid, read_end, page, marks, count)
 
     def claim(self, index: int) -> bool:
         """Whether the daemon may check entry ``index`` (its next, in order): not when
-        the helper reported it or says it took it. The daemon's mark says it did."""
+        the helper sent it or says it took it. The daemon's mark says it did."""
         if index >= self.lowest:
             return False
-        if self.failure is not None:  # everything the helper did not report is the daemon's
+        if self.failure is not None:  # everything the helper did not send is the daemon's
             return True
         self._marks[_FRONT] = index + 1
         back: int = self._marks[_BACK]
@@ -136,20 +151,26 @@ class Helper:
         self, stopping: Callable[[], bool], tick: Callable[[], None]
     ) -> Iterator[tuple[int, Any]]:
         """Every ``(index, record)`` still to come, until the helper is done or failed (see
-        :attr:`failure`), or ``stopping()``; ``tick`` is called while waiting."""
+        :attr:`failure`); ``tick`` is called while waiting. On ``stopping()`` the helper is
+        killed and what it sent before is still read."""
         while not self._done:
-            if stopping():
-                return
+            if stopping() and self._killed_at is None:
+                self.abandon("the daemon is stopping")
             if select.select([self._fd], [], [], _WAIT)[0]:
                 yield from self._next()
-            else:
-                tick()
+                continue
+            tick()
+            if self._killed_at is not None and time.monotonic() - self._killed_at > _LAST_WORDS:
+                self._done = True  # killed, yet not gone: stuck in the kernel (a hung mount)
 
     def _next(self) -> Iterator[tuple[int, Any]]:
         try:
             kind, payload = receive(self._fd)
-            if kind == "records" and isinstance(payload, list):
-                for index, record in payload:
+            if kind == "records" and type(payload) is list:
+                for item in payload:
+                    if type(item) is not tuple or len(item) != 2:
+                        raise ValueError(f"a record {item!r}")
+                    index, record = item
                     if type(index) is not int or not 0 <= index < self.lowest:
                         raise ValueError(f"entry {index!r} out of order")
                     self.lowest = index
@@ -158,42 +179,55 @@ class Helper:
             if kind != "end":
                 raise ValueError(f"a message {kind!r}")
             self.facts = payload
-        except EOFError:
-            self.abandon(f"it exited before its last entry was reported ({self.lowest})")
-            return
+        except EOFError:  # it exited (or was killed) without its last word
+            self._failed(f"it exited before its last entry was sent ({self.lowest})")
         except (ValueError, TypeError) as exc:
             self.abandon(f"it sent something unexpected: {exc}")
+            self._done = True  # the stream itself is out of step: nothing more reads
             return
         self._done = True
 
     def abandon(self, reason: str) -> None:
-        """Take nothing more from the helper: it failed, for ``reason``."""
-        self.failure = reason
-        self.left = max(self.lowest - self._marks[_FRONT], 0)
-        self._done = True
+        """The helper failed, for ``reason`` (or the daemon is stopping): it is killed at
+        once, and what it sent before is still read (:meth:`arrived`, :meth:`rest`)."""
+        self._failed(reason)
+        if self._killed_at is None:
+            self._killed_at = time.monotonic()
+            os.kill(self.pid, signal.SIGKILL)
+
+    def _failed(self, reason: str) -> None:
+        if self.failure is None:
+            self.failure = reason
+            self.left = max(self.lowest - self._marks[_FRONT], 0)
 
     def close(self) -> None:
         """Stop the helper if it still runs, reap it and close the pipe."""
         if not self._done:
             self.abandon("the daemon stopped waiting for it")
-        os.kill(self.pid, signal.SIGKILL)  # done or not, nothing more of it is needed
+        with contextlib.suppress(ProcessLookupError):  # reaped already: never, but harmless
+            os.kill(self.pid, signal.SIGKILL)  # done or not, nothing more of it is needed
         os.waitpid(self.pid, 0)
         os.close(self._fd)
         self._marks.release()
         self._page.close()
 
 
-def _become_helper() -> None:  # pragma: no cover - runs in the helper
+def _become_helper(daemon: int) -> None:  # pragma: no cover - runs in the helper
     """Signals as for any process: a stop of the service ends the helper at once (the
-    daemon's handlers would only set a flag the helper never reads)."""
-    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-    for sig in signals:
+    daemon's handlers would only set a flag the helper never reads); and the helper
+    dies with the daemon, which alone reports what it does."""
+    for sig in _STOPS:
         signal.signal(sig, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPS)
     # The daemon's wake-up pipe is the daemon's (ValueError: forked from another thread
     # than the main one, as in the tests, where there is none).
     with contextlib.suppress(ValueError):
         signal.set_wakeup_fd(-1)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    if os.getppid() != daemon:  # it died before the prctl
+        raise ProcessLookupError(daemon)
 
 
 def _help(

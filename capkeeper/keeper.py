@@ -61,7 +61,9 @@ _REPLAN_ROUNDS = 8  # plan, watch, look again: at most this often per batch (a d
 # Anyone can overflow the queue of a directory others can write to, as often as they
 # like: warn about it at most this often (seconds); the rescans it causes are cheap.
 _EXPOSED_OVERFLOW_WARN_EVERY = 60.0
-_IN_SYNC = str(Status.IN_SYNC)  # the key of in-sync outcomes in a rescan's counts
+# A helper's verdicts that say it changed the file (or found it changed), reported even
+# where the daemon checked the same entry (see Keeper._check_shared).
+_CHANGES = frozenset({Status.RESTORED, Status.REFUSED})
 _STATUSES = {str(status): status for status in Status}  # Status(text), without its lookup
 _IDENTITY_FIELDS = len(Identity.__slots__)
 _HELPER_POLL = 64  # the daemon's own checks between two looks for a start-up helper's outcomes
@@ -518,24 +520,31 @@ class Keeper:
             return looked.outcome.status is not Status.IN_SYNC, _record(looked)
 
         debug = keeps(self._log, "debug")
-        here: list[Status | None] = []  # the verdicts on entries[:mine], checked here
+        here: list[Status | None] = []  # the verdicts on entries[:len(here)], checked here
+        unread: list[int] = []  # entries whose outcome from the helper did not read
+        problem = ""  # why the first of them did not
         theirs = 0
 
         def report(helper: Helper, records: Iterable[tuple[int, Any]]) -> None:
-            nonlocal theirs
+            nonlocal theirs, problem
             for index, record in records:
                 try:
                     looked = _looked(entries[index], record)
                 except (TypeError, ValueError) as exc:
-                    helper.abandon(f"it sent an outcome that does not read: {exc}")
-                    return
+                    # A bug in one outcome: the others still read, and are taken.
+                    unread.append(index)
+                    problem = problem or f"it sent an outcome that does not read: {exc}"
+                    continue
                 if index < len(here):
-                    # Both took it where they met, and the verdict made here stands,
-                    # unless the helper restored what was then found in sync here: that
-                    # restore is reported instead (the "in sync" was a debug event).
-                    if (here[index], looked.outcome.status) != (Status.IN_SYNC, Status.RESTORED):
+                    # Both took it where they met. The verdict made here stands, unless
+                    # the helper changed the file since (a restore, a removal on a
+                    # refusal) or found it changed: that is reported too, and counted
+                    # instead of the verdict made here.
+                    found, made = here[index], looked.outcome.status
+                    if looked.outcome.held or made is found or made not in _CHANGES:
                         continue
-                    counts[_IN_SYNC] -= 1
+                    if found is not None:
+                        counts[str(found)] -= 1
                 theirs += 1
                 self._count(self._conclude(looked, cause, since, debug=debug), counts)
 
@@ -553,25 +562,28 @@ class Keeper:
                 self._tick()
                 if index % _HELPER_POLL == 0:
                     report(helper, helper.arrived())
+            # What it sent is read to the end even on a stop: it restored those files.
             report(helper, helper.rest(self._stopping, self._tick))
         finally:
             helper.close()
+        for status in [status for status, count in counts.items() if count <= 0]:
+            del counts[status]
         if self._stopping():
-            return {}
+            return {"helper_entries": theirs}
+        # Neither took these: where they met (each saw the other's mark first), all the
+        # helper did not send when it failed, and what it sent that did not read.
+        again = [index for index in unread if index >= len(here)]
+        todo = [*range(len(here), helper.lowest), *again]
         if helper.failure is None:
             absorb_elf_facts(helper.facts)
-        else:
+        if helper.failure is not None or problem:
             self._log.warning(
                 "start_up_helper_failed",
-                reason=helper.failure,
-                entries=helper.left,
+                reason=helper.failure or problem,
+                entries=(helper.left if helper.failure else 0) + len(again),
                 pid=helper.pid,
             )
-        # Neither took these: where they met (each saw the other's mark first), or all
-        # the helper did not report when it failed.
-        self._check_all(entries[len(here) : helper.lowest], cause, since, pins, counts)
-        if not counts.get(_IN_SYNC, 1):
-            del counts[_IN_SYNC]
+        self._check_all([entries[index] for index in sorted(todo)], cause, since, pins, counts)
         return {"helper_entries": theirs}
 
     def _rescan(self, paths: Iterable[str], cause: str, *, since: float, **fields: Any) -> None:

@@ -274,7 +274,7 @@ def test_a_helper_that_dies_leaves_nothing_unchecked(
     shared, logs = _start_up(tree / "shared", count, monkeypatch, helper=True)
     (failed,) = [e for e in logs if e["event"] == "start_up_helper_failed"]
     assert failed["log_level"] == "warning"
-    assert "exited before its last entry was reported" in failed["reason"]
+    assert "exited before its last entry was sent" in failed["reason"]
     assert 0 < failed["entries"] <= count - 19  # at most all but what it reported
     assert shared == alone
 
@@ -283,9 +283,10 @@ def test_a_helper_that_sends_nonsense_is_not_believed(
     tree: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The helper's outcomes do not read (a bug), the daemon slowed down so that the
-    first one comes early: none is taken, the daemon checks every entry the helper
-    had, and every file ends as without a helper. What the helper restored before
-    it was stopped is found in sync (its alert is what such a bug loses)."""
+    first one comes early: none is taken, the daemon checks itself every entry the
+    helper sent, says so, and every file ends as without a helper. What the helper
+    restored is then found in sync: the alerts of outcomes that do not read are what
+    such a bug loses, never a restore."""
     count = 60
     alone, _ = _start_up(tree / "alone", count, monkeypatch, helper=False)
     daemon = os.getpid()
