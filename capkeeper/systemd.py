@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import posixpath
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -127,6 +126,8 @@ def write_atomically(path: Path, text: str | Iterable[str], mode: int = 0o644) -
     ``text`` may be an iterable of pieces, written as they come: a large file is
     never held in memory whole (the daemon's status file of 10,000 entries).
     """
+    import tempfile  # noqa: PLC0415 - 8 ms of imports, after the daemon's READY=1
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
