@@ -606,9 +606,12 @@ def test_exit_numbers_in_help_come_from_exit_status(capsys: pytest.CaptureFixtur
 
 def test_version_is_the_installed_distribution_s() -> None:
     """capkeeper.__version__ (a constant, read without importlib.metadata) is the version
-    the build gave the installed distribution (pyproject.toml reads it from there)."""
+    pyproject.toml names, and the one the installed distribution carries."""
+    import tomllib
     from importlib import metadata
 
     import capkeeper
 
-    assert capkeeper.__version__ == metadata.version("capkeeper")
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    named = tomllib.loads(pyproject.read_text())["project"]["version"]
+    assert capkeeper.__version__ == named == metadata.version("capkeeper")
