@@ -36,8 +36,17 @@ def _read_exactly(fd: int, size: int) -> bytes:
     return b"".join(chunks)
 
 
+class Garbled(ValueError):
+    """A whole frame whose bytes are no marshal data (the stream is still in step)."""
+
+
 def receive(fd: int) -> Any:
-    """The next message on ``fd``; EOFError when the writer closed it first."""
+    """The next message on ``fd``; EOFError when the writer closed it first (mid-frame
+    included), :class:`Garbled` when a whole frame does not unmarshal."""
     (size,) = _FRAME.unpack(_read_exactly(fd, _FRAME.size))
-    # The bytes come from our own forked process over a private pipe.
-    return marshal.loads(_read_exactly(fd, size))  # noqa: S302
+    data = _read_exactly(fd, size)
+    try:
+        # The bytes come from our own forked process over a private pipe.
+        return marshal.loads(data)  # noqa: S302
+    except (EOFError, ValueError, TypeError) as exc:  # marshal's own EOFError: short data
+        raise Garbled(f"{size} bytes that do not unmarshal ({exc})") from None

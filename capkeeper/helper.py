@@ -34,12 +34,13 @@ import mmap
 import os
 import select
 import signal
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from capkeeper.frames import receive, send
+from capkeeper.frames import Garbled, receive, send
 
 __all__ = ["MIN_ENTRIES", "Helper", "helper_worth"]
 
@@ -76,8 +77,10 @@ class Helper:
         self._marks = marks
         self.lowest = count  # the helper sent entries lowest.. (it goes backwards)
         self.facts: object = None  # what it sent at the end (the ELF facts it learnt)
-        self.failure: str | None = None  # why it failed (or was stopped), once it did
+        self.failure: str | None = None  # why it failed (or was stopped): it is killed
         self.left = 0  # then, the entries between the two marks: the daemon's now
+        self.trouble = ""  # what it sent that does not read (a bug), the first of it
+        self.lost: list[int] = []  # entries whose outcome was in what does not read
         self._killed_at: float | None = None  # when it was killed: only its last words left
         self._done = False  # nothing more to read
 
@@ -95,10 +98,18 @@ class Helper:
         ``look`` returns ``(urgent, record)``, ``record`` plain data; an urgent
         record is sent at once, the others in chunks.
         """
-        page = mmap.mmap(-1, mmap.PAGESIZE)
+        try:
+            page = mmap.mmap(-1, mmap.PAGESIZE)
+        except OSError:  # ENOMEM: check alone
+            return None
         marks = memoryview(page).cast("q")
         marks[_FRONT], marks[_BACK] = 0, count
-        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        try:
+            read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        except OSError:  # EMFILE, ENFILE: check alone
+            marks.release()
+            page.close()
+            return None
         daemon = os.getpid()
         # Blocked across the fork: a stop arriving before the helper has its own signal
         # dispositions would run the daemon's handler in it (a flag it never reads).
@@ -164,27 +175,36 @@ class Helper:
 
     def _next(self) -> Iterator[tuple[int, Any]]:
         try:
-            kind, payload = receive(self._fd)
-            if kind == "records" and type(payload) is list:
-                for item in payload:
-                    if type(item) is not tuple or len(item) != 2:
-                        raise ValueError(f"a record {item!r}")
-                    index, record = item
-                    if type(index) is not int or not 0 <= index < self.lowest:
-                        raise ValueError(f"entry {index!r} out of order")
-                    self.lowest = index
-                    yield index, record
-                return
-            if kind != "end":
-                raise ValueError(f"a message {kind!r}")
-            self.facts = payload
-        except EOFError:  # it exited (or was killed) without its last word
-            self._failed(f"it exited before its last entry was sent ({self.lowest})")
-        except (ValueError, TypeError) as exc:
-            self.abandon(f"it sent something unexpected: {exc}")
-            self._done = True  # the stream itself is out of step: nothing more reads
+            message = receive(self._fd)
+        except Garbled as exc:  # a bug in one message: those after it still read
+            self._trouble(f"it sent a message that does not read: {exc}")
             return
-        self._done = True
+        except EOFError:  # it exited (or was killed) without its last word
+            self.abandon(f"it exited before its last entry was sent ({self.lowest})")
+            self._done = True
+            return
+        kind, payload = message if type(message) is tuple and len(message) == 2 else (None, None)
+        if kind == "records" and type(payload) is list:
+            for item in payload:
+                if type(item) is not tuple or len(item) != 2 or type(item[0]) is not int:
+                    self._trouble(f"it sent a record that does not read: {item!r:.80}")
+                    continue
+                index, record = item
+                if not 0 <= index < self.lowest:
+                    self._trouble(f"it sent entry {index} after entry {self.lowest}")
+                    continue
+                # It sends every entry it checks, in order: a gap is what did not read.
+                self.lost.extend(range(index + 1, self.lowest))
+                self.lowest = index
+                yield index, record
+        elif kind == "end":
+            self.facts = payload
+            self._done = True
+        else:
+            self._trouble(f"it sent a message that does not read: {kind!r:.80}")
+
+    def _trouble(self, reason: str) -> None:
+        self.trouble = self.trouble or reason
 
     def abandon(self, reason: str) -> None:
         """The helper failed, for ``reason`` (or the daemon is stopping): it is killed at
@@ -200,12 +220,22 @@ class Helper:
             self.left = max(self.lowest - self._marks[_FRONT], 0)
 
     def close(self) -> None:
-        """Stop the helper if it still runs, reap it and close the pipe."""
+        """Stop the helper if it still runs, reap it and close the pipe. A helper that
+        does not die (stuck in the kernel: a hung mount) is reaped when it does, by a
+        thread that waits for it: the daemon goes on, or stops, meanwhile."""
         if not self._done:
             self.abandon("the daemon stopped waiting for it")
         with contextlib.suppress(ProcessLookupError):  # reaped already: never, but harmless
             os.kill(self.pid, signal.SIGKILL)  # done or not, nothing more of it is needed
-        os.waitpid(self.pid, 0)
+        deadline = time.monotonic() + _LAST_WORDS
+        while os.waitpid(self.pid, os.WNOHANG) == (0, 0):
+            if time.monotonic() > deadline:
+                reaper = threading.Thread(
+                    target=os.waitpid, args=(self.pid, 0), name="helper-reaper", daemon=True
+                )
+                reaper.start()
+                break
+            time.sleep(0.001)
         os.close(self._fd)
         self._marks.release()
         self._page.close()

@@ -571,15 +571,15 @@ class Keeper:
         if self._stopping():
             return {"helper_entries": theirs}
         # Neither took these: where they met (each saw the other's mark first), all the
-        # helper did not send when it failed, and what it sent that did not read.
-        again = [index for index in unread if index >= len(here)]
+        # helper did not send when it failed, and what it sent that does not read.
+        again = [index for index in (*unread, *helper.lost) if index >= len(here)]
         todo = [*range(len(here), helper.lowest), *again]
         if helper.failure is None:
             absorb_elf_facts(helper.facts)
-        if helper.failure is not None or problem:
+        if helper.failure is not None or helper.trouble or problem:
             self._log.warning(
                 "start_up_helper_failed",
-                reason=helper.failure or problem,
+                reason=helper.failure or helper.trouble or problem,
                 entries=(helper.left if helper.failure else 0) + len(again),
                 pid=helper.pid,
             )

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, MutableMapping
@@ -26,6 +28,7 @@ from structlog.testing import capture_logs
 
 import capkeeper.daemon as daemon_module
 import capkeeper.enforce
+import capkeeper.helper as helper_module
 import capkeeper.keeper as keeper_module
 from capkeeper import files
 from capkeeper.capabilities import parse
@@ -421,3 +424,29 @@ def test_records_read_back_as_sent_and_nothing_else_reads() -> None:
             keeper_module._looked(entry, record)
     with pytest.raises((TypeError, ValueError)):
         keeper_module._looked(entry, list(good))
+
+
+@pytest.mark.parametrize("failing", ["pipe2", "fork"])
+def test_without_a_helper_the_daemon_checks_alone(
+    tree: Path, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    """No pipe (EMFILE at the descriptor limit) or no fork (EAGAIN at a task limit): the
+    start-up is the daemon's alone, every entry checked, nothing said about a helper."""
+    monkeypatch.setattr(keeper_module, "helper_worth", lambda entries: True)
+
+    real = getattr(os, failing)
+
+    def refuse(*args: Any) -> Any:
+        if sys._getframe(1).f_globals["__name__"] != helper_module.__name__:
+            return real(*args)  # the daemon's own pipes, the settings child
+        raise OSError(errno.EMFILE if failing == "pipe2" else errno.EAGAIN, failing)
+
+    monkeypatch.setattr(os, failing, refuse)
+    paths = [make_binary(tree / f"b{n:02}") for n in range(20)]
+    state = write_state(tree.parent / "state.toml", dict.fromkeys(paths, DECLARED))
+    with capture_logs() as logs, in_process(state, logs):
+        pass
+    rescan = _rescan(logs)
+    assert "helper_entries" not in rescan
+    assert rescan["restored"] == len(paths)
+    assert not [e for e in logs if e["event"] == "start_up_helper_failed"]
