@@ -13,15 +13,17 @@ read as if it had checked them itself.
 
 Where they meet, each says in a shared page how far it got (:meth:`Helper.claim`).
 That is only a hint: the daemon knows at the end which entries it checked and
-which ones the helper reported, checks itself any entry neither did, and never
-reports one twice. A check is idempotent: an entry both checked is one restore
-and one "in sync".
+which ones the helper reported, and checks itself any entry neither did. A
+check is idempotent: an entry both checked is one restore and one "in sync",
+and is reported once, with the daemon's verdict, unless the helper changed
+the file after the daemon judged it (a restore, a refusal): that is reported
+too, and counted instead.
 
 The helper sends an outcome other than "in sync" as soon as it has it, and the
-daemon reads to the end whatever it sent, even when it stops or gives up on it.
-If the helper fails (it exits early, its messages are out of step), it is
-killed; the daemon checks itself every entry whose outcome it did not take (an
-outcome that does not read included), and says so. A failure or a stop can
+daemon reads to the end whatever it sent. When the helper exits early or the
+daemon stops, the helper is killed (if it still runs) and what it sent is still
+read; the daemon checks itself every entry whose outcome it did not take (those
+missing, and those that do not read), and says so. A failure or a stop can
 lose the alert of the one restore in flight, and that of an outcome that does
 not read, never a restore. The helper dies with the daemon
 (``PR_SET_PDEATHSIG``): nothing of capkeeper writes after the daemon is gone.
