@@ -592,15 +592,8 @@ class Keeper:
         self.forget_walks()
         counts: dict[str, int] = {}
         todo = sorted(p for p in paths if p in self.entries)
-        debug = keeps(self._log, "debug")  # asked once for the whole batch
         with self._batch_pins() as pins:
-            for path in todo:
-                if self._stopping():
-                    break
-                outcome = self._check_entry(path, cause, since, pins, debug=debug)
-                if outcome is not None:
-                    counts[str(outcome.status)] = counts.get(str(outcome.status), 0) + 1
-                self._tick()
+            self._check_all([self.entries[p] for p in todo], cause, since, pins, counts)
         self.book.dirty = True
         # Anyone can cause overflow rescans: log them above debug only when they found drift.
         quiet = cause == "overflow" and set(counts) <= {str(Status.IN_SYNC)}
