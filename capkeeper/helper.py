@@ -82,7 +82,7 @@ class Helper:
         self.failure: str | None = None  # why it failed (or was stopped): it is killed
         self.left = 0  # then, the entries between the two marks: the daemon's now
         self.trouble = ""  # what it sent that does not read (a bug), the first of it
-        self.lost: list[int] = []  # entries whose outcome was in what does not read
+        self.lost: list[int] = []  # entries whose outcome does not read, or did not come
         self._killed_at: float | None = None  # when it was killed: only its last words left
         self._done = False  # nothing more to read
 
@@ -205,6 +205,12 @@ class Helper:
         else:
             self._trouble(f"it sent a message that does not read: {kind!r:.80}")
 
+    def unread(self, index: int, reason: str) -> None:
+        """The outcome it sent for entry ``index`` does not read, for ``reason`` (a bug in
+        one outcome): that entry is the daemon's to check, and the others still read."""
+        self.lost.append(index)
+        self._trouble(reason)
+
     def _trouble(self, reason: str) -> None:
         self.trouble = self.trouble or reason
 
@@ -227,8 +233,7 @@ class Helper:
         thread that waits for it: the daemon goes on, or stops, meanwhile."""
         if not self._done:
             self.abandon("the daemon stopped waiting for it")
-        with contextlib.suppress(ProcessLookupError):  # reaped already: never, but harmless
-            os.kill(self.pid, signal.SIGKILL)  # done or not, nothing more of it is needed
+        os.kill(self.pid, signal.SIGKILL)  # done or not, nothing more of it is needed
         deadline = time.monotonic() + _LAST_WORDS
         while os.waitpid(self.pid, os.WNOHANG) == (0, 0):
             if time.monotonic() > deadline:

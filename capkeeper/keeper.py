@@ -65,7 +65,7 @@ _EXPOSED_OVERFLOW_WARN_EVERY = 60.0
 # where the daemon checked the same entry (see Keeper._check_shared).
 _CHANGES = frozenset({Status.RESTORED, Status.REFUSED})
 _STATUSES = {str(status): status for status in Status}  # Status(text), without its lookup
-_IDENTITY_FIELDS = len(Identity.__slots__)
+_IDENTITY_FIELDS: tuple[str, ...] = Identity.__slots__  # in the order Identity() takes them
 _HELPER_POLL = 64  # the daemon's own checks between two looks for a start-up helper's outcomes
 
 Reconcile = Callable[..., Outcome]
@@ -521,19 +521,15 @@ class Keeper:
 
         debug = keeps(self._log, "debug")
         here: list[Status | None] = []  # the verdicts on entries[:len(here)], checked here
-        unread: list[int] = []  # entries whose outcome from the helper did not read
-        problem = ""  # why the first of them did not
         theirs = 0
 
         def report(helper: Helper, records: Iterable[tuple[int, Any]]) -> None:
-            nonlocal theirs, problem
+            nonlocal theirs
             for index, record in records:
                 try:
                     looked = _looked(entries[index], record)
                 except (TypeError, ValueError) as exc:
-                    # A bug in one outcome: the others still read, and are taken.
-                    unread.append(index)
-                    problem = problem or f"it sent an outcome that does not read: {exc}"
+                    helper.unread(index, f"it sent an outcome that does not read: {exc}")
                     continue
                 if index < len(here):
                     # Both took it where they met. The verdict made here stands, unless
@@ -572,14 +568,14 @@ class Keeper:
             return {"helper_entries": theirs}
         # Neither took these: where they met (each saw the other's mark first), all the
         # helper did not send when it failed, and what it sent that does not read.
-        again = [index for index in (*unread, *helper.lost) if index >= len(here)]
+        again = [index for index in helper.lost if index >= len(here)]
         todo = [*range(len(here), helper.lowest), *again]
         if helper.failure is None:
             absorb_elf_facts(helper.facts)
-        if helper.failure is not None or helper.trouble or problem:
+        if helper.failure is not None or helper.trouble:
             self._log.warning(
                 "start_up_helper_failed",
-                reason=helper.failure or helper.trouble or problem,
+                reason=helper.failure or helper.trouble,
                 entries=(helper.left if helper.failure else 0) + len(again),
                 pid=helper.pid,
             )
@@ -740,15 +736,7 @@ class Looked(NamedTuple):
 
 
 def _identity_fields(identity: Identity) -> tuple[int, ...]:
-    return (
-        identity.dev,
-        identity.ino,
-        identity.size,
-        identity.mtime_ns,
-        identity.uid,
-        identity.gid,
-        identity.mode,
-    )
+    return tuple(getattr(identity, name) for name in _IDENTITY_FIELDS)
 
 
 def _record(looked: Looked) -> tuple[Any, ...]:
@@ -782,7 +770,7 @@ def _looked(entry: Entry, record: object) -> Looked:
     if crash is not None and type(crash) is not str:
         raise TypeError("a crash is not a text")
     if identity is not None:
-        if type(identity) is not tuple or len(identity) != _IDENTITY_FIELDS:
+        if type(identity) is not tuple or len(identity) != len(_IDENTITY_FIELDS):
             raise TypeError("an identity is not a tuple of its fields")
         for number in identity:
             if type(number) is not int:
