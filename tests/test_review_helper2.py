@@ -28,8 +28,8 @@ from capkeeper.daemon import Daemon
 from capkeeper.helper import Helper
 from capkeeper.settings import Settings
 from tests.conftest import make_binary, setcap
-from tests.test_daemon import caps_of, in_process, write_state
-from tests.test_review_helper import DECLARED, _restored, _slow
+from tests.test_daemon import write_state
+from tests.test_review_helper import DECLARED, _silent_restores, _slow
 
 
 def _first_message_bad(monkeypatch: pytest.MonkeyPatch, frame: Any) -> None:
@@ -75,14 +75,8 @@ def test_a_message_that_does_not_unmarshal_leaves_no_two_writers(
     for path in paths[24:47]:
         setcap(DECLARED, path)
     state = write_state(tree.parent / "state.toml", dict.fromkeys(paths, DECLARED))
-    with capture_logs() as logs, in_process(state, logs):
-        pass
-    assert [e for e in logs if e["event"] == "start_up_helper_failed"]
-    assert all(caps_of(path) is not None for path in paths)
-    restored = _restored(logs)
-    stripped = [*paths[:24], paths[47]]
     # The outcome that did not read, and the one restore in flight when it is killed.
-    silent = [str(path) for path in stripped if restored[str(path)] != 1]
+    silent = _silent_restores(state, paths, [*paths[:24], paths[47]])
     assert len(silent) <= 2, f"{len(silent)} restores without an alert: {silent[:3]}..."
 
 
@@ -112,12 +106,7 @@ def test_well_formed_messages_after_one_bad_message_are_still_read(
     _first_message_bad(monkeypatch, lambda message: marshal.dumps(("records", "not a list")))
     paths = [make_binary(tree / f"b{n:02}") for n in range(48)]  # all stripped
     state = write_state(tree.parent / "state.toml", dict.fromkeys(paths, DECLARED))
-    with capture_logs() as logs, in_process(state, logs):
-        pass
-    assert [e for e in logs if e["event"] == "start_up_helper_failed"]
-    assert all(caps_of(path) is not None for path in paths)
-    restored = _restored(logs)
-    silent = [str(path) for path in paths if restored[str(path)] != 1]
+    silent = _silent_restores(state, paths, paths)
     # The restore whose message did not read, and the one in flight when it is killed.
     assert len(silent) <= 2, f"{len(silent)} restores without an alert: {silent[:3]}..."
 
