@@ -12,6 +12,10 @@ pydantic would cost every ``ExecStartPre=`` apply three bare interpreter starts.
 The messages are pydantic's, word for word (a test keeps the old model as the
 oracle).
 
+A state in the plain form every example and generated state uses is read by
+:func:`capkeeper.plaintoml.read_plain`, any other by ``tomllib``: the same document,
+at a sixth of the cost.
+
 The daemon also keeps the validated entries in a cache (:mod:`capkeeper.cache`), as
 trusted as the state files and keyed by all of them: with 10,000 entries, parsing
 and validating cost half a second of every start.
@@ -26,7 +30,6 @@ import posixpath
 import pwd
 import re
 import stat
-import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +48,7 @@ from capkeeper.errors import (
 from capkeeper.files import REPLACED, open_declared, read_at_most
 from capkeeper.kernel import cap_last_cap
 from capkeeper.model import Entry, Hop
+from capkeeper.plaintoml import read_plain
 from capkeeper.trust import declaration_refusals, file_refusals, route_refusals
 
 if TYPE_CHECKING:
@@ -103,6 +107,7 @@ TABLE_KEYS: dict[str, tuple[type, bool, Callable[[Any], Any] | None]] = {
     "allow_interpreter": (bool, False, None),
 }
 _TYPE_NAMES = {str: "string", bool: "boolean"}
+_REQUIRED = frozenset(key for key, (_, required, _) in TABLE_KEYS.items() if required)
 
 
 def _table(table: dict[str, Any]) -> tuple[_BinaryTable | None, list[tuple[str, str]]]:
@@ -115,6 +120,25 @@ def _table(table: dict[str, Any]) -> tuple[_BinaryTable | None, list[tuple[str, 
     interpreter start, and these few exact-type checks are all it did here.
     """
     values: dict[str, Any] = {}
+    # Most tables have no problem: one pass over what is written, and the table if every
+    # key is known, of its type and passes its rule, and every required key is there.
+    for key, value in table.items():
+        spec = TABLE_KEYS.get(key)
+        if spec is None or type(value) is not spec[0]:
+            break
+        rule = spec[2]
+        if rule is None:
+            values[key] = value
+            continue
+        try:
+            values[key] = rule(value)
+        except ValueError:
+            break
+    else:
+        if values.keys() >= _REQUIRED:
+            return _BinaryTable(**values), []
+    # Otherwise every problem, worded in the order of TABLE_KEYS.
+    values = {}
     problems: list[tuple[str, str]] = []
     for key, (kind, required, rule) in TABLE_KEYS.items():
         if key not in table:
@@ -499,6 +523,8 @@ def load_state(
     # One lookup per owner name and load (a reload looks again): 10,000 entries owned
     # by root made 10,000 getpwnam(3) calls through NSS.
     uid_of = functools.lru_cache(maxsize=None)(uid_of)
+    # And one parse per distinct capability text: 10,000 entries mostly share a few.
+    caps_of = functools.lru_cache(maxsize=None)(_caps)
     reader = _Reader(Path(absolute))
     reader.main_file()
     reader.dropins()
@@ -518,7 +544,7 @@ def load_state(
     seen: dict[str, str] = {}
     for _, shown, data in reader.documents:
         try:
-            document = tomllib.loads(data.decode("utf-8"))
+            document = _parse(data.decode("utf-8"))
         except UnicodeDecodeError as exc:
             problems.append(f"{shown}: cannot read: {exc}")
             continue
@@ -543,7 +569,7 @@ def load_state(
             problems.append(f"{shown}: 'binary' must be an array of tables ([[binary]])")
             continue
         for number, table in enumerate(tables, start=1):
-            entry, errors = _entry(table, f"{shown}: entry {number}", limit, uid_of)
+            entry, errors = _entry(table, f"{shown}: entry {number}", limit, uid_of, caps_of)
             problems.extend(errors)
             if entry is None:
                 continue
@@ -559,6 +585,17 @@ def load_state(
     if cache is not None and cache.writable and key:
         cache.write(STATE_CACHE, _document(key, entries))
     return State(entries=tuple(entries), files=files)
+
+
+def _parse(text: str) -> dict[str, Any]:
+    """The TOML document ``text``: the plain form by :func:`read_plain`, any other by
+    ``tomllib``, which alone decides and words every invalid document."""
+    document = read_plain(text)
+    if document is not None:
+        return document
+    import tomllib  # noqa: PLC0415 - 12 ms of imports a plain state never needs
+
+    return tomllib.loads(text)
 
 
 STATE_CACHE = "state.json"
@@ -674,31 +711,41 @@ def _from_cache(data: object, key: str, uid_of: Callable[[str], int]) -> tuple[E
 
 
 def _entry(
-    table: Any, where: str, last_cap: int, uid_of: Callable[[str], int]
+    table: Any,
+    where: str,
+    last_cap: int,
+    uid_of: Callable[[str], int],
+    caps_of: Callable[[str, bool, int], tuple[CapSet | None, str, tuple[str, ...]]],
 ) -> tuple[Entry | None, list[str]]:
     if not isinstance(table, dict):
         return None, [f"{where}: must be a table"]
-    path = table.get("path")
-    label = f"{where} ({printable(path)})" if isinstance(path, str) else where
     raw, invalid = _table(table)
-    errors = [f"{label}: {key}: {message}" for key, message in invalid]
     caps: CapSet | None = None
+    caps_text = ""
+    problems: tuple[str, ...] = ()
     text = table.get("caps")
     if isinstance(text, str):
-        caps, problems = _caps(text, table.get("allow_inheritable") is True, last_cap)
-        errors.extend(f"{label}: caps: {problem}" for problem in problems)
+        caps, caps_text, problems = caps_of(text, table.get("allow_inheritable") is True, last_cap)
     uid = 0
+    no_owner = False
     if raw is not None:
         try:
             uid = uid_of(raw.owner)
         except (KeyError, ValueError):
+            no_owner = True
+    if invalid or problems or no_owner or caps is None or raw is None:
+        # Worded only for an entry with problems: most have none.
+        path = table.get("path")
+        label = f"{where} ({printable(path)})" if isinstance(path, str) else where
+        errors = [f"{label}: {key}: {message}" for key, message in invalid]
+        errors.extend(f"{label}: caps: {problem}" for problem in problems)
+        if no_owner and raw is not None:
             errors.append(f"{label}: owner: no such user {raw.owner!r}")
-    if errors or caps is None or raw is None:
         return None, errors
     entry = Entry(
         path=raw.path,
         caps=caps,
-        caps_text=format_text(caps, last_cap=last_cap),
+        caps_text=caps_text,
         owner=raw.owner,
         owner_uid=uid,
         sha256=raw.sha256,
@@ -709,19 +756,24 @@ def _entry(
     return entry, []
 
 
-def _caps(text: str, allow_inheritable: bool, last_cap: int) -> tuple[CapSet | None, list[str]]:
-    """Parse a declared capability text and apply the state's own rules to it."""
+def _caps(
+    text: str, allow_inheritable: bool, last_cap: int
+) -> tuple[CapSet | None, str, tuple[str, ...]]:
+    """Parse a declared capability text and apply the state's own rules to it: the
+    capabilities and their canonical text, or None, "" and every problem."""
     try:
         caps = parse(text, last_cap=last_cap)
     except CapkeeperError as exc:
-        return None, [exc.message]
-    problems = [
+        return None, "", (exc.message,)
+    problems = tuple(
         refusal.message
         for refusal in declaration_refusals(
             caps, allow_inheritable=allow_inheritable, last_cap=last_cap
         )
-    ]
-    return (None if problems else caps), problems
+    )
+    if problems:
+        return None, "", problems
+    return caps, format_text(caps, last_cap=last_cap), ()
 
 
 def load_state_or_empty(path: Path) -> tuple[State, str | None]:

@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ import structlog
 from structlog.testing import capture_logs
 
 from capkeeper import files
+from capkeeper import state as state_module
 from capkeeper.cache import ELF_CACHE, MAX_CACHE_BYTES, Cache
 from capkeeper.cache import _version as cache_version
 from capkeeper.capabilities import format_text, parse
@@ -112,16 +112,16 @@ def _fields(entry: Entry) -> tuple[object, ...]:
 
 @pytest.fixture
 def parsed(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts the state files parsed (tomllib.loads calls): 0 on a cache hit."""
+    """Counts the state files parsed (plain reader or tomllib): 0 on a cache hit."""
 
     calls: list[int] = []
-    real = tomllib.loads
+    real = state_module._parse
 
     def counting(text: str) -> dict[str, object]:
         calls.append(1)
         return real(text)
 
-    monkeypatch.setattr("capkeeper.state.tomllib.loads", counting)
+    monkeypatch.setattr(state_module, "_parse", counting)
     return calls
 
 

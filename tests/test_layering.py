@@ -26,6 +26,7 @@ LAYERS: dict[str, int] = {
     "errors": LEAF,
     "events": LEAF,
     "capabilities": PURE,
+    "plaintoml": PURE,
     "elf": PURE,
     "interpreters": PURE,
     "model": PURE,
