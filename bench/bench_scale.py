@@ -143,12 +143,12 @@ def main() -> int:
             f"{python_s:.3f} s; bare python -I VmRSS {bare_rss / 1024:.1f} MiB"
         )
 
-        # The daemon's cache (capkeeper.cache) in a directory of the run's own: the first
-        # start finds it empty, the last one (a restart, all in sync) finds it warm.
+        # The daemon's cache (capkeeper.cache) in a directory of the run's own, given as an
+        # option like the unit's default: the first start finds it empty, the last one (a
+        # restart, all in sync) finds it warm.
         cache = base / "cache"
         cache.mkdir(mode=0o700)
-        os.environ["CAPKEEPER_CACHE_DIRECTORY"] = str(cache)
-        daemon = Daemon(state, base / "run-sync")
+        daemon = Daemon(state, base / "run-sync", cache=cache)
         daemons.append(daemon)
         ready_sync = daemon.wait_ready()
         sync_startup = _startup(daemon)
@@ -162,7 +162,7 @@ def main() -> int:
 
         for binary in binaries:
             os.removexattr(binary, XATTR)
-        daemon = Daemon(state, base / "run-strip")
+        daemon = Daemon(state, base / "run-strip", cache=cache)
         daemons.append(daemon)
         ready_strip = daemon.wait_ready()
         carrying = _carrying(binaries, value)
@@ -198,7 +198,7 @@ def main() -> int:
         )
         code_strip = daemon.stop()
 
-        daemon = Daemon(state, base / "run-warm")
+        daemon = Daemon(state, base / "run-warm", cache=cache)
         daemons.append(daemon)
         ready_warm = daemon.wait_ready()
         memory_warm = memory_kib(daemon.pid)

@@ -251,6 +251,7 @@ class Daemon:
         rescan_interval: float = 3600,
         watchdog_usec: int | None = None,
         src: Path = REPO,
+        cache: Path | None = None,
     ) -> None:
         run.mkdir(exist_ok=True)
         self.log = run / "daemon.log"
@@ -266,6 +267,10 @@ class Daemon:
         argv += ["--log-format", "json", "--log-level", log_level]
         argv += ["--status-file", str(run / "status.json")]
         argv += ["--rescan-interval", f"{rescan_interval:g}"]
+        if cache is not None:
+            # An option, as the unit's default is: a CAPKEEPER_* variable or a settings
+            # file would also start the settings check by pydantic-settings in a child.
+            argv += ["--cache-directory", str(cache)]
         self.spawned = time.perf_counter()
         with open(self.log, "wb") as handle:
             self.process = subprocess.Popen(argv, cwd=src, env=env, stderr=handle)

@@ -40,6 +40,7 @@ _OVERRIDES = (
     "settle_time",
     "status_file",
     "metrics_file",
+    "cache_directory",
 )
 # Errors a user can fix, and their exit status; any other CapkeeperError is FAILED.
 _USER_ERRORS: tuple[tuple[type[CapkeeperError], ExitStatus], ...] = (

@@ -615,3 +615,23 @@ def test_version_is_the_installed_distribution_s() -> None:
     pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
     named = tomllib.loads(pyproject.read_text())["project"]["version"]
     assert capkeeper.__version__ == named == metadata.version("capkeeper")
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"), [("/var/tmp/ck-cache", Path("/var/tmp/ck-cache")), ("", None)]
+)
+def test_watch_takes_its_cache_directory_as_an_option(given: str, expected: Path | None) -> None:
+    """``watch --cache-directory`` (empty: no cache) is an option like the others: the
+    settings come from the rules alone, with no pydantic-settings child left to wait for."""
+    from capkeeper import settings as settings_module
+    from capkeeper.cli import _overrides
+
+    args = parse_args(["watch", "--cache-directory", given])
+    loaded = settings_module.load_settings(_overrides(args), environ={}, isolate=True)
+    assert loaded.cache_directory == expected
+    assert settings_module._pending is None
+
+
+def test_watch_refuses_a_relative_cache_directory(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["watch", "--cache-directory", "cache"]) == ExitStatus.USAGE
+    assert "--cache-directory: must be an absolute path" in capsys.readouterr().err

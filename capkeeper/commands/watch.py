@@ -38,6 +38,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--metrics-file", metavar="FILE", help="also write a Prometheus textfile (node_exporter)"
     )
+    parser.add_argument(
+        "--cache-directory",
+        type=_cache_directory,
+        metavar="DIR",
+        help="default /var/cache/capkeeper (the unit's CacheDirectory=); empty: no cache",
+    )
+
+
+def _cache_directory(text: str) -> str:
+    """``--cache-directory``, checked by its setting's rule and kept as given: an empty
+    value (no cache) must still reach the settings as an option."""
+    option_type("cache_directory")(text)
+    return text
 
 
 def run(args: argparse.Namespace, settings: Settings, out: TextIO) -> ExitStatus:
