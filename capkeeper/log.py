@@ -101,7 +101,8 @@ def _apply(config: _Config) -> None:
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(config.level),
-        logger_factory=structlog.PrintLoggerFactory(file=config.stream),
+        # One write(2) per event: print() writes the line and its newline apart.
+        logger_factory=structlog.WriteLoggerFactory(file=config.stream),
         cache_logger_on_first_use=False,
     )
 
