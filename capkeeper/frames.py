@@ -50,3 +50,41 @@ def receive(fd: int) -> Any:
         return marshal.loads(data)  # noqa: S302
     except (EOFError, ValueError, TypeError) as exc:  # marshal's own EOFError: short data
         raise Garbled(f"{size} bytes that do not unmarshal ({exc})") from None
+
+
+class Reader:
+    """:func:`receive` for one pipe, a buffer at a time: a burst of small frames (the
+    start-up helper sends each restore at once) costs one ``read(2)``, not two a frame."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._data = b""
+        self._at = 0  # where the next frame starts in _data
+
+    def ready(self) -> bool:
+        """Whether a whole frame is buffered already: :meth:`receive` will not read."""
+        return self._end() is not None
+
+    def _end(self) -> int | None:
+        data, at = self._data, self._at
+        if len(data) - at < _FRAME.size:
+            return None
+        (size,) = _FRAME.unpack_from(data, at)
+        end = at + _FRAME.size + size
+        return end if end <= len(data) else None
+
+    def receive(self) -> Any:
+        """The next message, as :func:`receive` gives it (reading, and blocking, only
+        while no whole frame is buffered)."""
+        while (end := self._end()) is None:
+            chunk = os.read(self.fd, 1 << 20)
+            if not chunk:
+                raise EOFError  # the writer closed it, mid-frame or between frames
+            self._data = self._data[self._at :] + chunk
+            self._at = 0
+        start, self._at = self._at + _FRAME.size, end
+        try:
+            return marshal.loads(self._data[start:end])  # noqa: S302 - see receive()
+        except (EOFError, ValueError, TypeError) as exc:
+            raise Garbled(f"{end - start} bytes that do not unmarshal ({exc})") from None
+

@@ -42,7 +42,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from capkeeper.frames import Garbled, receive, send
+from capkeeper.frames import Garbled, Reader, send
 
 __all__ = ["MIN_ENTRIES", "Helper", "helper_worth"]
 
@@ -75,6 +75,7 @@ class Helper:
     def __init__(self, pid: int, fd: int, page: mmap.mmap, marks: memoryview, count: int) -> None:
         self.pid = pid
         self._fd = fd
+        self._reader = Reader(fd)
         self._page = page
         self._marks = marks
         self.lowest = count  # the helper sent entries lowest.. (it goes backwards)
@@ -156,7 +157,8 @@ class Helper:
 
     def arrived(self) -> Iterator[tuple[int, Any]]:
         """The ``(index, record)`` the helper sent so far, without waiting for more."""
-        while not self._done and select.select([self._fd], [], [], 0)[0]:
+        reader = self._reader
+        while not self._done and (reader.ready() or select.select([self._fd], [], [], 0)[0]):
             yield from self._next()
 
     def rest(
@@ -168,7 +170,7 @@ class Helper:
         while not self._done:
             if stopping() and self._killed_at is None:
                 self.abandon("the daemon is stopping")
-            if select.select([self._fd], [], [], _WAIT)[0]:
+            if self._reader.ready() or select.select([self._fd], [], [], _WAIT)[0]:
                 yield from self._next()
                 continue
             tick()
@@ -177,7 +179,7 @@ class Helper:
 
     def _next(self) -> Iterator[tuple[int, Any]]:
         try:
-            message = receive(self._fd)
+            message = self._reader.receive()
         except Garbled as exc:  # a bug in one message: those after it still read
             self._trouble(f"it sent a message that does not read: {exc}")
             return
