@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import tempfile
 import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from capkeeper import state as state_module
@@ -252,3 +253,58 @@ def test_a_state_loads_the_same_through_either_reader(
         assert _loaded(main) == plain
     assert isinstance(_loaded(bad), list)
     assert len(_loaded(good)) == 21
+
+
+# From the adversarial review of this reader (its branch wip/review16, a064fb2).
+_STATE_KEYS = st.sampled_from(
+    ["path", "caps", "sha256", "owner", "allow_inheritable", "allow_interpreter", "mode", "x"]
+)
+
+
+def _state_uid_of(owner: str) -> int:
+    if owner == "root":
+        return 0
+    if owner == "app":
+        return 1000
+    raise KeyError(owner)
+
+
+_STATE_VALUES = st.sampled_from(
+    [
+        *('"/srv/bin/a"', '"/srv/bin/b"', '"relative"', '"cap_net_raw+ep"', '"cap_bogus+ep"'),
+        *('"cap_net_raw+i"', '"app"', '"nobody-here"', '"' + "a" * 64 + '"', "true", "false"),
+    ]
+)
+
+
+@st.composite
+def _generated_state(draw: st.DrawFn) -> str:
+    lines = []
+    for _ in range(draw(st.integers(0, 4))):
+        lines.append(draw(st.sampled_from(["[[binary]]", "[[binary]] # h", "\t[[binary]]\t"])))
+        for key in draw(st.lists(_STATE_KEYS, unique=True, max_size=5)):
+            lines.append(f"{key} = {draw(_STATE_VALUES)}" + draw(st.sampled_from(["", " #c"])))
+    return draw(st.sampled_from(["\n", "\r\n"])).join(lines)
+
+
+@settings(max_examples=300)
+@given(text=_generated_state())
+def test_a_generated_generated_state_loads_the_same_through_either_reader(text: str) -> None:
+    """Entries, sources and problems (text and order) through read_plain and tomllib."""
+    with tempfile.TemporaryDirectory() as name:
+        directory = Path(name)
+        directory.chmod(0o755)
+        main = directory / "state.toml"
+        main.write_text(text, newline="")
+        main.chmod(0o644)
+        results: list[Any] = []
+        for reader in (read_plain, lambda _text: None):
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(state_module, "read_plain", reader)
+                try:
+                    loaded: Any = state_module.load_state(main, last_cap=40, uid_of=_state_uid_of)
+                    results.append(tuple((entry, entry.source) for entry in loaded.entries))
+                except StateError as exc:
+                    results.append(exc.problems)
+        assert read_plain(text) is not None
+        assert results[0] == results[1]
