@@ -87,4 +87,3 @@ class Reader:
             return marshal.loads(self._data[start:end])  # noqa: S302 - see receive()
         except (EOFError, ValueError, TypeError) as exc:
             raise Garbled(f"{end - start} bytes that do not unmarshal ({exc})") from None
-
