@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -29,22 +30,38 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def test_the_reader_gives_what_receive_gives_in_order(pipe: tuple[int, int]) -> None:
-    """Frames larger than a pipe's buffer among small ones: a writer thread, the same
-    messages as receive() reads them."""
-    read_end, write_end = pipe
+def _written(messages: list[Any], read: Callable[[int], Any]) -> list[Any]:
+    """``messages`` sent by a writer thread over a fresh pipe, as ``read`` reads them."""
+    read_end, write_end = os.pipe()
+    try:
 
-    def write() -> None:
-        for message in MESSAGES * 2:
-            send(write_end, message)
+        def write() -> None:
+            for message in messages:
+                send(write_end, message)
 
-    writer = threading.Thread(target=write)
-    writer.start()
-    reader = Reader(read_end)
-    got = [reader.receive() for _ in MESSAGES]
-    got += [receive(read_end) for _ in MESSAGES]  # the reader read no frame ahead here
-    writer.join()
-    assert got == MESSAGES * 2
+        writer = threading.Thread(target=write)
+        writer.start()
+        got = [read(read_end) for _ in messages]
+        writer.join()
+        return got
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def test_the_reader_gives_what_receive_gives_in_order() -> None:
+    """Frames larger than a pipe's buffer among small ones, written while they are read:
+    the same messages, in order, as receive() reads them (each reader on its own pipe:
+    the Reader reads ahead of the frame it returns)."""
+    messages = MESSAGES * 3
+    reader: Reader | None = None
+
+    def buffered(fd: int) -> Any:
+        nonlocal reader
+        reader = reader or Reader(fd)
+        return reader.receive()
+
+    assert _written(messages, buffered) == _written(messages, receive) == messages
 
 
 def test_a_burst_of_frames_is_one_read(pipe: tuple[int, int]) -> None:
