@@ -107,7 +107,6 @@ TABLE_KEYS: dict[str, tuple[type, bool, Callable[[Any], Any] | None]] = {
     "allow_interpreter": (bool, False, None),
 }
 _TYPE_NAMES = {str: "string", bool: "boolean"}
-_REQUIRED = frozenset(key for key, (_, required, _) in TABLE_KEYS.items() if required)
 
 
 def _table(table: dict[str, Any]) -> tuple[_BinaryTable | None, list[tuple[str, str]]]:
@@ -120,25 +119,6 @@ def _table(table: dict[str, Any]) -> tuple[_BinaryTable | None, list[tuple[str, 
     interpreter start, and these few exact-type checks are all it did here.
     """
     values: dict[str, Any] = {}
-    # Most tables have no problem: one pass over what is written, and the table if every
-    # key is known, of its type and passes its rule, and every required key is there.
-    for key, value in table.items():
-        spec = TABLE_KEYS.get(key)
-        if spec is None or type(value) is not spec[0]:
-            break
-        rule = spec[2]
-        if rule is None:
-            values[key] = value
-            continue
-        try:
-            values[key] = rule(value)
-        except ValueError:
-            break
-    else:
-        if values.keys() >= _REQUIRED:
-            return _BinaryTable(**values), []
-    # Otherwise every problem, worded in the order of TABLE_KEYS.
-    values = {}
     problems: list[tuple[str, str]] = []
     for key, (kind, required, rule) in TABLE_KEYS.items():
         if key not in table:
