@@ -707,20 +707,20 @@ def _entry(
     if isinstance(text, str):
         caps, caps_text, problems = caps_of(text, table.get("allow_inheritable") is True, last_cap)
     uid = 0
-    no_owner = False
+    owner = ""  # what is wrong with the owner
     if raw is not None:
         try:
             uid = uid_of(raw.owner)
         except (KeyError, ValueError):
-            no_owner = True
-    if invalid or problems or no_owner or caps is None or raw is None:
+            owner = f"no such user {raw.owner!r}"
+    if invalid or problems or owner or caps is None or raw is None:
         # Worded only for an entry with problems: most have none.
         path = table.get("path")
         label = f"{where} ({printable(path)})" if isinstance(path, str) else where
         errors = [f"{label}: {key}: {message}" for key, message in invalid]
         errors.extend(f"{label}: caps: {problem}" for problem in problems)
-        if no_owner and raw is not None:
-            errors.append(f"{label}: owner: no such user {raw.owner!r}")
+        if owner:
+            errors.append(f"{label}: owner: {owner}")
         return None, errors
     entry = Entry(
         path=raw.path,
