@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import marshal
 import os
+import select
 import struct
 from typing import Any
 
@@ -44,12 +45,16 @@ def receive(fd: int) -> Any:
     """The next message on ``fd``; EOFError when the writer closed it first (mid-frame
     included), :class:`Garbled` when a whole frame does not unmarshal."""
     (size,) = _FRAME.unpack(_read_exactly(fd, _FRAME.size))
-    data = _read_exactly(fd, size)
+    return _unmarshal(_read_exactly(fd, size))
+
+
+def _unmarshal(data: bytes) -> Any:
+    """The message of one whole frame; :class:`Garbled` if its bytes do not unmarshal."""
     try:
         # The bytes come from our own forked process over a private pipe.
         return marshal.loads(data)  # noqa: S302
     except (EOFError, ValueError, TypeError) as exc:  # marshal's own EOFError: short data
-        raise Garbled(f"{size} bytes that do not unmarshal ({exc})") from None
+        raise Garbled(f"{len(data)} bytes that do not unmarshal ({exc})") from None
 
 
 class Reader:
@@ -64,6 +69,11 @@ class Reader:
     def ready(self) -> bool:
         """Whether a whole frame is buffered already: :meth:`receive` will not read."""
         return self._end() is not None
+
+    def wait(self, timeout: float) -> bool:
+        """Whether :meth:`receive` has something to read, within ``timeout`` seconds: a
+        buffered frame, or the pipe readable (more data, or its end)."""
+        return self.ready() or bool(select.select([self.fd], [], [], timeout)[0])
 
     def _end(self) -> int | None:
         data, at = self._data, self._at
@@ -83,7 +93,4 @@ class Reader:
             self._data = self._data[self._at :] + chunk
             self._at = 0
         start, self._at = self._at + _FRAME.size, end
-        try:
-            return marshal.loads(self._data[start:end])  # noqa: S302 - see receive()
-        except (EOFError, ValueError, TypeError) as exc:
-            raise Garbled(f"{end - start} bytes that do not unmarshal ({exc})") from None
+        return _unmarshal(self._data[start:end])

@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
-import select
 import signal
 import threading
 import time
@@ -157,8 +156,7 @@ class Helper:
 
     def arrived(self) -> Iterator[tuple[int, Any]]:
         """The ``(index, record)`` the helper sent so far, without waiting for more."""
-        reader = self._reader
-        while not self._done and (reader.ready() or select.select([self._fd], [], [], 0)[0]):
+        while not self._done and self._reader.wait(0):
             yield from self._next()
 
     def rest(
@@ -170,7 +168,7 @@ class Helper:
         while not self._done:
             if stopping() and self._killed_at is None:
                 self.abandon("the daemon is stopping")
-            if self._reader.ready() or select.select([self._fd], [], [], _WAIT)[0]:
+            if self._reader.wait(_WAIT):
                 yield from self._next()
                 continue
             tick()
