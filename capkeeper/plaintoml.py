@@ -30,16 +30,16 @@ from typing import Any
 _STRING = r'"[^"\\\x00-\x08\x0a-\x1f\x7f]*+"'
 _COMMENT = r"#[^\x00-\x08\x0a-\x1f\x7f]*+"
 _KEY = r"[A-Za-z0-9_-]++"
+_HEADER = r"\[\[binary\]\]"
 _LINE = (
-    rf"[ \t]*+(?:(?:\[\[binary\]\]|{_KEY}[ \t]*+=[ \t]*+(?:{_STRING}|true|false))[ \t]*+)?"
+    rf"[ \t]*+(?:(?:{_HEADER}|{_KEY}[ \t]*+=[ \t]*+(?:{_STRING}|true|false))[ \t]*+)?"
     rf"(?:{_COMMENT})?+"
 )
 # Possessive everywhere: a line that is not plain fails at once, with no backtracking.
 _DOCUMENT = re.compile(rf"(?:{_LINE}\r?\n)*+{_LINE}")
 # Once the whole document is known plain, each line that says something, in order.
 _STATEMENT = re.compile(
-    r'^[ \t]*+(?:(\[\[binary\]\])|([A-Za-z0-9_-]++)[ \t]*+=[ \t]*+(?:"([^"\n]*+)"|(true|false)))',
-    re.MULTILINE,
+    rf'^[ \t]*+(?:({_HEADER})|({_KEY})[ \t]*+=[ \t]*+(?:"([^"\n]*+)"|(true|false)))', re.MULTILINE
 )
 
 
