@@ -203,9 +203,17 @@ def test_the_bundled_and_benchmark_states_are_plain(
     assert read_plain(text) == tomllib.loads(text)
 
 
+def _uid_of(owner: str) -> int:
+    if owner == "root":
+        return 0
+    if owner == "app":
+        return 1000
+    raise KeyError(owner)
+
+
 def _loaded(main: Path) -> tuple[Any, ...] | list[str]:
     try:
-        state = load_state(main, last_cap=40, uid_of=lambda owner: 0 if owner == "root" else 1000)
+        state = load_state(main, last_cap=40, uid_of=_uid_of)
     except StateError as exc:
         return exc.problems
     return tuple((entry, entry.source) for entry in state.entries)
@@ -251,7 +259,9 @@ def test_a_state_loads_the_same_through_either_reader(
         assert calls == ["plain"]
         monkeypatch.setattr(state_module, "read_plain", lambda text: None)
         assert _loaded(main) == plain
-    assert isinstance(_loaded(bad), list)
+    problems = _loaded(bad)
+    assert isinstance(problems, list)
+    assert any("owner: no such user 'nobody-here'" in problem for problem in problems)
     assert len(_loaded(good)) == 21
 
 
@@ -259,14 +269,6 @@ def test_a_state_loads_the_same_through_either_reader(
 _STATE_KEYS = st.sampled_from(
     ["path", "caps", "sha256", "owner", "allow_inheritable", "allow_interpreter", "mode", "x"]
 )
-
-
-def _state_uid_of(owner: str) -> int:
-    if owner == "root":
-        return 0
-    if owner == "app":
-        return 1000
-    raise KeyError(owner)
 
 
 _STATE_VALUES = st.sampled_from(
@@ -302,7 +304,7 @@ def test_a_generated_generated_state_loads_the_same_through_either_reader(text: 
             with pytest.MonkeyPatch.context() as patch:
                 patch.setattr(state_module, "read_plain", reader)
                 try:
-                    loaded: Any = state_module.load_state(main, last_cap=40, uid_of=_state_uid_of)
+                    loaded: Any = state_module.load_state(main, last_cap=40, uid_of=_uid_of)
                     results.append(tuple((entry, entry.source) for entry in loaded.entries))
                 except StateError as exc:
                     results.append(exc.problems)
