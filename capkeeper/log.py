@@ -23,6 +23,7 @@ on the daemon's path from an inotify event to the restore.
 from __future__ import annotations
 
 import sys
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TextIO
 
 if TYPE_CHECKING:
@@ -80,9 +81,38 @@ class _Config(NamedTuple):  # not a dataclass: creating one costs ~1 ms of every
 _pending: _Config | None = None  # recorded by configure(), not yet given to structlog
 
 
+class _AsyncioOnUse(ModuleType):
+    """What structlog's modules hold as ``asyncio``: the real module, imported at its
+    first use (an attribute asked for). Only structlog's import sees it in
+    ``sys.modules``; anyone else importing asyncio gets the real one."""
+
+    def __getattr__(self, name: str) -> Any:
+        if sys.modules.get("asyncio") is self:  # asked during structlog's own import
+            del sys.modules["asyncio"]
+        import asyncio  # noqa: PLC0415 - the real one, on first use
+
+        return getattr(asyncio, name)
+
+
+def _import_structlog() -> ModuleType:
+    """structlog, imported (if it is not yet) with asyncio imported only when used."""
+    if "structlog" in sys.modules or "asyncio" in sys.modules:
+        import structlog  # noqa: PLC0415 - see the module docstring
+
+        return structlog
+    stand_in = _AsyncioOnUse("asyncio")
+    sys.modules["asyncio"] = stand_in
+    try:
+        import structlog  # noqa: PLC0415 - see the module docstring
+    finally:
+        if sys.modules.get("asyncio") is stand_in:
+            del sys.modules["asyncio"]
+    return structlog
+
+
 def _apply(config: _Config) -> None:
     """Configure structlog for the whole process."""
-    import structlog  # noqa: PLC0415 - see the module docstring
+    structlog = _import_structlog()
 
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
@@ -158,7 +188,7 @@ def _structlog_logger() -> Any:
     """structlog's bound ``capkeeper`` logger for the configuration in force (configured
     first if :func:`configure` left it pending)."""
     global _pending, _bound  # noqa: PLW0603 - the process's one logger, kept per configuration
-    import structlog  # noqa: PLC0415 - see the module docstring
+    structlog = _import_structlog()
 
     if _pending is not None:
         config, _pending = _pending, None

@@ -5,6 +5,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import subprocess
+import sys
+import textwrap
 
 import structlog
 from structlog.testing import capture_logs
@@ -66,3 +69,51 @@ def test_keeps_follows_the_configured_level() -> None:
         assert keeps(structlog.wrap_logger(structlog.testing.CapturingLogger()), "debug")
     finally:
         configure("json", "info", stream=io.StringIO())
+
+
+def _run(code: str) -> list[str]:
+    """Run ``code`` in a fresh interpreter; its stdout lines."""
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
+def test_logging_an_event_leaves_asyncio_unimported_until_used() -> None:
+    """structlog's import of asyncio is deferred to its first use: an event is logged
+    without it, and structlog's async methods, which need it, still work."""
+    lines = _run(
+        """
+        import io, json, sys
+        from capkeeper.log import configure, get_logger
+        out = io.StringIO()
+        configure("json", "info", stream=out)
+        get_logger().info("first", n=1)
+        print("structlog" in sys.modules, "asyncio" in sys.modules, "ssl" in sys.modules)
+        import structlog
+        import asyncio
+        print(asyncio.__name__, hasattr(asyncio, "__file__"), sys.modules["asyncio"] is asyncio)
+        asyncio.run(structlog.get_logger("capkeeper").ainfo("second", n=2))
+        print([json.loads(line)["event"] for line in out.getvalue().splitlines()])
+        """
+    )
+    assert lines == ["True False False", "asyncio True True", "['first', 'second']"]
+
+
+def test_asyncio_imported_first_is_the_one_structlog_uses() -> None:
+    """A process that imported asyncio before logging keeps that very module."""
+    lines = _run(
+        """
+        import asyncio, io, sys
+        import structlog._native
+        from capkeeper.log import configure, get_logger
+        configure("json", "info", stream=io.StringIO())
+        get_logger().info("x")
+        print(structlog._native.asyncio is asyncio, sys.modules["asyncio"] is asyncio)
+        """
+    )
+    assert lines == ["True True"]
