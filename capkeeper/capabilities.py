@@ -15,9 +15,9 @@ as ``last_cap``; without it, :data:`CAP_LAST_CAP` (the table's own) is assumed.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from enum import IntEnum
 from functools import lru_cache
+from typing import NamedTuple
 
 from capkeeper.errors import InvalidCapabilityData, InvalidCapabilityText
 
@@ -123,8 +123,14 @@ class Revision(IntEnum):
     V3 = 3
 
 
-@dataclass(frozen=True)
-class CapSet:
+class _CapFields(NamedTuple):
+    permitted: int = 0
+    inheritable: int = 0
+    effective: bool = False
+    rootid: int = 0
+
+
+class CapSet(_CapFields):
     """The capabilities of one file, as the kernel stores them.
 
     ``permitted`` and ``inheritable`` are 64-bit masks (bit n is capability n);
@@ -134,19 +140,18 @@ class CapSet:
     nothing.
     """
 
-    permitted: int = 0
-    inheritable: int = 0
-    effective: bool = False
-    rootid: int = 0
+    __slots__ = ()
 
-    def __post_init__(self) -> None:
-        for field in ("permitted", "inheritable"):
-            value = getattr(self, field)
+    def __new__(
+        cls, permitted: int = 0, inheritable: int = 0, effective: bool = False, rootid: int = 0
+    ) -> CapSet:
+        for field, value in (("permitted", permitted), ("inheritable", inheritable)):
             if not 0 <= value <= _MASK64:
                 raise ValueError(f"{field} mask {value:#x} does not fit in 64 bits")
-        if not 0 <= self.rootid < 1 << 32:
-            raise ValueError(f"rootid {self.rootid} is outside 0..2**32-1")
-        object.__setattr__(self, "effective", bool(self.effective) and not self.is_empty)
+        if not 0 <= rootid < 1 << 32:
+            raise ValueError(f"rootid {rootid} is outside 0..2**32-1")
+        effective = bool(effective) and bool(permitted | inheritable)
+        return super().__new__(cls, permitted, inheritable, effective, rootid)
 
     def __repr__(self) -> str:
         return (

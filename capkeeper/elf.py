@@ -27,7 +27,6 @@ import functools
 import itertools
 import struct
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
 from typing import NamedTuple
 
 from capkeeper.errors import ElfError
@@ -102,8 +101,7 @@ _PT_LOAD, _PT_DYNAMIC, _PT_INTERP = int(_PT.LOAD), int(_PT.DYNAMIC), int(_PT.INT
 _DT_NULL, _DT_NEEDED = int(_DT.NULL), int(_DT.NEEDED)
 
 
-@dataclass(frozen=True)
-class ElfFacts:
+class ElfFacts(NamedTuple):
     """What an ELF file says about itself."""
 
     elf_class: EIClass

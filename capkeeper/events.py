@@ -8,8 +8,8 @@ file in ``systemd/`` is generated from it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import IntEnum
+from typing import NamedTuple
 
 from capkeeper.errors import printable
 
@@ -27,8 +27,7 @@ class Priority(IntEnum):
     DEBUG = 7
 
 
-@dataclass(frozen=True)
-class EventSpec:
+class EventSpec(NamedTuple):
     """Identity of one event type."""
 
     name: str

@@ -29,7 +29,6 @@ import stat
 import struct
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import xattr
@@ -120,8 +119,7 @@ def _listxattr(name: str) -> list[str]:
     return os.listxattr(name, follow_symlinks=False)
 
 
-@dataclass(frozen=True, slots=True)
-class RawCaps:
+class RawCaps(NamedTuple):
     """A ``security.capability`` value as read, before decoding."""
 
     value: bytes | None  # None: present, but the kernel refused to return it

@@ -41,9 +41,8 @@ import re
 import struct
 import termios
 from collections.abc import Container, Iterable, Mapping
-from dataclasses import dataclass
 from enum import IntFlag
-from typing import Final
+from typing import Final, NamedTuple
 
 import pyinotify
 
@@ -90,8 +89,7 @@ class Change(IntFlag):
     IGNORED = IN_IGNORED
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
+class Event(NamedTuple):
     """One kernel event: ``name`` (empty for the watched object itself) under watch ``wd``."""
 
     wd: int

@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from capkeeper.elf import ElfFacts, ElfType
 
@@ -107,8 +107,7 @@ INTERPRETER = re.compile(
 """Basenames of programs that run code they are given (the second signal, after content)."""
 
 
-@dataclass(frozen=True)
-class RunsCode:
+class RunsCode(NamedTuple):
     """Why a file is judged to run other code, and what it runs."""
 
     reason: str  # a clause: "it is the dynamic loader"

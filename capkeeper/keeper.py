@@ -65,7 +65,7 @@ _EXPOSED_OVERFLOW_WARN_EVERY = 60.0
 # where the daemon checked the same entry (see Keeper._check_shared).
 _CHANGES = frozenset({Status.RESTORED, Status.REFUSED})
 _STATUSES = {str(status): status for status in Status}  # Status(text), without its lookup
-_IDENTITY_FIELDS: tuple[str, ...] = Identity.__slots__  # in the order Identity() takes them
+_IDENTITY_FIELDS: tuple[str, ...] = Identity.__match_args__  # in the order Identity() takes them
 _HELPER_POLL = 64  # the daemon's own checks between two looks for a start-up helper's outcomes
 
 Reconcile = Callable[..., Outcome]
@@ -735,10 +735,6 @@ class Looked(NamedTuple):
     crash: BaseException | str | None = None  # an internal error (a helper's as text)
 
 
-def _identity_fields(identity: Identity) -> tuple[int, ...]:
-    return tuple(getattr(identity, name) for name in _IDENTITY_FIELDS)
-
-
 def _record(looked: Looked) -> tuple[Any, ...]:
     """``looked`` as plain data, for a start-up helper to send (:func:`_looked` reads it)."""
     outcome, identity, crash = looked
@@ -752,7 +748,7 @@ def _record(looked: Looked) -> tuple[Any, ...]:
         outcome.extra,
         outcome.held,
         outcome.transient,
-        None if identity is None else _identity_fields(identity),
+        None if identity is None else tuple(identity),  # a plain tuple: marshal sends it
         crash,
     )
 

@@ -9,8 +9,8 @@ messages when a limit is reached.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from capkeeper.capabilities import CAP_LAST_CAP
 from capkeeper.errors import PrivilegeError
@@ -46,8 +46,7 @@ def effective_capabilities(status_path: str = "/proc/self/status") -> int:
 INOTIFY_SYSCTL = "/proc/sys/fs/inotify"
 
 
-@dataclass(frozen=True, slots=True)
-class InotifyLimits:
+class InotifyLimits(NamedTuple):
     """The per-user inotify limits; ``None`` where the value could not be read."""
 
     max_user_watches: int | None

@@ -8,8 +8,8 @@ values from one open descriptor; the pure core (:mod:`capkeeper.trust`,
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import NamedTuple
 
 from capkeeper.capabilities import CapSet
 from capkeeper.elf import ElfFacts
@@ -26,8 +26,7 @@ class Kind(StrEnum):
     NOT_REGULAR = "not a regular file"
 
 
-@dataclass(frozen=True, slots=True)
-class Hop:
+class Hop(NamedTuple):
     """One directory or symlink crossed on the way to the file."""
 
     path: str
@@ -37,8 +36,7 @@ class Hop:
     target: str = ""  # symlink text
 
 
-@dataclass(frozen=True, slots=True)
-class Observation:
+class Observation(NamedTuple):
     """Facts about a declared file, all taken from one open descriptor."""
 
     path: str  # as declared
@@ -61,9 +59,9 @@ class Observation:
     elf: ElfFacts | None = None  # for ELF files whose headers could be read
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """One declared binary, validated."""
+class Entry(NamedTuple):
+    """One declared binary, validated. Where it was declared (``source``) is left out
+    of comparisons: two entries are equal when they declare the same."""
 
     path: str
     caps: CapSet
@@ -73,4 +71,20 @@ class Entry:
     sha256: str | None = None
     allow_inheritable: bool = False
     allow_interpreter: bool = False
-    source: str = field(default="", compare=False)  # "state.d/web.toml: entry 3"
+    source: str = ""  # "state.d/web.toml: entry 3"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Entry):
+            return NotImplemented
+        return self[:_COMPARED] == other[:_COMPARED]
+
+    def __ne__(self, other: object) -> bool:
+        if not isinstance(other, Entry):
+            return NotImplemented
+        return self[:_COMPARED] != other[:_COMPARED]
+
+    def __hash__(self) -> int:
+        return hash(self[:_COMPARED])
+
+
+_COMPARED = len(Entry.__match_args__) - 1  # every field but source, the last

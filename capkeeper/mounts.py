@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = [
     "NETWORK_FS",
@@ -99,8 +99,7 @@ def is_local(fstype: str) -> bool:
     return fstype not in PSEUDO_FS and fstype not in NETWORK_FS
 
 
-@dataclass(frozen=True)
-class MountInfo:
+class MountInfo(NamedTuple):
     """One line of ``/proc/self/mountinfo``."""
 
     mount_id: int
@@ -175,8 +174,7 @@ def parse_mountinfo(text: str) -> tuple[MountInfo, ...]:
     )
 
 
-@dataclass(frozen=True)
-class MountTable:
+class MountTable(NamedTuple):
     """All mounts of this mount namespace, indexed by mount id and mount point."""
 
     mounts: tuple[MountInfo, ...]

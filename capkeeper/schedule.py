@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from capkeeper.reconcile import Status
 
@@ -61,8 +60,7 @@ def announced(cause: str) -> bool:
     return cause.split("+", 1)[0] in ANNOUNCED
 
 
-@dataclass(frozen=True, slots=True)
-class Identity:
+class Identity(NamedTuple):
     """What makes a file "the same file": inode, content, owner and mode.
 
     ctime is left out on purpose: our own ``setxattr`` moves it. Content is
@@ -107,8 +105,7 @@ def retry_delay(failures: int) -> float:
     return float(min(RETRY_FIRST * 2.0 ** max(failures - 1, 0), RETRY_MAX))
 
 
-@dataclass(frozen=True, slots=True)
-class Verdict:
+class Verdict(NamedTuple):
     """What the brake says about one restore."""
 
     not_before: float  # the path's next restore may not happen earlier (0: no brake)
@@ -116,14 +113,16 @@ class Verdict:
     rounds: int  # restores in a row undone with nothing else changed
 
 
-@dataclass(slots=True)
 class Brake:
     """One path's record of restores, to tell deploys from fights."""
 
-    restored: Identity | None = None  # the file as it was when we last restored it
-    restored_at: float = -math.inf
-    rounds: int = 0
-    alerted_at: float = -math.inf
+    __slots__ = ("alerted_at", "restored", "restored_at", "rounds")
+
+    def __init__(self) -> None:
+        self.restored: Identity | None = None  # the file as it was when we last restored it
+        self.restored_at = -math.inf
+        self.rounds = 0
+        self.alerted_at = -math.inf
 
     def restore(self, identity: Identity, now: float) -> Verdict:
         """Record that the file seen as ``identity`` was restored at ``now``."""
@@ -180,14 +179,16 @@ def settle_wait(held: Status, settle_time: float) -> float:
     return max(settle_time, CONFIRM_REFUSAL) if held is Status.REFUSED else settle_time
 
 
-@dataclass(slots=True)
 class Pacing:
     """One entry's timing: the file at the last check, the back-off and the brake."""
 
-    identity: Identity | None = None  # the file at the last check
-    misses: int = 0  # refused/failed verdicts in a row
-    retry_at: float = 0.0  # monotonic; events before this are deferred
-    brake: Brake = field(default_factory=Brake)
+    __slots__ = ("brake", "identity", "misses", "retry_at")
+
+    def __init__(self) -> None:
+        self.identity: Identity | None = None  # the file at the last check
+        self.misses = 0  # refused/failed verdicts in a row
+        self.retry_at = 0.0  # monotonic; events before this are deferred
+        self.brake = Brake()
 
     def checked(
         self, verdict: Status, identity: Identity | None, now: float, *, transient: bool = False
@@ -231,11 +232,13 @@ class Pacing:
         return not announced(cause)
 
 
-@dataclass(slots=True)
 class Settling:
     """Writes in progress: path -> (when to check it anyway, the cause that started it)."""
 
-    due: dict[str, tuple[float, str]] = field(default_factory=dict)
+    __slots__ = ("due",)
+
+    def __init__(self) -> None:
+        self.due: dict[str, tuple[float, str]] = {}
 
     def note(
         self,
@@ -281,15 +284,17 @@ class Settling:
         return (deadline for deadline, _ in self.due.values())
 
 
-@dataclass(slots=True)
 class StatusFileTimer:
     """When the status file is written: after a quiet moment once something changed,
     at most once per :data:`STATUS_EVERY`, at the latest :data:`STATUS_STALE` after."""
 
-    dirty_since: float | None = None
-    written: float = -math.inf
-    activity: float = -math.inf  # the last inotify wake-up
-    isolated: bool = False  # that wake-up came after a quiet moment (one deploy)
+    __slots__ = ("activity", "dirty_since", "isolated", "written")
+
+    def __init__(self) -> None:
+        self.dirty_since: float | None = None
+        self.written = -math.inf
+        self.activity = -math.inf  # the last inotify wake-up
+        self.isolated = False  # that wake-up came after a quiet moment (one deploy)
 
     def woke(self, now: float) -> None:
         """An inotify wake-up at ``now``."""
@@ -317,13 +322,15 @@ class StatusFileTimer:
         self.written, self.dirty_since = now, None
 
 
-@dataclass(slots=True)
 class Throttle:
     """Say something at most once per ``every`` seconds, counting what was not said."""
 
-    every: float
-    said_at: float = -math.inf
-    unsaid: int = 0
+    __slots__ = ("every", "said_at", "unsaid")
+
+    def __init__(self, every: float) -> None:
+        self.every = every
+        self.said_at = -math.inf
+        self.unsaid = 0
 
     def tell(self, now: float) -> int:
         """Count one occurrence; the count to report now, or 0 to stay silent."""

@@ -31,7 +31,6 @@ import contextlib
 import math
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
@@ -129,14 +128,7 @@ RULES: dict[str, Rule] = {
 (``packaging/manpages.py``)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Settings:
-    """Where the state lives and how the daemon behaves; every field checked by its rule.
-
-    ``Settings(**values)`` raises :class:`SettingsError` for an invalid value.
-    Build it with :func:`load_settings`, which also says where a value came from.
-    """
-
+class _SettingsFields(NamedTuple):
     state: Path = DEFAULT_STATE
     rescan_interval: float = 300.0
     settle_time: float = 0.25
@@ -146,13 +138,23 @@ class Settings:
     metrics_file: Path | None = None
     cache_directory: Path | None = DEFAULT_CACHE_DIRECTORY
 
+
+class Settings(_SettingsFields):
+    """Where the state lives and how the daemon behaves; every field checked by its rule.
+
+    ``Settings(**values)`` raises :class:`SettingsError` for an invalid value.
+    Build it with :func:`load_settings`, which also says where a value came from.
+    """
+
+    __slots__ = ()
+
     # Every setting's name, as pydantic's BaseSettings called it (packaging/manpages.py).
     model_fields: ClassVar[Mapping[str, Rule]] = RULES
 
-    def __post_init__(self) -> None:
-        checked = _check({name: getattr(self, name) for name in RULES}, dict.fromkeys(RULES, ""))
-        for name, value in checked.items():
-            object.__setattr__(self, name, value)
+    def __new__(cls, *args: Any, **kwargs: Any) -> Settings:
+        given = _SettingsFields(*args, **kwargs)  # the defaults; TypeError for an unknown name
+        checked = _check({name: getattr(given, name) for name in RULES}, dict.fromkeys(RULES, ""))
+        return super().__new__(cls, **checked)  # type: ignore[arg-type]
 
 
 def option_type(name: str) -> Callable[[str], object]:
@@ -251,7 +253,7 @@ def load_settings(
         checked = validate(given, from_env, values, sources)
     else:  # only options: the same rules, without importing pydantic
         checked = _check(given, sources)
-    return Settings(**checked)  # type: ignore[arg-type]
+    return Settings(**checked)
 
 
 # What _validate_with_pydantic_settings takes: options, environment, file, sources.

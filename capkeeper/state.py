@@ -31,7 +31,6 @@ import pwd
 import re
 import stat
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -139,8 +138,7 @@ def _table(table: dict[str, Any]) -> tuple[_BinaryTable | None, list[tuple[str, 
     return _BinaryTable(**values), []
 
 
-@dataclass(frozen=True)
-class State:
+class State(NamedTuple):
     """The whole declared state, in declaration order."""
 
     entries: tuple[Entry, ...]

@@ -21,7 +21,6 @@ import os
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,21 +32,35 @@ SCHEMA = 1
 _UNKNOWN = "unknown"  # the status of an entry not checked yet
 
 
-@dataclass(slots=True)
 class EntryState:
     """What the daemon knows about one declared binary: the one record per entry."""
 
-    path: str
-    expected: str
-    verdict: Status | None = None  # the last check's verdict (None: not checked yet)
-    found: str = ""  # what the file carries now (after a restore: the expected set)
-    reason: str = ""
-    restores: int = 0
-    refusals: int = 0
-    failures: int = 0
-    last_drift: float | None = None  # unix time of the last restore/drift
-    last_change: float | None = None  # unix time the status last changed
-    pacing: Pacing = field(default_factory=Pacing, compare=False)
+    __slots__ = (
+        "expected",
+        "failures",
+        "found",
+        "last_change",
+        "last_drift",
+        "pacing",
+        "path",
+        "reason",
+        "refusals",
+        "restores",
+        "verdict",
+    )
+
+    def __init__(self, path: str, expected: str) -> None:
+        self.path = path
+        self.expected = expected
+        self.verdict: Status | None = None  # the last check's verdict (None: not checked yet)
+        self.found = ""  # what the file carries now (after a restore: the expected set)
+        self.reason = ""
+        self.restores = 0
+        self.refusals = 0
+        self.failures = 0
+        self.last_drift: float | None = None  # unix time of the last restore/drift
+        self.last_change: float | None = None  # unix time the status last changed
+        self.pacing = Pacing()
 
     @property
     def status(self) -> str:
@@ -95,30 +108,30 @@ _SNAPSHOT_FIELDS = (
 )
 
 
-@dataclass
 class StatusBook:
     """Counters and the per-entry states, fed with every outcome."""
 
-    pid: int = field(default_factory=os.getpid)
-    started: float = field(default_factory=time.time)
-    state_files: list[str] = field(default_factory=list)
-    entries: dict[str, EntryState] = field(default_factory=dict)
-    restores: int = 0
-    refusals: int = 0
-    failures: int = 0
-    rescans: int = 0
-    overflows: int = 0
-    reloads: int = 0
-    rejected_reloads: int = 0
-    watches: int = 0
-    rescan_interval: float | None = None  # the daemon's; the metrics are rewritten this often
-    last_drift: dict[str, Any] | None = None
-    last_error: str | None = None
-    # Not in the status file: what the STATUS= text also shows.
-    last_drift_kind: str = ""  # "restored" or "tampering" (capabilities beyond the set)
-    rejected: tuple[str, list[str]] | None = None  # a reload rejected: local time, problems
-    verdicts: Counter[Status] = field(default_factory=Counter)  # entries per last verdict
-    dirty: bool = field(default=True, compare=False)
+    def __init__(self, *, rescan_interval: float | None = None) -> None:
+        self.pid = os.getpid()
+        self.started = time.time()
+        self.state_files: list[str] = []
+        self.entries: dict[str, EntryState] = {}
+        self.restores = 0
+        self.refusals = 0
+        self.failures = 0
+        self.rescans = 0
+        self.overflows = 0
+        self.reloads = 0
+        self.rejected_reloads = 0
+        self.watches = 0
+        self.rescan_interval = rescan_interval  # the daemon's; metrics are rewritten this often
+        self.last_drift: dict[str, Any] | None = None
+        self.last_error: str | None = None
+        # Not in the status file: what the STATUS= text also shows.
+        self.last_drift_kind = ""  # "restored" or "tampering" (capabilities beyond the set)
+        self.rejected: tuple[str, list[str]] | None = None  # a reload rejected: time, problems
+        self.verdicts: Counter[Status] = Counter()  # entries per last verdict
+        self.dirty = True
 
     def load(self, expected: dict[str, str], files: list[str]) -> None:
         """Track exactly the entries of a (re)loaded state."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import posixpath
 import stat
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from capkeeper.capabilities import CapSet, capability_name
 from capkeeper.errors import printable
@@ -84,8 +84,7 @@ ROUTE_RULES = frozenset(
 reached is not necessarily the one the declared path legitimately names."""
 
 
-@dataclass(frozen=True)
-class Refusal:
+class Refusal(NamedTuple):
     """One reason not to grant capabilities."""
 
     rule: str

@@ -30,7 +30,6 @@ import select
 import stat
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from typing import NamedTuple, TypeVar
 
 from capkeeper import inotify
@@ -89,8 +88,7 @@ _CAUSES = tuple((int(change), f"IN_{change.name}") for change in _CAUSE_ORDER)
 _CHANGES: dict[int, Change] = {}  # the Change of each mask seen (at most 2**12), built once
 
 
-@dataclass(frozen=True, slots=True)
-class WatchEvent:
+class WatchEvent(NamedTuple):
     """One inotify event, decoded: ``name`` inside the watched ``directory``.
 
     ``name`` is empty when the event concerns the watched directory itself, and
@@ -608,8 +606,7 @@ def _forget_way(
 # -- the watcher ------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class WatchFailure:
+class WatchFailure(NamedTuple):
     """A directory that could not be watched, with a readable reason."""
 
     directory: str
@@ -663,8 +660,7 @@ class _ForwardHandler(logging.Handler):
         get_logger().debug("pyinotify_message", message=record.getMessage())
 
 
-@dataclass(frozen=True, slots=True)
-class DirectoryIdentity:
+class DirectoryIdentity(NamedTuple):
     """A watched directory as it was when its watch was added: its inode and who may write it.
 
     A watch follows its inode, not the path: once the path leads elsewhere (a

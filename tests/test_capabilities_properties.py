@@ -30,7 +30,9 @@ masks = st.one_of(
     few_bits.map(lambda bits: NAMED & ~to_mask(bits)),
     st.sampled_from([0, NAMED, (1 << 64) - 1]),
 )
-capsets = st.builds(CapSet, permitted=masks, inheritable=masks, effective=st.booleans())
+capsets = st.builds(
+    CapSet, permitted=masks, inheritable=masks, effective=st.booleans(), rootid=st.just(0)
+)
 last_caps = st.one_of(st.just(40), st.integers(min_value=0, max_value=63))
 
 # Pieces of the grammar, so generated text reaches past the first character.

@@ -7,7 +7,6 @@ depend on the kernel the tests run on.
 from __future__ import annotations
 
 import stat
-from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -45,11 +44,11 @@ def observed(found: CapSet | None, **changes: Any) -> Observation:
         sha256=None,
         elf=ELF,
     )
-    return replace(base, **changes)
+    return base._replace(**changes)
 
 
 def declared(text: str = "cap_net_bind_service=ep", **changes: Any) -> Entry:
-    return replace(Entry("/opt/app/tool", caps(text), text), **changes)
+    return Entry("/opt/app/tool", caps(text), text)._replace(**changes)
 
 
 CASES: list[tuple[str, Entry, Observation, Status, str, bool]] = [

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
 from capkeeper.reconcile import Decision, Status
@@ -48,8 +46,8 @@ def test_new_deploys_are_never_braked_however_often() -> None:
     brake = Brake()
     for n in range(200):
         now = n * 0.05
-        deploy = dataclasses.replace(FILE, ino=1000 + n) if n % 2 else FILE
-        deploy = dataclasses.replace(deploy, mtime_ns=n)
+        deploy = FILE._replace(ino=1000 + n) if n % 2 else FILE
+        deploy = deploy._replace(mtime_ns=n)
         verdict = brake.restore(deploy, now)
         assert verdict.not_before == 0.0, n
         assert not verdict.alert, n
@@ -61,7 +59,7 @@ def test_each_kind_of_change_makes_a_new_deploy() -> None:
         brake = Brake()
         for n in range(FIGHT_ROUNDS):
             brake.restore(FILE, n * 0.01)
-        other = dataclasses.replace(FILE, **{change: getattr(FILE, change) + 1})
+        other = FILE._replace(**{change: getattr(FILE, change) + 1})
         verdict = brake.restore(other, 0.1)
         assert verdict.rounds == 0, change
         assert verdict.not_before == 0.0, change
@@ -112,15 +110,15 @@ def test_deploy_during_a_fight_is_restored_at_once() -> None:
     brake = Brake()
     for n in range(FIGHT_ROUNDS + 3):
         brake.restore(FILE, n * 0.5)
-    deploy = dataclasses.replace(FILE, ino=FILE.ino + 1)
+    deploy = FILE._replace(ino=FILE.ino + 1)
     assert brake.restore(deploy, 3.1).not_before == 0.0
 
 
 def test_same_content_ignores_owner_and_mode() -> None:
     """same_content: inode, size and mtime only (the write-in-progress test)."""
-    assert FILE.same_content(dataclasses.replace(FILE, uid=5, mode=0o100700))
-    assert not FILE.same_content(dataclasses.replace(FILE, size=1))
-    assert not FILE.same_content(dataclasses.replace(FILE, mtime_ns=2))
+    assert FILE.same_content(FILE._replace(uid=5, mode=0o100700))
+    assert not FILE.same_content(FILE._replace(size=1))
+    assert not FILE.same_content(FILE._replace(mtime_ns=2))
     assert not FILE.same_content(None)
 
 
@@ -154,20 +152,20 @@ def test_announced_causes(cause: str, expected: bool) -> None:
 
 def test_same_inode_changed_unannounced_is_mid_write() -> None:
     """Same inode, new size or mtime, and no write event seen: wait for the write's end."""
-    written = dataclasses.replace(FILE, size=1)
+    written = FILE._replace(size=1)
     assert may_be_mid_write("IN_ATTRIB", FILE, written, IN_SYNC)
-    assert may_be_mid_write("periodic", FILE, dataclasses.replace(FILE, mtime_ns=2), IN_SYNC)
+    assert may_be_mid_write("periodic", FILE, FILE._replace(mtime_ns=2), IN_SYNC)
 
 
 @pytest.mark.parametrize(
     ("cause", "known", "seen"),
     [
         ("IN_ATTRIB", FILE, FILE),  # nothing changed
-        ("IN_ATTRIB", FILE, dataclasses.replace(FILE, uid=5)),  # owner only
-        ("IN_ATTRIB", FILE, dataclasses.replace(FILE, ino=7, size=1)),  # another inode
+        ("IN_ATTRIB", FILE, FILE._replace(uid=5)),  # owner only
+        ("IN_ATTRIB", FILE, FILE._replace(ino=7, size=1)),  # another inode
         ("IN_ATTRIB", None, FILE),  # never seen before
-        ("IN_MODIFY", FILE, dataclasses.replace(FILE, size=1)),  # announced: settle handles it
-        ("IN_ATTRIB+settle", FILE, dataclasses.replace(FILE, size=1)),  # settled: not again
+        ("IN_MODIFY", FILE, FILE._replace(size=1)),  # announced: settle handles it
+        ("IN_ATTRIB+settle", FILE, FILE._replace(size=1)),  # settled: not again
     ],
 )
 def test_not_mid_write(cause: str, known: Identity | None, seen: Identity) -> None:
@@ -236,7 +234,7 @@ def test_deferral_of_refused_and_braked_entries() -> None:
     for n in range(FIGHT_ROUNDS + 1):
         fought.checked(Status.RESTORED, FILE, n * 0.01)
     assert fought.defers(Status.RESTORED, "IN_ATTRIB", 0.1, lambda: FILE)
-    deploy = dataclasses.replace(FILE, ino=FILE.ino + 1)
+    deploy = FILE._replace(ino=FILE.ino + 1)
     assert not fought.defers(Status.RESTORED, "IN_ATTRIB", 0.1, lambda: deploy)
     assert not fought.defers(Status.RESTORED, "IN_ATTRIB", 0.1, lambda: None)
 

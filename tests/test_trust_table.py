@@ -7,7 +7,6 @@ One row per rule and per exception: the rules that must refuse, in the order
 from __future__ import annotations
 
 import stat
-from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -53,12 +52,12 @@ def observed(**changes: Any) -> Observation:
         sha256=None,
         elf=PLAIN_ELF,
     )
-    return replace(base, **changes)
+    return base._replace(**changes)
 
 
 def declared(**changes: Any) -> Entry:
     base = Entry(path="/opt/app/tool", caps=NET_RAW, caps_text="cap_net_raw=ep")
-    return replace(base, **changes)
+    return base._replace(**changes)
 
 
 def _route(*hops: Hop) -> tuple[Hop, ...]:
@@ -217,19 +216,19 @@ CASES: list[tuple[str, Entry, Observation, tuple[str, ...]]] = [
     (
         "interpreter by content",
         declared(),
-        observed(elf=replace(PLAIN_ELF, exports=frozenset({"Py_BytesMain"}))),
+        observed(elf=PLAIN_ELF._replace(exports=frozenset({"Py_BytesMain"}))),
         ("interpreter",),
     ),
     (
         "interpreter by linked runtime",
         declared(),
-        observed(elf=replace(PLAIN_ELF, needed=("libperl.so.5.36",))),
+        observed(elf=PLAIN_ELF._replace(needed=("libperl.so.5.36",))),
         ("interpreter",),
     ),
     (
         "the dynamic loader",
         declared(),
-        observed(elf=replace(PLAIN_ELF, interp=None, soname="ld-linux-x86-64.so.2")),
+        observed(elf=PLAIN_ELF._replace(interp=None, soname="ld-linux-x86-64.so.2")),
         ("interpreter",),
     ),
     (
@@ -241,7 +240,7 @@ CASES: list[tuple[str, Entry, Observation, tuple[str, ...]]] = [
     (
         "interpreter allowed",
         declared(allow_interpreter=True),
-        observed(elf=replace(PLAIN_ELF, exports=frozenset({"Py_BytesMain"}))),
+        observed(elf=PLAIN_ELF._replace(exports=frozenset({"Py_BytesMain"}))),
         (),
     ),
     ("setuid", declared(), observed(mode=FILE | stat.S_ISUID), ("setuid",)),
