@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import select
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -214,3 +216,47 @@ def test_path_longer_than_path_max_is_reported_once_and_still_enforced(
             daemon.close()
     finally:
         os.close(directory_fd)
+
+
+# -- what a start imports ----------------------------------------------------------------
+
+
+def test_a_start_imports_no_asyncio_and_its_modules_no_dataclasses(
+    tree: Path, tmp_path: Path
+) -> None:
+    """A start up to READY=1, with a restore logged through structlog, imports no
+    asyncio (~35 ms, imported by structlog for async methods capkeeper never calls);
+    and the modules of the commands that start the daemon or run before a service
+    (apply, check) build no class with dataclasses (~40 ms of class building, and
+    inspect's import, for 27 classes)."""
+    tool = make_binary(tree / "tool")
+    state = write_state(tmp_path / "state.toml", {tool: "cap_net_raw=ep"})
+    workdir = tmp_path / "daemon"
+    workdir.mkdir()
+    daemon = DaemonProcess(workdir, state, level="info", env={"PYTHONPROFILEIMPORTTIME": "1"})
+    try:
+        daemon.wait_ready()
+        restored = daemon.wait_event(lambda e: e.get("event") == "capability_restored")
+        assert restored["path"] == str(tool)
+        imported = {
+            str(event["line"]).rsplit("|", 1)[1].strip()
+            for event in daemon.events()
+            if event["event"] == "unparsed" and str(event["line"]).startswith("import time:")
+        }
+        assert {"structlog", "capkeeper.keeper", "capkeeper.daemon"} <= imported
+        assert sorted(name for name in imported if name.split(".")[0] == "asyncio") == []
+    finally:
+        daemon.close()
+    modules = "capkeeper.cli, capkeeper.commands.watch, capkeeper.daemon, capkeeper.commands.apply"
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"import sys, {modules}, capkeeper.commands.check\n"
+            "print(sorted(m for m in ('dataclasses', 'inspect') if m in sys.modules))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert probe.stdout == "[]\n"
