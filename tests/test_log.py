@@ -8,6 +8,7 @@ import logging
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import structlog
 from structlog.testing import capture_logs
@@ -117,3 +118,48 @@ def test_asyncio_imported_first_is_the_one_structlog_uses() -> None:
         """
     )
     assert lines == ["True True"]
+
+
+def test_a_thread_importing_asyncio_meanwhile_gets_the_real_one(tmp_path: Path) -> None:
+    """While another thread runs, the first event imports structlog with the real asyncio:
+    a stand-in in sys.modules would be that thread's asyncio, and its import of an asyncio
+    submodule would load that submodule twice (the package's names from one copy,
+    sys.modules holding the other)."""
+    # structlog.dev tries "import colorama": this one holds structlog's import (in its
+    # module body, where no import lock the other thread needs is held) until the other
+    # thread has imported, then is absent as usual.
+    (tmp_path / "colorama.py").write_text(
+        "import threading\n"
+        "if threading.current_thread() is threading.main_thread():\n"
+        "    import __main__\n"
+        "    __main__.inside.set()\n"
+        "    __main__.done.wait(10)\n"
+        "raise ImportError('absent')\n"
+    )
+    lines = _run(
+        f"""
+        import io, sys, threading
+        sys.path.insert(0, {str(tmp_path)!r})
+        from capkeeper.log import configure, get_logger
+
+        inside, done = threading.Event(), threading.Event()
+        seen = {{}}
+
+        def other():
+            inside.wait(10)
+            import asyncio
+            seen["asyncio"] = asyncio
+            import asyncio.subprocess
+            done.set()
+
+        thread = threading.Thread(target=other)
+        thread.start()
+        configure("json", "info", stream=io.StringIO())
+        get_logger().info("first")
+        thread.join()
+        import asyncio
+        print(seen["asyncio"] is asyncio, done.is_set())
+        print(asyncio.create_subprocess_exec.__globals__ is vars(sys.modules["asyncio.subprocess"]))
+        """
+    )
+    assert lines == ["True True", "True"]
