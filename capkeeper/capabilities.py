@@ -15,9 +15,10 @@ as ``last_cap``; without it, :data:`CAP_LAST_CAP` (the table's own) is assumed.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 from enum import IntEnum
 from functools import lru_cache
-from typing import NamedTuple
+from typing import Any, NamedTuple, Self
 
 from capkeeper.errors import InvalidCapabilityData, InvalidCapabilityText
 
@@ -152,6 +153,14 @@ class CapSet(_CapFields):
             raise ValueError(f"rootid {rootid} is outside 0..2**32-1")
         effective = bool(effective) and bool(permitted | inheritable)
         return super().__new__(cls, permitted, inheritable, effective, rootid)
+
+    # A NamedTuple's own _make and _replace build the tuple directly: these check.
+    @classmethod
+    def _make(cls, iterable: Iterable[Any]) -> Self:  # type: ignore[override]  # typeshed: generic
+        return cls(*iterable)
+
+    def _replace(self, **changes: Any) -> CapSet:
+        return CapSet(**{**self._asdict(), **changes})
 
     def __repr__(self) -> str:
         return (

@@ -30,9 +30,9 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, Self
 
 from capkeeper.errors import SettingsError, StateError
 from capkeeper.log import FORMATS, LEVELS, LogFormat
@@ -139,6 +139,9 @@ class _SettingsFields(NamedTuple):
     cache_directory: Path | None = DEFAULT_CACHE_DIRECTORY
 
 
+_DEFAULTS = _SettingsFields()
+
+
 class Settings(_SettingsFields):
     """Where the state lives and how the daemon behaves; every field checked by its rule.
 
@@ -151,10 +154,38 @@ class Settings(_SettingsFields):
     # Every setting's name, as pydantic's BaseSettings called it (packaging/manpages.py).
     model_fields: ClassVar[Mapping[str, Rule]] = RULES
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> Settings:
-        given = _SettingsFields(*args, **kwargs)  # the defaults; TypeError for an unknown name
+    def __new__(
+        cls,
+        *,
+        state: Path = _DEFAULTS.state,
+        rescan_interval: float = _DEFAULTS.rescan_interval,
+        settle_time: float = _DEFAULTS.settle_time,
+        log_format: LogFormat = _DEFAULTS.log_format,
+        log_level: str | None = _DEFAULTS.log_level,
+        status_file: Path = _DEFAULTS.status_file,
+        metrics_file: Path | None = _DEFAULTS.metrics_file,
+        cache_directory: Path | None = _DEFAULTS.cache_directory,
+    ) -> Settings:
+        given = _SettingsFields(
+            state,
+            rescan_interval,
+            settle_time,
+            log_format,
+            log_level,
+            status_file,
+            metrics_file,
+            cache_directory,
+        )
         checked = _check({name: getattr(given, name) for name in RULES}, dict.fromkeys(RULES, ""))
         return super().__new__(cls, **checked)  # type: ignore[arg-type]
+
+    # A NamedTuple's own _make and _replace build the tuple directly: these check.
+    @classmethod
+    def _make(cls, iterable: Iterable[Any]) -> Self:  # type: ignore[override]  # typeshed: generic
+        return cls(**dict(zip(RULES, iterable, strict=True)))
+
+    def _replace(self, **changes: Any) -> Settings:
+        return Settings(**{**self._asdict(), **changes})
 
 
 def option_type(name: str) -> Callable[[str], object]:
@@ -253,7 +284,7 @@ def load_settings(
         checked = validate(given, from_env, values, sources)
     else:  # only options: the same rules, without importing pydantic
         checked = _check(given, sources)
-    return Settings(**checked)
+    return Settings(**checked)  # type: ignore[arg-type]
 
 
 # What _validate_with_pydantic_settings takes: options, environment, file, sources.

@@ -478,3 +478,16 @@ def test_defaults_use_the_running_kernel() -> None:
     everything = (1 << last + 1) - 1
     assert parse("=ep") == CapSet(permitted=everything, effective=True)
     assert format_text(CapSet(permitted=everything, effective=True)) == "=ep"
+
+
+def test_replace_and_make_check_like_the_constructor() -> None:
+    """A CapSet built by _replace or _make is checked and normalised as CapSet() is: an
+    empty set drops its effective flag, a mask past 64 bits is refused."""
+    emptied = CapSet(1, 0, True)._replace(permitted=0)
+    assert emptied == CapSet(0, 0, True) == CapSet()
+    assert emptied.effective is False
+    assert CapSet._make([1, 0, True, 0]) == CapSet(1, 0, True)
+    with pytest.raises(ValueError, match="64 bits"):
+        CapSet._make([1 << 70, 0, False, 0])
+    with pytest.raises(ValueError, match="rootid"):
+        CapSet(1)._replace(rootid=-1)

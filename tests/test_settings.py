@@ -350,3 +350,13 @@ def test_watch_never_imports_pydantic(tmp_path: Path) -> None:
     assert result.returncode == ExitStatus.CONFIG
     assert "invalid setting: CAPKEEPER_LOG_LEVEL: must be one of" in result.stderr
     assert result.stdout == ""
+
+
+def test_replace_and_make_check_like_the_constructor() -> None:
+    """Settings built by _replace or _make pass every rule, as Settings() does."""
+    assert Settings()._replace(rescan_interval="60").rescan_interval == 60.0
+    with pytest.raises(SettingsError, match="rescan_interval"):
+        Settings()._replace(rescan_interval=-5.0)
+    assert Settings._make(Settings()) == Settings()
+    with pytest.raises(SettingsError, match="log_format"):
+        Settings._make([*Settings()[:3], "bogus", *Settings()[4:]])
