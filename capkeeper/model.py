@@ -4,6 +4,12 @@ Pure: no module here does I/O. :mod:`capkeeper.state` builds :class:`Entry` valu
 the state files; :mod:`capkeeper.files` builds :class:`Hop` and :class:`Observation`
 values from one open descriptor; the pure core (:mod:`capkeeper.trust`,
 :mod:`capkeeper.reconcile`, :mod:`capkeeper.schedule`) only reads them.
+
+They are NamedTuples, like the other value classes of the modules a start or a
+one-shot imports, not dataclasses: a dataclass is built by compiling generated
+code, about 1.5 ms each when the module is imported (27 of them were 40 ms of
+every start), and a tuple is constructed in C, once per check for an
+:class:`Observation`.
 """
 
 from __future__ import annotations
