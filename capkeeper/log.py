@@ -98,10 +98,12 @@ def _import_structlog() -> ModuleType:
     """structlog, imported (if it is not yet) with asyncio imported only when used,
     unless another thread runs: it could import asyncio meanwhile and keep the stand-in,
     and its import of an asyncio submodule would load that submodule a second time."""
+    imported = sys.modules.get("structlog")
+    if imported is not None:  # every event after the first: one lookup
+        return imported
     # The import system hands a module found in sys.modules to any thread, unlocked.
     threading = sys.modules.get("threading")  # not imported: no thread was started
-    others = threading is not None and threading.active_count() > 1
-    if "structlog" in sys.modules or "asyncio" in sys.modules or others:
+    if "asyncio" in sys.modules or (threading is not None and threading.active_count() > 1):
         import structlog  # noqa: PLC0415 - see the module docstring
 
         return structlog
