@@ -65,7 +65,7 @@ _EXPOSED_OVERFLOW_WARN_EVERY = 60.0
 # where the daemon checked the same entry (see Keeper._check_shared).
 _CHANGES = frozenset({Status.RESTORED, Status.REFUSED})
 _STATUSES = {str(status): status for status in Status}  # Status(text), without its lookup
-_IDENTITY_FIELDS: tuple[str, ...] = Identity.__match_args__  # in the order Identity() takes them
+_IDENTITY_SIZE = len(Identity.__match_args__)  # the fields of an Identity a helper sends
 _HELPER_POLL = 64  # the daemon's own checks between two looks for a start-up helper's outcomes
 
 Reconcile = Callable[..., Outcome]
@@ -766,7 +766,7 @@ def _looked(entry: Entry, record: object) -> Looked:
     if crash is not None and type(crash) is not str:
         raise TypeError("a crash is not a text")
     if identity is not None:
-        if type(identity) is not tuple or len(identity) != len(_IDENTITY_FIELDS):
+        if type(identity) is not tuple or len(identity) != _IDENTITY_SIZE:
             raise TypeError("an identity is not a tuple of its fields")
         for number in identity:
             if type(number) is not int:
