@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from capkeeper.errors import needs_escape
-from capkeeper.state import _table
+from capkeeper.state import _caps, _checked_entry, _entry, _plain_entry, _table
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -124,3 +124,83 @@ def test_every_kind_of_problem_at_once() -> None:
         ("allow_interpreter", "Input should be a valid boolean"),
         ("zz", "unknown key"),
     ]
+
+
+# -- the plain-table fast path of state._entry ----------------------------------------------
+
+# Paths around the normal form: "//", "/.", ".." and a trailing "/" are frequent, as are
+# characters that are not printable.
+_PATH_TEXT = st.one_of(
+    st.lists(st.sampled_from(["a", "b", "/", "//", "/.", "/..", "."]), max_size=6).map("".join),
+    st.text(alphabet="/.a \t\u00a0\u202e\n", max_size=6),
+).map(lambda s: "/" + s)
+_CAPS_TEXT = st.sampled_from(
+    ["cap_chown=p", "cap_net_bind_service+ep", "cap_chown+i", "cap_bogus=p", "", "all=ep"]
+)
+_PLAIN_VALUES = {
+    **_VALUES,
+    "path": st.one_of(_PATH_TEXT, _PATHS, _ANY),
+    "caps": st.one_of(_CAPS_TEXT, _ANY),
+}
+
+
+@st.composite
+def _plain_tables(draw: st.DrawFn) -> Any:
+    """Tables near the fast path's edge: mostly a path and caps, sometimes another key,
+    sometimes not a table at all."""
+    if draw(st.integers(0, 19)) == 0:
+        return draw(_ANY)
+    if draw(st.booleans()):  # the fast path's own form, in both orders
+        table = {"path": draw(_PATH_TEXT), "caps": draw(_CAPS_TEXT)}
+        if draw(st.integers(0, 3)) == 0:  # and one key more
+            key = draw(_KEYS.filter(lambda key: key not in table))
+            table[key] = draw(_VALUES.get(key, _ANY))
+        return table if draw(st.booleans()) else dict(reversed(table.items()))
+    keys = ["path", "caps", *draw(st.lists(_KEYS, unique=True, max_size=2))]
+    keys = draw(st.permutations(list(dict.fromkeys(keys))))
+    keys = keys[: draw(st.integers(1, len(keys)))]
+    return {key: draw(_PLAIN_VALUES.get(key, _ANY)) for key in keys}
+
+
+def _uid_of(owner: str) -> int:
+    if owner == "root":
+        return 0
+    raise KeyError(owner)
+
+
+def _no_root(owner: str) -> int:
+    raise KeyError(owner)
+
+
+@settings(max_examples=1500)
+@given(_plain_tables(), st.sampled_from([_uid_of, _no_root]))
+def test_plain_entry_is_the_checked_entry(table: Any, uid_of: Any) -> None:
+    """Whatever the fast path accepts, the full check accepts as the very same entry
+    (source included); whatever it declines, the full check judges alone."""
+    last_cap = 40
+    fast = _plain_entry(table, "s.toml: entry 3", last_cap, uid_of, _caps)
+    checked, problems = _checked_entry(table, "s.toml: entry 3", last_cap, uid_of, _caps)
+    assert _entry(table, "s.toml: entry 3", last_cap, uid_of, _caps) == (checked, problems)
+    if fast is not None:
+        assert problems == []
+        assert checked is not None
+        assert tuple(fast) == tuple(checked)
+
+
+def test_plain_entry_takes_the_usual_table() -> None:
+    """The fast path is not dead: the usual table of a path and caps takes it."""
+    table = {"path": "/srv/app/bin/server", "caps": "cap_net_bind_service+ep"}
+    fast = _plain_entry(table, "state.toml: entry 1", 40, _uid_of, _caps)
+    checked = _checked_entry(table, "state.toml: entry 1", 40, _uid_of, _caps)[0]
+    assert fast is not None
+    assert checked is not None
+    assert tuple(fast) == tuple(checked)
+    for declined in (
+        {"path": "/srv//bin/server", "caps": "cap_net_raw+ep"},
+        {"path": "/srv/./bin/server", "caps": "cap_net_raw+ep"},
+        {"path": "/srv/bin/", "caps": "cap_net_raw+ep"},
+        {"path": "/srv/bin/a\u202eb", "caps": "cap_net_raw+ep"},
+        {"path": "/srv/bin/x", "caps": "cap_net_raw+ep", "owner": "root"},
+        {"path": "/srv/bin/x", "caps": "cap_bogus+ep"},
+    ):
+        assert _plain_entry(declined, "w", 40, _uid_of, _caps) is None
