@@ -56,6 +56,8 @@ MAX_CHAIN = 4096  # hash chain entries visited by all lookups of one file togeth
 MAX_BUCKETS = 1 << 20
 MAX_BLOOM_WORDS = 1 << 16
 _BLOCK = 4096
+BLOCK = _BLOCK
+"""The size of every read :func:`parse` asks of its ``read``, at a multiple of it."""
 
 
 class EIClass(enum.IntEnum):

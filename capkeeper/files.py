@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 import xattr
 
 from capkeeper.capabilities import CapSet, decode, encode
+from capkeeper.elf import BLOCK as ELF_BLOCK
 from capkeeper.elf import EIClass, EIData, ElfError, ElfFacts, ParseMemo, facts_weight, parse
 from capkeeper.errors import CapabilitiesNotKept, FileAccessError, InvalidCapabilityData
 from capkeeper.interpreters import MARKER_SYMBOLS
@@ -518,16 +519,18 @@ def read_caps(fd: int) -> tuple[CapSet | None, str | None]:
     return (None, None) if raw is None else raw.decode()
 
 
-def _kind(fd: int, mode: int) -> tuple[Kind, str]:
+def _kind(fd: int, mode: int) -> tuple[Kind, str, bytes]:
+    """The kind of file ``fd`` is, a script's interpreter line, and the first block of a
+    regular file: the ELF inspection starts from it instead of reading it again."""
     if not stat.S_ISREG(mode):
-        return Kind.NOT_REGULAR, ""
-    head = os.pread(fd, 256, 0)
+        return Kind.NOT_REGULAR, "", b""
+    head = os.pread(fd, ELF_BLOCK, 0)
     if head.startswith(b"\x7fELF"):
-        return Kind.ELF, ""
+        return Kind.ELF, "", head
     if head.startswith(b"#!"):
-        line = head[2:].split(b"\n", 1)[0].strip()
-        return Kind.SCRIPT, line.decode("utf-8", "replace")
-    return Kind.OTHER, ""
+        line = head[2:256].split(b"\n", 1)[0].strip()
+        return Kind.SCRIPT, line.decode("utf-8", "replace"), head
+    return Kind.OTHER, "", head
 
 
 def read_at_most(fd: int, limit: int) -> bytes | None:
@@ -616,11 +619,11 @@ class _ElfCache:
             return True, facts
         return False, None
 
-    def learn(self, fd: int, st: os.stat_result) -> ElfFacts | None:
+    def learn(self, fd: int, st: os.stat_result, head: bytes | None = None) -> ElfFacts | None:
         """Inspect the ELF file ``fd`` whose fstat is ``st`` (:meth:`known` did not know
-        it) and remember its facts."""
+        it) and remember its facts; ``head`` as for :func:`inspect_fd`."""
         key = self.key(st)
-        facts = inspect_fd(fd, MARKER_SYMBOLS)
+        facts = inspect_fd(fd, MARKER_SYMBOLS, head=head)
         if facts is not None:
             facts = self._share(facts)
         self._remember(key, facts)
@@ -831,8 +834,8 @@ def _observe(
         if known:  # inspected already, with this very content: ELF
             kind, interpreter = Kind.ELF, ""
         else:
-            kind, interpreter = _kind(fd, st.st_mode)
-            elf = _ELF_CACHE.learn(fd, st) if kind is Kind.ELF else None
+            kind, interpreter, head = _kind(fd, st.st_mode)
+            elf = _ELF_CACHE.learn(fd, st, head) if kind is Kind.ELF else None
         regular = kind is not Kind.NOT_REGULAR
         caps, problem, supported = None, None, True
         if regular:
@@ -925,14 +928,19 @@ def read_path_caps(path: str) -> tuple[CapSet | None, bytes | None]:
 _PARSED = ParseMemo(MARKER_SYMBOLS)
 
 
-def inspect_fd(fd: int, symbols: Collection[str] = ()) -> ElfFacts | None:
+def inspect_fd(
+    fd: int, symbols: Collection[str] = (), *, head: bytes | None = None
+) -> ElfFacts | None:
     """:func:`capkeeper.elf.parse` over an open file with ``os.pread``; ``None`` when not
     readable ELF. With :data:`MARKER_SYMBOLS`, through the memo :data:`_PARSED`.
+    ``head``: what ``os.pread(fd, ELF_BLOCK, 0)`` returned already, used for that read.
 
     An ``OSError`` of the reads propagates (it is about the file, not its content).
     """
 
     def read(offset: int, size: int) -> bytes:
+        if offset == 0 and size == ELF_BLOCK and head is not None:
+            return head
         return os.pread(fd, size, offset)
 
     try:

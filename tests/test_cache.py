@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
@@ -587,9 +588,9 @@ def inspected(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     calls: list[str] = []
     real = files.inspect_fd
 
-    def counting(fd: int, symbols: object = ()) -> object:
+    def counting(fd: int, symbols: object = (), **kwargs: Any) -> object:
         calls.append(os.readlink(f"/proc/self/fd/{fd}"))
-        return real(fd, symbols)  # type: ignore[arg-type]
+        return real(fd, symbols, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(files, "inspect_fd", counting)
     return calls

@@ -192,6 +192,40 @@ def test_observed_copies_on_disk_have_a_fresh_parse_s_facts(tmp_path: Path) -> N
         assert ("Py_BytesMain" in observed.elf.exports) == (source.name == "python3.11")
 
 
+def test_an_observation_reads_the_first_block_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first block read to tell ELF from a script is the one the ELF inspection
+    starts from: an ELF file no cache knows is read at offset 0 once, and its facts are
+    those of a fresh parse. Files shorter than a block and scripts are read once too."""
+    small = tmp_path / "small"
+    small.write_bytes(Path("/bin/true").read_bytes()[:100])  # ELF magic, then cut short
+    script = tmp_path / "script"
+    script.write_bytes(b"#!/bin/sh " + b"x" * 300 + b"\necho\n")
+    reads: list[tuple[int, int]] = []
+    real = os.pread
+
+    def counting(fd: int, size: int, offset: int) -> bytes:
+        reads.append((offset, size))
+        return real(fd, size, offset)
+
+    for source in ("/bin/true", "/usr/bin/python3.11", str(small), str(script)):
+        target = tmp_path / f"copy-{Path(source).name}"
+        shutil.copyfile(source, target)  # a new inode: no cache knows it
+        reads.clear()
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "pread", counting)
+            observed = files.observe(str(target))
+        assert [offset for offset, _ in reads].count(0) == 1, (source, reads)
+        fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            assert observed.elf == inspect_fd(fd, MARKER_SYMBOLS)
+        finally:
+            os.close(fd)
+    assert observed.kind is Kind.SCRIPT
+    assert observed.interpreter == "/bin/sh " + "x" * 246  # the first 256 bytes, as before
+
+
 def test_a_known_elf_rewritten_as_a_script_is_read_as_one(tmp_path: Path) -> None:
     """The ELF cache's key says "ELF" without reading the file again: a known binary
     rewritten in place as a script of the same size, its mtime set back, moves the key
