@@ -72,15 +72,16 @@ class Cache:
         self.writable = writable
         self._debug = debug
         self._said: set[str] = set()
-        self._pending: dict[str, object] | None = {} if defer else None
+        # Deferred writes: each document's builder, called when written.
+        self._pending: dict[str, Callable[[], object]] | None = {} if defer else None
 
     def flush(self) -> None:
         """Write what :meth:`write` kept back (``defer``: the daemon writes after READY=1)."""
         if self._pending is None:
             return
         pending, self._pending = self._pending, {}
-        for name, data in pending.items():
-            self._write(name, data)
+        for name, build in pending.items():
+            self._write(name, build())
 
     def _note(self, event: str, name: str, reason: str) -> None:
         key = f"{event} {name} {reason}"
@@ -123,12 +124,18 @@ class Cache:
     def write(self, name: str, data: object) -> bool:
         """Replace document ``name`` with ``data`` (JSON types only), or with ``defer`` at
         the next :meth:`flush`; False when not written."""
+        return self.write_built(name, lambda: data)
+
+    def write_built(self, name: str, build: Callable[[], object]) -> bool:
+        """:meth:`write` of what ``build()`` returns, built only when written: with
+        ``defer``, at the next :meth:`flush` (the daemon's state cache document, 10 ms
+        with 10,000 entries, waits until after READY=1)."""
         if self.directory is None or not self.writable:
             return False
         if self._pending is not None:
-            self._pending[name] = data
+            self._pending[name] = build
             return True
-        return self._write(name, data)
+        return self._write(name, build())
 
     def _write(self, name: str, data: object) -> bool:
         document = {"format": FORMAT, "capkeeper": _version(), "name": name, "data": data}

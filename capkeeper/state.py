@@ -561,7 +561,7 @@ def load_state(
     if problems:
         raise StateError(problems)
     if cache is not None and cache.writable and key:
-        cache.write(STATE_CACHE, _document(key, entries))
+        cache.write_built(STATE_CACHE, lambda: _document(key, entries))
     return State(entries=tuple(entries), files=files)
 
 

@@ -157,6 +157,30 @@ def test_state_cache_hit_equals_a_fresh_load(
     assert len(hit.entries) == 4
 
 
+def test_deferred_state_document_is_built_at_the_flush(
+    state: Path, cache_dir: Path, parsed: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon's cache defers its writes: the state's document is not even built
+    before the flush (after READY=1), and once flushed a reader hits it."""
+    built: list[int] = []
+    real = state_module._document
+
+    def counting(key: str, entries: Any) -> dict[str, object]:
+        built.append(len(entries))
+        return real(key, entries)
+
+    monkeypatch.setattr(state_module, "_document", counting)
+    daemon_cache = Cache(cache_dir, writable=True, defer=True)
+    expected = load_state(state, cache=daemon_cache)
+    assert built == []
+    assert not (cache_dir / "state.json").exists()
+    daemon_cache.flush()
+    assert built == [4]
+    parsed.clear()
+    assert exact(load_state(state, cache=daemons(cache_dir))) == exact(expected)
+    assert parsed == []
+
+
 def _edit_byte(main: Path) -> None:
     main.write_text(main.read_text().replace('/a"', '/x"'))  # same size
 
