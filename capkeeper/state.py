@@ -588,9 +588,14 @@ def _state_key(main: str, documents: Sequence[tuple[Path, str, bytes]], last_cap
     name, shown name and bytes of every state file in the order read (so adding,
     removing or renaming a drop-in changes it too) and the kernel's last capability.
     The capkeeper version is the cache's (:mod:`capkeeper.cache`)."""
-    import hashlib  # noqa: PLC0415 - OpenSSL's libcrypto, only when caching
+    # hashlib.blake2b itself: importing hashlib loads OpenSSL's libcrypto, 5 ms of every
+    # daemon start (the key is hashed at each), for a hash of equal strength.
+    try:
+        from _blake2 import blake2b  # noqa: PLC0415
+    except ImportError:  # pragma: no cover - a Python built without it
+        from hashlib import blake2b  # noqa: PLC0415
 
-    digest = hashlib.sha256()
+    digest = blake2b(digest_size=32)
     fields = [main.encode(errors="surrogateescape"), str(last_cap).encode()]
     for declared, shown, data in documents:
         fields += [os.fsencode(declared), shown.encode(errors="surrogateescape"), data]

@@ -159,6 +159,7 @@ class DaemonProcess:
         level: str = "debug",
         env: dict[str, str] | None = None,
         prefix: tuple[str, ...] = (),
+        args: tuple[str, ...] = (),
     ) -> None:
         self.workdir = workdir
         self.state = state
@@ -177,6 +178,7 @@ class DaemonProcess:
         argv += ["--rescan-interval", str(rescan), "--status-file", str(self.status_path)]
         if settle is not None:
             argv += ["--settle-time", str(settle)]
+        argv += args
         environ = {
             k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "WATCHDOG_"))
         }

@@ -225,15 +225,21 @@ def test_a_start_imports_no_asyncio_and_its_modules_no_dataclasses(
     tree: Path, tmp_path: Path
 ) -> None:
     """A start up to READY=1, with a restore logged through structlog, imports no
-    asyncio (~35 ms, imported by structlog for async methods capkeeper never calls);
-    and the modules of the commands that start the daemon or run before a service
-    (apply, check) build no class with dataclasses (~40 ms of class building, and
-    inspect's import, for 27 classes)."""
+    asyncio (~35 ms, imported by structlog for async methods capkeeper never calls),
+    and no OpenSSL through hashlib (~5 ms) to key its state cache; and the modules of
+    the commands that start the daemon or run before a service (apply, check) build no
+    class with dataclasses (~40 ms of class building, and inspect's import, for 27
+    classes)."""
     tool = make_binary(tree / "tool")
     state = write_state(tmp_path / "state.toml", {tool: "cap_net_raw=ep"})
     workdir = tmp_path / "daemon"
     workdir.mkdir()
-    daemon = DaemonProcess(workdir, state, level="info", env={"PYTHONPROFILEIMPORTTIME": "1"})
+    os.chmod(tmp_path, 0o755)
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    env = {"PYTHONPROFILEIMPORTTIME": "1"}
+    args = ("--cache-directory", str(cache))
+    daemon = DaemonProcess(workdir, state, level="info", env=env, args=args)
     try:
         daemon.wait_ready()
         restored = daemon.wait_event(lambda e: e.get("event") == "capability_restored")
@@ -245,8 +251,11 @@ def test_a_start_imports_no_asyncio_and_its_modules_no_dataclasses(
         }
         assert {"structlog", "capkeeper.keeper", "capkeeper.daemon"} <= imported
         assert sorted(name for name in imported if name.split(".")[0] == "asyncio") == []
+        assert {"_hashlib", "hashlib"} & imported == set()
+        assert daemon.stop() == 0
     finally:
         daemon.close()
+    assert (cache / "state.json").is_file()  # the state was keyed and cached
     modules = "capkeeper.cli, capkeeper.commands.watch, capkeeper.daemon, capkeeper.commands.apply"
     probe = subprocess.run(
         [
