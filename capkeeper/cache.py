@@ -81,7 +81,12 @@ class Cache:
             return
         pending, self._pending = self._pending, {}
         for name, build in pending.items():
-            self._write(name, build())
+            try:
+                data = build()
+            except Exception as exc:  # a cache only saves time: the daemon runs on without it
+                self._note("cache_not_written", name, f"cannot build: {exc!r}")
+                continue
+            self._write(name, data)
 
     def _note(self, event: str, name: str, reason: str) -> None:
         key = f"{event} {name} {reason}"
