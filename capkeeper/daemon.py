@@ -232,6 +232,7 @@ class Daemon:
         confirm_settings()
         self._sd_status = self._status_line()
         self._notifier.ready(self._sd_status)
+        keeper.absorb_helper_facts()  # before any event is handled
         self._publish()
         self.ready.set()
 

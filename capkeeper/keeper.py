@@ -111,6 +111,7 @@ class Keeper:
         self._watcher_dirty = False  # a watch was dropped: sync even if no route changed
         # The directories walked by earlier batches of events (see _batch_pins).
         self._walked = Walks()
+        self._helper_facts: object = None  # the start-up helper's ELF facts, not yet taken
 
     def install(self, state: State) -> None:
         """Keep exactly the entries of ``state`` from now on (the caller reconciles)."""
@@ -571,7 +572,7 @@ class Keeper:
         again = [index for index in helper.lost if index >= len(here)]
         todo = [*range(len(here), helper.lowest), *again]
         if helper.failure is None:
-            absorb_elf_facts(helper.facts)
+            self._helper_facts = helper.facts  # taken after READY=1: absorb_helper_facts()
         if helper.failure is not None or helper.trouble:
             self._log.warning(
                 "start_up_helper_failed",
@@ -581,6 +582,13 @@ class Keeper:
             )
         self._check_all([entries[index] for index in sorted(todo)], cause, since, pins, counts)
         return {"helper_entries": theirs}
+
+    def absorb_helper_facts(self) -> None:
+        """Take the ELF facts the start-up helper learnt. Nothing before READY=1 needs
+        them (10 ms at 10,000 entries): they spare parsing those files again at their next
+        check, and are saved with the others."""
+        facts, self._helper_facts = self._helper_facts, None
+        absorb_elf_facts(facts)
 
     def _rescan(self, paths: Iterable[str], cause: str, *, since: float, **fields: Any) -> None:
         """Reconcile ``paths`` (part of the state) and log one ``rescan`` event for them."""
