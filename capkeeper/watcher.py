@@ -352,6 +352,20 @@ class _Looks:
         return found
 
 
+def _parent_of_names(
+    looks: _Looks, parent: str, wanted: int
+) -> tuple[tuple[Link, ...], str, str, dict[str, bool] | None] | None:
+    """For :func:`plan_routes`: the walk to the directory ``parent`` simply names, that
+    directory, it with a ``/`` after it, and its listing for ``wanted`` names; None when
+    ``parent`` does not simply name a directory."""
+    found = looks.prefix(parent)
+    if found is None:
+        return None
+    links, directory = found
+    base = directory + "/" if directory != "/" else "/"
+    return links, directory, base, looks.listing(directory, wanted)
+
+
 def plan_routes(paths: Iterable[str]) -> Iterator[Route]:
     """:func:`plan_route` of each of ``paths``, at one moment: the directories and
     symlinks on the way are looked up once for all of them (thousands of entries
@@ -366,19 +380,26 @@ def plan_routes(paths: Iterable[str]) -> Iterator[Route]:
     paths = list(paths)
     wanted = Counter(path.rpartition("/")[0] for path in paths)
     looks = _Looks()
-    prefixes = looks.prefixes
+    # Per parent, looked up at its first path: the walk to the directory it names, that
+    # directory with a "/" after it, and its listing (None: look each name up).
+    parents: dict[str, tuple[tuple[Link, ...], str, str, dict[str, bool] | None] | None] = {}
     lstat, is_link = os.lstat, stat.S_ISLNK
     for path in paths:
         parent, _, name = path.rpartition("/")
         if parent and name not in ("", ".", ".."):
-            found = prefixes[parent] if parent in prefixes else looks.prefix(parent)
-            if found is not None:
-                links, directory = found
-                listing = looks.listing(directory, wanted[parent])
-                here = f"{directory}/{name}" if directory != "/" else f"/{name}"
-                if listing is not None and name in listing and len(here) < _SHORT_PATH:
-                    symlink = listing[name]
-                else:
+            try:
+                known = parents[parent]
+            except KeyError:
+                known = parents[parent] = _parent_of_names(looks, parent, wanted[parent])
+            if known is not None:
+                links, directory, base, listing = known
+                symlink = (
+                    listing.get(name)
+                    if listing is not None and len(base) + len(name) < _SHORT_PATH
+                    else None
+                )
+                if symlink is None:
+                    here = base + name
                     try:
                         symlink = is_link(lstat(here).st_mode)
                     except OSError as exc:
