@@ -560,6 +560,7 @@ def sha256_of(fd: int) -> str:
 
 # dev, ino, size, mtime_ns, ctime_ns packed: 73 bytes a file instead of ~210 as a tuple.
 _ELF_KEY = struct.Struct("=QQqqq")
+_UNKNOWN: Any = object()  # not in the cache (its values include None)
 _IDENTITY = 32  # the bytes of the key without ctime
 _ELF_CACHE_SIZE = 1 << 15
 # The most the distinct facts may weigh (see elf.facts_weight). The names an ELF file lists
@@ -608,11 +609,10 @@ class _ElfCache:
         also says that the file is ELF: its content is the one inspected then.
         """
         key = self.key(st)
-        try:
-            return True, self._facts[key]
-        except KeyError:
-            pass
-        if key in self._restored:
+        facts = self._facts.get(key, _UNKNOWN)
+        if facts is not _UNKNOWN:
+            return True, facts
+        if key in self._restored:  # a warm start: each file's first look, no exception
             changed, facts = self.changed, self._restored.pop(key)
             self._remember(key, facts)
             self.changed = changed  # known already: nothing new to save
