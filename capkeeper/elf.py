@@ -55,8 +55,7 @@ MAX_NAME = 255  # longer library names and interpreter paths are not recognised
 MAX_CHAIN = 4096  # hash chain entries visited by all lookups of one file together
 MAX_BUCKETS = 1 << 20
 MAX_BLOOM_WORDS = 1 << 16
-_BLOCK = 4096
-BLOCK = _BLOCK
+BLOCK = 4096
 """The size of every read :func:`parse` asks of its ``read``, at a multiple of it."""
 
 
@@ -139,12 +138,12 @@ class _Budget:
     def _block(self, index: int) -> bytes:
         block = self._blocks.get(index)
         if block is None:
-            self.bytes += _BLOCK
+            self.bytes += BLOCK
             if self.bytes > MAX_READ_BYTES:
                 raise ElfError(f"read budget of {MAX_READ_BYTES} bytes exceeded")
-            if index * _BLOCK >= MAX_OFFSET:
-                raise ElfError(f"offset {index * _BLOCK:#x} beyond any file")
-            block = self._read(index * _BLOCK, _BLOCK)
+            if index * BLOCK >= MAX_OFFSET:
+                raise ElfError(f"offset {index * BLOCK:#x} beyond any file")
+            block = self._read(index * BLOCK, BLOCK)
             self._blocks[index] = block
         return block
 
@@ -154,18 +153,18 @@ class _Budget:
             raise ElfError(f"read of {size} bytes at offset {offset} out of range")
         if size == 0:
             return b""
-        first, start = divmod(offset, _BLOCK)
-        if start + size <= _BLOCK:  # within one block: the common case
+        first, start = divmod(offset, BLOCK)
+        if start + size <= BLOCK:  # within one block: the common case
             part = (self._blocks.get(first) or self._block(first))[start : start + size]
             if len(part) < size:
                 raise ElfError(f"{size} bytes at offset {offset} run past the end of the file")
             return part
         parts = []
-        last = (offset + size - 1) // _BLOCK
+        last = (offset + size - 1) // BLOCK
         for index in range(first, last + 1):
             block = self._block(index)
-            start = offset - index * _BLOCK if index == first else 0
-            end = offset + size - index * _BLOCK if index == last else _BLOCK
+            start = offset - index * BLOCK if index == first else 0
+            end = offset + size - index * BLOCK if index == last else BLOCK
             part = block[start:end]
             parts.append(part)
             if len(part) < end - start:
@@ -176,8 +175,8 @@ class _Budget:
         """``struct.unpack`` of ``fmt`` (a full format, byte order first) over exactly
         its size at ``offset``: :meth:`get` without the copy when it fits one block."""
         size = struct.calcsize(fmt)
-        first, start = divmod(offset, _BLOCK)
-        if offset >= 0 and start + size <= _BLOCK:
+        first, start = divmod(offset, BLOCK)
+        if offset >= 0 and start + size <= BLOCK:
             block = self._blocks.get(first) or self._block(first)
             if start + size <= len(block):
                 return struct.unpack_from(fmt, block, start)
@@ -189,7 +188,7 @@ class _Budget:
             raise ElfError(f"string offset {offset} out of range")
         found = b""
         while len(found) <= MAX_NAME:
-            index, start = divmod(offset + len(found), _BLOCK)
+            index, start = divmod(offset + len(found), BLOCK)
             chunk = self._block(index)[start:]
             if not chunk:
                 raise ElfError(f"string at offset {offset} runs past the end of the file")
@@ -552,7 +551,7 @@ class ParseMemo:
         step: _Ask | _End | None = self._root
         looked: dict[int, bytes] = {}  # the blocks read on the way, for a parse on a miss
         while isinstance(step, _Ask):
-            data = looked[step.offset] = read(step.offset, _BLOCK)
+            data = looked[step.offset] = read(step.offset, BLOCK)
             step = step.then.get(data)
         if step is None:
             return self._learn(read, looked)
@@ -565,7 +564,7 @@ class ParseMemo:
         seen: list[tuple[int, bytes]] = []
 
         def recorded(offset: int, size: int) -> bytes:
-            data = looked.pop(offset) if size == _BLOCK and offset in looked else read(offset, size)
+            data = looked.pop(offset) if size == BLOCK and offset in looked else read(offset, size)
             seen.append((offset, data))
             return data
 
