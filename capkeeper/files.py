@@ -519,6 +519,9 @@ def read_caps(fd: int) -> tuple[CapSet | None, str | None]:
     return (None, None) if raw is None else raw.decode()
 
 
+_SHEBANG_BYTES = 256  # of a script's first line, the interpreter shown in a refusal
+
+
 def _kind(fd: int, mode: int) -> tuple[Kind, str, bytes]:
     """The kind of file ``fd`` is, a script's interpreter line, and the first block of a
     regular file: the ELF inspection starts from it instead of reading it again."""
@@ -528,7 +531,7 @@ def _kind(fd: int, mode: int) -> tuple[Kind, str, bytes]:
     if head.startswith(b"\x7fELF"):
         return Kind.ELF, "", head
     if head.startswith(b"#!"):
-        line = head[2:256].split(b"\n", 1)[0].strip()
+        line = head[2:_SHEBANG_BYTES].split(b"\n", 1)[0].strip()
         return Kind.SCRIPT, line.decode("utf-8", "replace"), head
     return Kind.OTHER, "", head
 
