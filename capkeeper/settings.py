@@ -176,7 +176,7 @@ class Settings(_SettingsFields):
             metrics_file,
             cache_directory,
         )
-        checked = _check({name: getattr(given, name) for name in RULES}, dict.fromkeys(RULES, ""))
+        checked = _check(given._asdict(), dict.fromkeys(RULES, ""))  # RULES: the fields
         return super().__new__(cls, **checked)  # type: ignore[arg-type]
 
     # A NamedTuple's own _make and _replace build the tuple directly: these check.
