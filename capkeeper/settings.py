@@ -176,7 +176,7 @@ class Settings(_SettingsFields):
             metrics_file,
             cache_directory,
         )
-        checked = _check(given._asdict(), dict.fromkeys(RULES, ""))  # RULES: the fields
+        checked = _check(dict(zip(RULES, given, strict=True)), dict.fromkeys(RULES, ""))
         return super().__new__(cls, **checked)  # type: ignore[arg-type]
 
     # A NamedTuple's own _make and _replace build the tuple directly: these check.
