@@ -22,6 +22,7 @@ on the daemon's path from an inotify event to the restore.
 
 from __future__ import annotations
 
+import importlib
 import sys
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TextIO
@@ -81,39 +82,47 @@ class _Config(NamedTuple):  # not a dataclass: creating one costs ~1 ms of every
 _pending: _Config | None = None  # recorded by configure(), not yet given to structlog
 
 
-class _AsyncioOnUse(ModuleType):
-    """What structlog's modules hold as ``asyncio``: the real module, imported at its
-    first use (an attribute asked for). Only structlog's import sees it in
-    ``sys.modules``; anyone else importing asyncio gets the real one."""
+# Modules structlog imports but capkeeper never has it use: asyncio (~35 ms, for its
+# async methods) and uuid (~4 ms with platform, for the deprecated threadlocal.wrap_dict).
+# Its modules only look them up inside functions, at a call.
+_ON_USE = ("asyncio", "uuid")
+
+
+class _OnUse(ModuleType):
+    """What structlog's modules hold as one of :data:`_ON_USE`: the real module,
+    imported at its first use (an attribute asked for). Only structlog's import sees it
+    in ``sys.modules``; anyone else importing that module gets the real one."""
 
     def __getattr__(self, name: str) -> Any:
-        if sys.modules.get("asyncio") is self:  # asked during structlog's own import
-            del sys.modules["asyncio"]
-        import asyncio  # noqa: PLC0415 - the real one, on first use
-
-        return getattr(asyncio, name)
+        module = self.__name__
+        if sys.modules.get(module) is self:  # asked during structlog's own import
+            del sys.modules[module]
+        return getattr(importlib.import_module(module), name)  # the real one, on first use
 
 
 def _import_structlog() -> ModuleType:
-    """structlog, imported (if it is not yet) with asyncio imported only when used,
-    unless another thread runs: it could import asyncio meanwhile and keep the stand-in,
-    and its import of an asyncio submodule would load that submodule a second time."""
+    """structlog, imported (if it is not yet) with the modules of :data:`_ON_USE`
+    imported only when used, unless another thread runs: it could import one of them
+    meanwhile and keep the stand-in, and its import of a submodule (``asyncio.subprocess``)
+    would load that submodule a second time. A module imported already is the one
+    structlog gets."""
     imported = sys.modules.get("structlog")
     if imported is not None:  # every event after the first: one lookup
         return imported
     # The import system hands a module found in sys.modules to any thread, unlocked.
     threading = sys.modules.get("threading")  # not imported: no thread was started
-    if "asyncio" in sys.modules or (threading is not None and threading.active_count() > 1):
+    if threading is not None and threading.active_count() > 1:
         import structlog  # noqa: PLC0415 - see the module docstring
 
         return structlog
-    stand_in = _AsyncioOnUse("asyncio")
-    sys.modules["asyncio"] = stand_in
+    stand_ins = {name: _OnUse(name) for name in _ON_USE if name not in sys.modules}
+    sys.modules.update(stand_ins)
     try:
         import structlog  # noqa: PLC0415 - see the module docstring
     finally:
-        if sys.modules.get("asyncio") is stand_in:
-            del sys.modules["asyncio"]
+        for name, stand_in in stand_ins.items():
+            if sys.modules.get(name) is stand_in:
+                del sys.modules[name]
     return structlog
 
 

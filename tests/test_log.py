@@ -105,6 +105,26 @@ def test_logging_an_event_leaves_asyncio_unimported_until_used() -> None:
     assert lines == ["True False False", "asyncio True True", "['first', 'second']"]
 
 
+def test_logging_an_event_leaves_uuid_unimported_until_used() -> None:
+    """structlog's import of uuid (and platform through it) waits for its first use too:
+    an event is logged without them, and what uses uuid still gets the real module."""
+    lines = _run(
+        """
+        import io, sys
+        from capkeeper.log import configure, get_logger
+        configure("json", "info", stream=io.StringIO())
+        get_logger().info("first")
+        print("structlog" in sys.modules, "uuid" in sys.modules, "platform" in sys.modules)
+        import structlog.threadlocal
+        held = structlog.threadlocal.uuid
+        print(type(held).__name__, len(str(held.uuid4())))
+        import uuid
+        print(sys.modules["uuid"] is uuid, hasattr(uuid, "__file__"), type(held).__name__)
+        """
+    )
+    assert lines == ["True False False", "_OnUse 36", "True True _OnUse"]
+
+
 def test_asyncio_imported_first_is_the_one_structlog_uses() -> None:
     """A process that imported asyncio before logging keeps that very module."""
     lines = _run(
