@@ -49,7 +49,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from benchlib import (
     TRUSTED,
@@ -87,6 +87,51 @@ def _startup(daemon: Daemon) -> dict[str, Any]:
     return {}
 
 
+class _Starts(NamedTuple):
+    """Starts of the daemon with every binary in sync (see :func:`_starts_in_sync`)."""
+
+    each: list[float]  # seconds from spawning to READY=1, start by start
+    startup: dict[str, Any]  # the start-up rescan event of the median start
+    memory: dict[str, int]  # the largest VmRSS and VmHWM of them, KiB
+    code: int  # the first exit status other than 0, else 0
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.each)
+
+
+def _starts_in_sync(
+    state: Path, base: Path, cache: Path, daemons: list[Daemon], *, starts: int, fresh: bool
+) -> _Starts:
+    """Start and stop the daemon ``starts`` times, every binary in sync: with its cache
+    directory emptied before each start (``fresh``), or finding the cache the others wrote."""
+    label = "in sync, no cache" if fresh else "restart, all in sync, warm cache"
+    each: list[float] = []
+    events: list[dict[str, Any]] = []
+    codes: list[int] = []
+    memory = {"VmRSS": 0, "VmHWM": 0}
+    for start in range(starts):
+        if fresh:
+            shutil.rmtree(cache, ignore_errors=True)
+            cache.mkdir(mode=0o700)
+        daemon = Daemon(state, base / f"run-{'sync' if fresh else 'warm'}-{start}", cache=cache)
+        daemons.append(daemon)
+        ready = daemon.wait_ready()
+        startup = _startup(daemon)
+        seen = memory_kib(daemon.pid)
+        codes.append(daemon.stop())
+        each.append(ready)
+        events.append(startup)
+        memory = {key: max(memory[key], seen[key]) for key in memory}
+        print(
+            f"{label} ({start + 1}/{starts}): READY=1 after {ready:.3f} s (start-up reconcile "
+            f"{startup.get('duration_ms', float('nan')) / 1000:.3f} s); VmRSS "
+            f"{seen['VmRSS'] / 1024:.1f} MiB, VmHWM {seen['VmHWM'] / 1024:.1f} MiB"
+        )
+    median = events[each.index(statistics.median_low(each))]
+    return _Starts(each, median, memory, next((code for code in codes if code != 0), 0))
+
+
 def _wait_all(binaries: list[Path], value: bytes, deadline: float) -> bool:
     while time.perf_counter() < deadline:
         if _carrying(binaries, value) == len(binaries):
@@ -112,6 +157,8 @@ def main() -> int:
     parser.add_argument("--idle", type=float, default=5.0, help="seconds of idleness to count")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = parser.parse_args()
+    if args.starts < 1:
+        parser.error("--starts must be 1 or more")
     if os.geteuid() != 0:
         print("bench_scale.py needs root (the daemon writes security.capability)")
         return 2
@@ -154,31 +201,10 @@ def main() -> int:
         )
 
         # The daemon's cache (capkeeper.cache) in a directory of the run's own, given as an
-        # option like the unit's default: the first start finds it empty, the last one (a
-        # restart, all in sync) finds it warm.
+        # option like the unit's default: emptied before each start with no cache; the
+        # all-restored start and the restarts at the end find what the others wrote.
         cache = base / "cache"
-        readies_sync: list[float] = []
-        codes_sync: list[int] = []
-        memory_sync = {"VmRSS": 0, "VmHWM": 0}
-        for start in range(args.starts):
-            shutil.rmtree(cache, ignore_errors=True)
-            cache.mkdir(mode=0o700)
-            daemon = Daemon(state, base / f"run-sync-{start}", cache=cache)
-            daemons.append(daemon)
-            ready = daemon.wait_ready()
-            sync_startup = _startup(daemon)
-            memory = memory_kib(daemon.pid)
-            codes_sync.append(daemon.stop())
-            readies_sync.append(ready)
-            memory_sync = {k: max(memory_sync[k], memory[k]) for k in memory_sync}
-            print(
-                f"in sync, no cache ({start + 1}/{args.starts}): READY=1 after {ready:.3f} s "
-                f"(start-up reconcile {sync_startup.get('duration_ms', float('nan')) / 1000:.3f}"
-                f" s); VmRSS {memory['VmRSS'] / 1024:.1f} MiB, VmHWM "
-                f"{memory['VmHWM'] / 1024:.1f} MiB"
-            )
-        ready_sync = statistics.median(readies_sync)
-        code_sync = next((code for code in codes_sync if code != 0), 0)
+        cold = _starts_in_sync(state, base, cache, daemons, starts=args.starts, fresh=True)
 
         for binary in binaries:
             os.removexattr(binary, XATTR)
@@ -218,23 +244,7 @@ def main() -> int:
         )
         code_strip = daemon.stop()
 
-        readies_warm: list[float] = []
-        codes_warm: list[int] = []
-        memory_warm = {"VmRSS": 0, "VmHWM": 0}
-        for start in range(args.starts):
-            daemon = Daemon(state, base / f"run-warm-{start}", cache=cache)
-            daemons.append(daemon)
-            ready = daemon.wait_ready()
-            memory = memory_kib(daemon.pid)
-            codes_warm.append(daemon.stop())
-            readies_warm.append(ready)
-            memory_warm = {k: max(memory_warm[k], memory[k]) for k in memory_warm}
-            print(
-                f"restart, all in sync, warm cache ({start + 1}/{args.starts}): READY=1 after "
-                f"{ready:.3f} s; VmRSS {memory['VmRSS'] / 1024:.1f} MiB"
-            )
-        ready_warm = statistics.median(readies_warm)
-        code_warm = next((code for code in codes_warm if code != 0), 0)
+        warm = _starts_in_sync(state, base, cache, daemons, starts=args.starts, fresh=False)
         results = {
             "binaries": len(binaries),
             "directories": args.directories,
@@ -242,16 +252,16 @@ def main() -> int:
             "python_stat_s": round(python_s, 4),
             "python_rss_kib": bare_rss,
             "starts": args.starts,
-            "ready_in_sync_s": round(ready_sync, 4),
-            "ready_in_sync_each_s": [round(ready, 4) for ready in readies_sync],
-            "startup_in_sync_ms": sync_startup.get("duration_ms"),
-            "rss_in_sync_kib": memory_sync["VmRSS"],
-            "hwm_in_sync_kib": memory_sync["VmHWM"],
+            "ready_in_sync_s": round(cold.median, 4),
+            "ready_in_sync_each_s": [round(ready, 4) for ready in cold.each],
+            "startup_in_sync_ms": cold.startup.get("duration_ms"),
+            "rss_in_sync_kib": cold.memory["VmRSS"],
+            "hwm_in_sync_kib": cold.memory["VmHWM"],
             "ready_restored_s": round(ready_strip, 4),
             "startup_restored_ms": strip_startup.get("duration_ms"),
             "restored_logged": strip_startup.get("restored", 0),
             "carrying_at_ready": carrying,
-            "rss_kib": max(memory_sync["VmRSS"], memory_strip["VmRSS"]),
+            "rss_kib": max(cold.memory["VmRSS"], memory_strip["VmRSS"]),
             "rss_restored_kib": memory_strip["VmRSS"],
             "hwm_restored_kib": memory_strip["VmHWM"],
             "echo_cpu_s": round(echo_cpu, 3),
@@ -262,14 +272,14 @@ def main() -> int:
             "idle_wakeups": idle.wakeups,
             "idle_events": idle.events,
             "idle_cpu_s": idle.cpu,
-            "ready_warm_s": round(ready_warm, 4),
-            "ready_warm_each_s": [round(ready, 4) for ready in readies_warm],
-            "rss_warm_kib": memory_warm["VmRSS"],
-            "exit_codes": [code_sync, code_strip],
-            "exit_code_warm": code_warm,
+            "ready_warm_s": round(warm.median, 4),
+            "ready_warm_each_s": [round(ready, 4) for ready in warm.each],
+            "rss_warm_kib": warm.memory["VmRSS"],
+            "exit_codes": [cold.code, code_strip],
+            "exit_code_warm": warm.code,
         }
         emit(results, args.json)
-        codes = (code_sync, code_strip, code_warm)
+        codes = (cold.code, code_strip, warm.code)
         ok = carrying == len(binaries) and activity_restored and codes == (0, 0, 0)
         return 0 if ok else 1
     finally:

@@ -131,6 +131,15 @@ def test_run_all_renders_every_row(tmp_path: Path) -> None:
         assert f"| `bench_{name}.py` | — | not run |" in table
 
 
+def test_scale_refuses_fewer_than_one_start() -> None:
+    """A median of no starts is no figure: said at once, before anything is built."""
+    argv = [sys.executable, str(BENCH / "bench_scale.py"), "--starts", "0"]
+    result = subprocess.run(argv, capture_output=True, text=True, check=False)
+    assert result.returncode == 2
+    assert "--starts must be 1 or more" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_run_all_shows_the_starts_behind_a_median(tmp_path: Path) -> None:
     """A start-up figure is the median of several starts: the table says so, with their
     range, and judges the goal on the median."""
