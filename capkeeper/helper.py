@@ -32,6 +32,7 @@ not read, never a restore. The helper dies with the daemon
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import mmap
 import os
 import signal
@@ -51,6 +52,7 @@ MIN_ENTRIES = 1000  # below this the fork and the hand-over cost more than they 
 # one aligned 8-byte store (a memoryview item: struct.pack_into zeroes the bytes first).
 _FRONT, _BACK = 0, 1
 _CHUNK = 256  # outcomes "in sync" sent per message
+_PIPE_SIZE = 1 << 20  # bytes: /proc/sys/fs/pipe-max-size by default
 _WAIT = 0.5  # seconds between the daemon's ticks while it waits for the helper
 _LAST_WORDS = 2.0  # seconds the daemon reads a killed helper's pipe before leaving it
 _STOPS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
@@ -112,6 +114,10 @@ class Helper:
             marks.release()
             page.close()
             return None
+        # Room for its outcomes while the daemon plans the routes before it reads any
+        # (64 KiB by default: a few hundred outcomes); EPERM past a user's pipe quota.
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
         daemon = os.getpid()
         # Blocked across the fork: a stop arriving before the helper has its own signal
         # dispositions would run the daemon's handler in it (a flag it never reads).

@@ -154,14 +154,25 @@ class Keeper:
         Returns True when a watch failed that had not failed before (the
         caller then reconciles everything: changes there are invisible).
         """
-        watcher, plan = self.watcher, self.plan
+        todo = self._watch_parents(paths)
+        return self._plan(todo)
+
+    def _watch_parents(self, paths: Iterable[str]) -> set[str]:
+        """The first step of :meth:`_replan`: watch the directories up to the parents of
+        the declared ``paths`` that have no route yet; returns the declared ones."""
+        plan = self.plan
         todo = {p for p in paths if p in self.entries}
         if todo:
             self.forget_walks()  # a route may have moved: the next batch walks anew
         fresh = [p for p in todo if plan.route(p) is None]
         if fresh:
-            # Failures here are retried and reported by the sync below.
-            watcher.sync(plan.directories() | plan_directories(fresh))
+            # Failures here are retried and reported by the sync in _plan.
+            self.watcher.sync(plan.directories() | plan_directories(fresh))
+        return todo
+
+    def _plan(self, todo: set[str]) -> bool:
+        """The rest of :meth:`_replan`, once :meth:`_watch_parents` ran on ``todo``."""
+        watcher, plan = self.watcher, self.plan
         new_failure = False
         for _ in range(_REPLAN_ROUNDS):
             watched = watcher.directories  # a look from now on is seen by these watches
@@ -461,15 +472,15 @@ class Keeper:
         # A watch on a directory hidden by a mount (or replaced unseen) keeps its path
         # string: compare the inode it watches with what the path reaches now.
         self.watcher.revalidate()
-        self._replan(self.entries)
-        self._deferred.clear()  # every entry is checked now; failed ones re-queue themselves
         counts: dict[str, int] = {}
         shared: dict[str, Any] = {}
-        with self._batch_pins() as pins:
-            entries = self._state.entries
-            if cause == "startup" and helper_worth(len(entries)):
-                shared = self._check_shared(entries, cause, since, pins, counts)
-            else:
+        entries = self._state.entries
+        if cause == "startup" and helper_worth(len(entries)):
+            shared = self._check_shared(entries, cause, since, counts)
+        else:
+            self._replan(self.entries)
+            self._deferred.clear()  # every entry is checked now; failed ones re-queue
+            with self._batch_pins() as pins:
                 self._check_all(entries, cause, since, pins, counts)
         self.book.rescans += 1
         self.book.dirty = True
@@ -509,11 +520,19 @@ class Keeper:
         entries: Sequence[Entry],
         cause: str,
         since: float | None,
-        pins: Pins,
         counts: dict[str, int],
     ) -> dict[str, Any]:
-        """:meth:`_check_all`, shared with a forked helper checking from the last entry
-        backwards (:mod:`capkeeper.helper`); the fields that say so in the rescan event."""
+        """Plan and check ``entries`` at start-up as :meth:`full_reconcile` does, shared
+        with a forked helper checking from the last entry backwards
+        (:mod:`capkeeper.helper`); the fields that say so in the rescan event.
+
+        The helper starts once the directories up to the entries' parents are
+        watched, and checks while the daemon plans the routes (a tenth of a second
+        at 10,000 entries). A look is seen by the watches in place when it is made:
+        an entry the helper sent whose route goes through a directory watched only
+        after the fork (a symlink to elsewhere, a directory replaced meanwhile) is
+        checked again here, once every watch is in place.
+        """
         walks = Pins()  # the helper's: it walks for itself (this one stays empty here)
 
         def look(index: int) -> tuple[bool, tuple[Any, ...]]:
@@ -523,6 +542,8 @@ class Keeper:
         debug = keeps(self._log, "debug")
         here: list[Status | None] = []  # the verdicts on entries[:len(here)], checked here
         theirs = 0
+        late: set[int] = set()  # entries through a directory watched after the fork
+        late_theirs: dict[int, Status | None] = {}  # those the helper sent: what they count
 
         def report(helper: Helper, records: Iterable[tuple[int, Any]]) -> None:
             nonlocal theirs
@@ -543,26 +564,42 @@ class Keeper:
                     if found is not None:
                         counts[str(found)] -= 1
                 theirs += 1
-                self._count(self._conclude(looked, cause, since, debug=debug), counts)
+                outcome = self._conclude(looked, cause, since, debug=debug)
+                self._count(outcome, counts)
+                if index in late and index >= len(here):
+                    late_theirs[index] = None if outcome is None else outcome.status
 
+        todo = self._watch_parents(self.entries)
+        mark = self.watcher.mark()
         helper = Helper.fork(len(entries), look, export_elf_facts)
         if helper is None:
-            self._check_all(entries, cause, since, pins, counts)
+            self._plan(todo)
+            self._deferred.clear()
+            with self._batch_pins() as pins:
+                self._check_all(entries, cause, since, pins, counts)
             return {}
         try:
-            for index, entry in enumerate(entries):
-                if self._stopping() or not helper.claim(index):
-                    break
-                outcome = self._check_entry(entry.path, cause, since, pins, debug=debug)
-                here.append(None if outcome is None else outcome.status)
-                self._count(outcome, counts)
-                self._tick()
-                if index % _HELPER_POLL == 0:
-                    report(helper, helper.arrived())
-            # What it sent is read to the end even on a stop: it restored those files.
-            report(helper, helper.rest(self._stopping, self._tick))
+            self._plan(todo)
+            late.update(self._entries_through(entries, self.watcher.added_since(mark)))
+            self._deferred.clear()  # every entry is checked now; failed ones re-queue
+            with self._batch_pins() as pins:
+                for index, entry in enumerate(entries):
+                    if self._stopping() or not helper.claim(index):
+                        break
+                    outcome = self._check_entry(entry.path, cause, since, pins, debug=debug)
+                    here.append(None if outcome is None else outcome.status)
+                    self._count(outcome, counts)
+                    self._tick()
+                    if index % _HELPER_POLL == 0:
+                        report(helper, helper.arrived())
+                # What it sent is read to the end even on a stop: it restored those files.
+                report(helper, helper.rest(self._stopping, self._tick))
         finally:
             helper.close()
+        # The re-checks below count instead of what the helper found.
+        for counted in late_theirs.values():
+            if counted is not None:
+                counts[str(counted)] -= 1
         for status in [status for status, count in counts.items() if count <= 0]:
             del counts[status]
         if self._stopping():
@@ -570,7 +607,7 @@ class Keeper:
         # Neither took these: where they met (each saw the other's mark first), all the
         # helper did not send when it failed, and what it sent that does not read.
         again = [index for index in helper.lost if index >= len(here)]
-        todo = [*range(len(here), helper.lowest), *again]
+        todo_here = {*range(len(here), helper.lowest), *again, *late_theirs}
         if helper.failure is None:
             self._helper_facts = helper.facts  # taken after READY=1: absorb_helper_facts()
         if helper.failure is not None or helper.trouble:
@@ -580,8 +617,21 @@ class Keeper:
                 entries=(helper.left if helper.failure else 0) + len(again),
                 pid=helper.pid,
             )
-        self._check_all([entries[index] for index in sorted(todo)], cause, since, pins, counts)
-        return {"helper_entries": theirs}
+        with self._batch_pins() as pins:
+            self._check_all([entries[i] for i in sorted(todo_here)], cause, since, pins, counts)
+        fields: dict[str, Any] = {"helper_entries": theirs}
+        if late_theirs:
+            fields["helper_rechecked"] = len(late_theirs)
+        return fields
+
+    def _entries_through(self, entries: Sequence[Entry], directories: Iterable[str]) -> set[int]:
+        """The indexes in ``entries`` of those whose route goes through ``directories``."""
+        paths: set[str] = set()
+        for directory in directories:
+            paths |= self.plan.through(directory)
+        if not paths:
+            return set()
+        return {index for index, entry in enumerate(entries) if entry.path in paths}
 
     def absorb_helper_facts(self) -> None:
         """Take the ELF facts the start-up helper learnt. Nothing before READY=1 needs

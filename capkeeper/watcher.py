@@ -765,6 +765,8 @@ class Watcher:
             self._epoll.register(queue.fd, select.EPOLLIN)
         self._where: dict[str, tuple[_Queue, int]] = {}
         self._identity: dict[str, DirectoryIdentity] = {}
+        self._added: dict[str, int] = {}  # directory -> when its watch was added (a serial)
+        self._serial = 0
         self._closed = False
 
     def fileno(self) -> int:
@@ -794,6 +796,15 @@ class Watcher:
     def watch_count(self) -> int:
         """inotify watches in use (directories reached by two paths share one)."""
         return sum(len(queue.dirs_by_wd) for queue in self._queues)
+
+    def mark(self) -> int:
+        """A point in time for :meth:`added_since`."""
+        return self._serial
+
+    def added_since(self, mark: int) -> set[str]:
+        """The watched directories whose watch was added after ``mark``: a look into one
+        of them before then was not watched (a watch dropped and added again counts)."""
+        return {directory for directory, serial in self._added.items() if serial > mark}
 
     def sync(self, wanted: Iterable[str]) -> list[WatchFailure]:
         """Watch exactly ``wanted``: drop the others, add the missing ones, parents first."""
@@ -863,6 +874,8 @@ class Watcher:
             return WatchFailure(directory, code, describe_watch_errno(code))
         self._where[directory] = (queue, wd)
         self._identity[directory] = identity
+        self._serial += 1
+        self._added[directory] = self._serial
         queue.dirs_by_wd.setdefault(wd, set()).add(directory)
         queue.generation += 1
         try:
@@ -878,6 +891,7 @@ class Watcher:
 
     def _drop(self, directory: str) -> None:
         self._identity.pop(directory, None)
+        self._added.pop(directory, None)
         where = self._where.pop(directory, None)
         if where is None:
             return

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import fcntl
 import os
 import shutil
 import signal
@@ -243,6 +244,73 @@ def test_elf_facts_are_absorbed_beside_those_known() -> None:
     assert ours.absorb(export) == 1
     assert ours.known(other) == theirs.known(other)
     assert ours.known(mine)[0]
+
+
+def test_the_helper_checks_while_the_daemon_plans_and_late_watches_are_checked_again(
+    tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The helper starts once the entries' parent directories are watched, before the
+    daemon plans the routes. The last entry is a symlink to a file in a directory that
+    only the plan watches (as a release flip leaves it): the plan waits until the
+    helper has found that entry in sync, then its capabilities are removed (no watch
+    sees that yet). The daemon checks it again once every watch is in place, so it is
+    restored before READY=1, alerted about once, and counted once."""
+    monkeypatch.setattr(keeper_module, "helper_worth", lambda entries: True)
+    (tree / "d").mkdir(mode=0o755)
+    paths = [make_binary(tree / "d" / f"b{n:02}") for n in range(40)]
+    (tree / "elsewhere").mkdir(mode=0o755)
+    late = make_binary(tree / "elsewhere" / "app")
+    (tree / "d" / "app").symlink_to("../elsewhere/app")
+    declared = [*paths, tree / "d" / "app"]  # the helper takes the last one first
+    for path in [*paths, late]:
+        setcap(DECLARED, path)
+    state = write_state(tree.parent / "state.toml", dict.fromkeys(declared, DECLARED))
+    forked: list[Helper] = []
+    real_fork, real_plan = Helper.fork, keeper_module.Keeper._plan
+
+    def fork(*args: Any) -> Helper | None:
+        helper = real_fork(*args)
+        assert helper is not None
+        forked.append(helper)
+        return helper
+
+    def plan(self: keeper_module.Keeper, todo: set[str]) -> bool:
+        assert str(tree / "elsewhere") not in self.watcher.directories
+        (helper,) = forked  # forked before the plan
+        deadline = time.monotonic() + 10
+        while helper._marks[1] > len(declared) - 2:  # it has not looked at the last one
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        os.removexattr(late, "security.capability")
+        return real_plan(self, todo)
+
+    monkeypatch.setattr(Helper, "fork", fork)
+    monkeypatch.setattr(keeper_module.Keeper, "_plan", plan)
+    with capture_logs() as logs, in_process(state, logs) as daemon:
+        assert caps_of(late) == parse(DECLARED)
+        record = daemon._book.entries[str(tree / "d" / "app")]
+        assert record.restores == 1
+    rescan = _rescan(logs)
+    assert rescan["helper_rechecked"] == 1
+    assert {k: v for k, v in rescan.items() if k in {"in_sync", "restored"}} == {
+        "in_sync": len(paths),
+        "restored": 1,
+    }
+    restored = [e["path"] for e in logs if e["event"] == "capability_restored"]
+    assert restored == [str(tree / "d" / "app")]
+
+
+def test_the_helpers_pipe_holds_its_outcomes_while_the_daemon_plans() -> None:
+    """The daemon reads nothing from the helper while it plans the routes: the pipe has
+    room for a thousand outcomes or more (the system's most for a pipe, 1 MiB by
+    default), not the 64 KiB a pipe starts with."""
+    limit = int(Path("/proc/sys/fs/pipe-max-size").read_text())
+    helper = Helper.fork(1, lambda index: (False, None), lambda: None)
+    assert helper is not None
+    try:
+        assert fcntl.fcntl(helper._fd, fcntl.F_GETPIPE_SZ) == min(limit, 1 << 20)
+    finally:
+        helper.close()
 
 
 def _failing(monkeypatch: pytest.MonkeyPatch, *, after: int) -> None:

@@ -368,6 +368,27 @@ def test_watcher_watches_directories_once_and_syncs(tmp_path: Path) -> None:
         assert watcher.watch_count == 2 == _kernel_watches(watcher)
 
 
+def test_added_since_names_the_watches_added_after_a_mark(tmp_path: Path) -> None:
+    """added_since(mark): the directories whose watch came after the mark, a watch dropped
+    and added again included (a look before then was not watched), none dropped since."""
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+    a, b, c = (str(tmp_path / name) for name in ("a", "b", "c"))
+    with Watcher() as watcher:
+        watcher.sync([a, b])
+        mark = watcher.mark()
+        assert watcher.added_since(mark) == set()
+        watcher.sync([a, b, c])
+        assert watcher.added_since(mark) == {c}
+        assert watcher.invalidate(a)
+        assert watcher.added_since(mark) == {c}
+        watcher.sync([a, b, c])
+        assert watcher.added_since(mark) == {a, c}
+        watcher.sync([b])
+        assert watcher.added_since(mark) == set()
+        assert watcher.added_since(watcher.mark()) == set()
+
+
 def test_watcher_decodes_real_events(tmp_path: Path) -> None:
     """A rename-over arrives as IN_MOVED_TO for the name, in the watched directory."""
     directory = tmp_path / "bin"
