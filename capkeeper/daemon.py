@@ -215,11 +215,13 @@ class Daemon:
     def _start_up(self, keeper: Keeper, state: State) -> None:
         """Install ``state``, reconcile everything, then send READY=1."""
         keeper.install(state)
-        self._log.info(
-            "state_loaded", entries=len(state.entries), files=", ".join(map(str, state.files))
-        )
         self._cache.load_elf_facts()  # ELF files unchanged since they were cached are not parsed
-        keeper.full_reconcile("startup")
+        keeper.full_reconcile(
+            "startup",
+            begun=lambda: self._log.info(
+                "state_loaded", entries=len(state.entries), files=", ".join(map(str, state.files))
+            ),
+        )
         self._log.info(
             "daemon_started",
             entries=len(keeper.entries),

@@ -464,8 +464,15 @@ class Keeper:
 
     # -- reconciling -------------------------------------------------------------------
 
-    def full_reconcile(self, cause: str, *, since: float | None = None) -> None:
-        """Re-validate every watch, re-plan every path and reconcile every entry."""
+    def full_reconcile(
+        self, cause: str, *, since: float | None = None, begun: Callable[[], None] | None = None
+    ) -> None:
+        """Re-validate every watch, re-plan every path and reconcile every entry.
+
+        ``begun`` is called before the plan, or once a start-up helper is forked: what
+        it costs (the first event of a start imports structlog) then runs beside the
+        helper's checks.
+        """
         started = self._clock()
         self.forget_walks()
         self._watcher_dirty = True  # also retries watches that failed before
@@ -476,8 +483,10 @@ class Keeper:
         shared: dict[str, Any] = {}
         entries = self._state.entries
         if cause == "startup" and helper_worth(len(entries)):
-            shared = self._check_shared(entries, cause, since, counts)
+            shared = self._check_shared(entries, cause, since, counts, begun)
         else:
+            if begun is not None:
+                begun()
             self._replan(self.entries)
             self._deferred.clear()  # every entry is checked now; failed ones re-queue
             with self._batch_pins() as pins:
@@ -521,6 +530,7 @@ class Keeper:
         cause: str,
         since: float | None,
         counts: dict[str, int],
+        begun: Callable[[], None] | None,
     ) -> dict[str, Any]:
         """Plan and check ``entries`` at start-up as :meth:`full_reconcile` does, shared
         with a forked helper checking from the last entry backwards
@@ -572,6 +582,8 @@ class Keeper:
         todo = self._watch_parents(self.entries)
         mark = self.watcher.mark()
         helper = Helper.fork(len(entries), look, export_elf_facts)
+        if begun is not None:
+            begun()
         if helper is None:
             self._plan(todo)
             self._deferred.clear()

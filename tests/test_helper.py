@@ -44,6 +44,7 @@ from tests.test_daemon import DaemonProcess, caps_of, in_process, new_build, wri
 
 DECLARED = "cap_net_bind_service=+ep"
 _STATUSES = {str(status) for status in Status}
+_CACHE = "cache_ignored"  # debug: no cache directory in the tests
 Logs = list[MutableMapping[str, Any]]
 
 
@@ -298,6 +299,41 @@ def test_the_helper_checks_while_the_daemon_plans_and_late_watches_are_checked_a
     }
     restored = [e["path"] for e in logs if e["event"] == "capability_restored"]
     assert restored == [str(tree / "d" / "app")]
+
+
+def test_a_start_logs_its_first_event_once_the_helper_is_forked(
+    tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``state_loaded``, the first event of a start (whose cost includes importing
+    structlog in a real start), comes after the helper's fork and before the plan:
+    it runs beside the helper's checks. Without a helper it comes before the plan."""
+    paths = [make_binary(tree / f"b{n:02}") for n in range(8)]
+    state = write_state(tree.parent / "state.toml", dict.fromkeys(paths, DECLARED))
+    real_fork, real_plan = Helper.fork, keeper_module.Keeper._plan
+    seen: list[str] = []
+    logs: list[Logs] = []  # the list capture_logs() fills, while it does
+
+    def fork(*args: Any) -> Helper | None:
+        seen.append(f"fork, logged: {[e['event'] for e in logs[-1] if e['event'] != _CACHE]}")
+        return real_fork(*args)
+
+    def plan(self: keeper_module.Keeper, todo: set[str]) -> bool:
+        seen.append(f"plan, logged: {[e['event'] for e in logs[-1] if e['event'] != _CACHE]}")
+        return real_plan(self, todo)
+
+    monkeypatch.setattr(Helper, "fork", fork)
+    monkeypatch.setattr(keeper_module.Keeper, "_plan", plan)
+    for helped in (True, False):
+        seen.clear()
+        monkeypatch.setattr(keeper_module, "helper_worth", lambda entries, h=helped: h)
+        with capture_logs() as captured:
+            logs.append(captured)
+            with in_process(state, captured):
+                pass
+        expected = ["plan, logged: ['state_loaded']"]
+        if helped:
+            expected.insert(0, "fork, logged: []")
+        assert seen == expected
 
 
 def test_the_helpers_pipe_holds_its_outcomes_while_the_daemon_plans() -> None:
