@@ -40,7 +40,13 @@ from capkeeper.kernel import cap_last_cap, effective_capabilities
 from capkeeper.log import get_logger
 from capkeeper.mounts import MountWatch
 from capkeeper.notify import Notifier
-from capkeeper.schedule import StatusFileTimer, poll_timeout_ms
+from capkeeper.schedule import (
+    FLOOD_BURST,
+    FLOOD_GAP,
+    FLOOD_PAUSE,
+    StatusFileTimer,
+    poll_timeout_ms,
+)
 from capkeeper.settings import Settings, confirm_settings
 from capkeeper.state import State, load_state
 from capkeeper.status import StatusBook, status_line, write_metrics, write_status
@@ -284,19 +290,38 @@ class Daemon:
 
         A batch with nothing but events on names no route goes through (anyone who can
         write to a watched directory can raise them as fast as the kernel queues them) is
-        read and dropped here, without the loop's bookkeeping, until the deadline.
+        read and dropped here, without the loop's bookkeeping, until the deadline. Once
+        such batches come back to back (a flood: a few events per wake-up), the next one
+        is left to gather for :data:`~capkeeper.schedule.FLOOD_PAUSE` and read at once:
+        a relevant event in a flood waits that much longer, and the flood costs a
+        fraction of the wake-ups. Signals and the mount table still wake it meanwhile.
         """
         inotify_fd = keeper.watcher.fileno()
         deadline = self._clock() + timeout_ms / 1000
+        dropped = -math.inf  # when the last batch of nothing but other names was read
+        burst = 0  # bytes of such batches read back to back
         while True:
             ready = {fd for fd, _ in poller.poll(timeout_ms)}
             woke = self._clock()
             if ready != {inotify_fd}:
                 return ready, None, woke
+            back_to_back = woke - dropped < FLOOD_GAP
+            pause = min(FLOOD_PAUSE, deadline - woke)
+            if back_to_back and burst >= FLOOD_BURST and pause > 0:
+                poller.modify(inotify_fd, 0)
+                try:
+                    other = {fd for fd, _ in poller.poll(math.ceil(pause * 1000))}
+                finally:
+                    poller.modify(inotify_fd, select.POLLIN)
+                if other:
+                    return other, None, self._clock()
             events = keeper.watcher.read(keeper.plan)
-            if events or woke >= deadline:
+            now = self._clock()
+            if events or now >= deadline:
                 return ready, events, woke
-            timeout_ms = max(0, math.ceil((deadline - woke) * 1000))
+            burst = (burst if back_to_back else 0) + keeper.watcher.bytes_read
+            dropped = now
+            timeout_ms = max(0, math.ceil((deadline - now) * 1000))
 
     def _tick(self) -> None:
         """Ping the watchdog when due (also called inside long reconciles)."""

@@ -766,6 +766,7 @@ class Watcher:
         self._where: dict[str, tuple[_Queue, int]] = {}
         self._identity: dict[str, DirectoryIdentity] = {}
         self._added: dict[str, int] = {}  # directory -> when its watch was added (a serial)
+        self.bytes_read = 0  # of records, by the last read(), relevant or not
         self._serial = 0
         self._closed = False
 
@@ -919,6 +920,7 @@ class Watcher:
         that queue: the caller then rescans rather than trusting a partial batch.
         """
         events: list[WatchEvent] = []
+        self.bytes_read = 0
         for queue in self._queues:
             try:
                 data = queue.instance.read()
@@ -927,6 +929,7 @@ class Watcher:
                 continue
             if not data:
                 continue
+            self.bytes_read += len(data)
             if isinstance(relevant, WatchPlan):
                 self._convert(queue, inotify.decode(data, queue.wanted(relevant)), None, events)
             else:

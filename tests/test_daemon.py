@@ -741,10 +741,15 @@ def test_conflicting_entries_do_not_spin(tree: Path, spawn: Callable[..., Daemon
 
 
 @contextlib.contextmanager
-def in_process(state: Path, logs: list[MutableMapping[str, Any]]) -> Iterator[Daemon]:
+def in_process(
+    state: Path,
+    logs: list[MutableMapping[str, Any]],
+    *,
+    clock: Callable[[], float] = time.monotonic,
+) -> Iterator[Daemon]:
     """Run a Daemon in a thread (no signal handlers), stopping it on exit."""
     settings = Settings(state=state, status_file=state.parent / "status.json", rescan_interval=3600)
-    daemon = Daemon(settings, logger=structlog.get_logger(), install_signals=False)
+    daemon = Daemon(settings, logger=structlog.get_logger(), install_signals=False, clock=clock)
     thread = threading.Thread(target=daemon.run)
     thread.start()
     try:

@@ -17,20 +17,32 @@ from __future__ import annotations
 
 import array
 import fcntl
+import math
 import os
 import signal
 import subprocess
 import termios
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from capkeeper.capabilities import encode, parse
+from capkeeper.daemon import Daemon
+from capkeeper.schedule import FLOOD_BURST, FLOOD_GAP, FLOOD_PAUSE
 from capkeeper.watcher import Watcher
 from tests.conftest import make_binary, require_root, require_tool
-from tests.test_daemon import XATTR, DaemonProcess, new_build, spawn, wait_caps, write_state
+from tests.test_daemon import (
+    XATTR,
+    DaemonProcess,
+    in_process,
+    new_build,
+    spawn,
+    wait_caps,
+    write_state,
+)
 
 __all__ = ["spawn"]  # the fixture, imported for pytest
 
@@ -52,19 +64,20 @@ while True:
 
 
 @pytest.fixture
-def flooders() -> Iterator[Callable[[Path], None]]:
+def flooders() -> Iterator[Callable[[Path], subprocess.Popen[bytes]]]:
     """Start attacker processes flooding a directory; they are killed (by pid) at the end."""
     require_root()
     setpriv = require_tool("setpriv")
     started: list[subprocess.Popen[bytes]] = []
     fds: list[int] = []
 
-    def start(directory: Path) -> None:
+    def start(directory: Path) -> subprocess.Popen[bytes]:
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         fds.append(fd)
         argv = [setpriv, f"--reuid={ATTACKER}", f"--regid={ATTACKER}", "--clear-groups"]
         argv += ["/usr/bin/python3", "-c", FLOOD, str(fd)]
         started.append(subprocess.Popen(argv, pass_fds=(fd,)))
+        return started[-1]
 
     yield start
     for process in started:
@@ -136,7 +149,9 @@ def _build(tree: Path) -> tuple[Path, list[Path]]:
 
 
 def test_flood_in_a_world_writable_directory_rescans_only_what_it_exposes(
-    tree: Path, spawn: Callable[..., DaemonProcess], flooders: Callable[[Path], None]
+    tree: Path,
+    spawn: Callable[..., DaemonProcess],
+    flooders: Callable[[Path], subprocess.Popen[bytes]],
 ) -> None:
     """Overflows caused by an unprivileged flood reconcile only the exposed binary; trusted
     deploys and the exposed binary itself are still restored during the flood."""
@@ -179,3 +194,88 @@ def test_flood_in_a_world_writable_directory_rescans_only_what_it_exposes(
     assert len(warnings) == 1, "the overflow warning is repeated at most once a minute"
     assert warnings[0]["queue"] == "exposed"
     assert str(exposed.parent) in warnings[0]["directories"]
+
+
+def test_a_flood_is_read_in_batches_and_changes_in_it_are_still_handled(
+    tree: Path,
+    flooders: Callable[[Path], subprocess.Popen[bytes]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One attacker floods the sticky directory of a declared binary for a second. The
+    daemon (in this process: its clock, its waits and its reads are timed) reads each
+    batch as it wakes while the flood is young; once back-to-back batches of only
+    other names add up to FLOOD_BURST bytes, it leaves the next one to gather
+    FLOOD_PAUSE at least (a real poll that long, inotify left out) before reading it,
+    over and over. Meanwhile both binaries, stripped during the flood, are restored."""
+    public = tree / "public"
+    public.mkdir()
+    public.chmod(0o1777)
+    exposed = make_binary(public / "tool")
+    (tree / "bin").mkdir(mode=0o755)
+    trusted = make_binary(tree / "bin" / "tool")
+    for binary in (exposed, trusted):
+        os.setxattr(binary, XATTR, encode(parse(CAPS)))
+    state = write_state(tree.parent / "state.toml", dict.fromkeys([exposed, trusted], CAPS))
+    # What the daemon's thread did, in order: ("wait",), ("clock", t), ("read", start, end,
+    # bytes, events). In a wait, the clock is read right before a read (when it woke, the
+    # pause after that) and right after it.
+    timeline: list[tuple[Any, ...]] = []
+    real_read, real_wait = Watcher.read, Daemon._wait
+
+    def read(self: Watcher, *args: Any) -> Any:
+        start = time.monotonic()
+        events = real_read(self, *args)
+        timeline.append(("read", start, time.monotonic(), self.bytes_read, len(events)))
+        return events
+
+    def wait(self: Daemon, *args: Any) -> Any:
+        timeline.append(("wait",))
+        return real_wait(self, *args)
+
+    def clock() -> float:
+        now = time.monotonic()
+        timeline.append(("clock", now))
+        return now
+
+    monkeypatch.setattr(Watcher, "read", read)
+    monkeypatch.setattr(Daemon, "_wait", wait)
+    logs: list[MutableMapping[str, Any]] = []
+    with in_process(state, logs, clock=clock):
+        flooder = flooders(public)
+        time.sleep(0.4)
+        for binary in (trusted, exposed):
+            os.removexattr(binary, XATTR)
+            wait_caps(binary, CAPS, timeout=10)
+        time.sleep(0.4)
+        flooder.kill()
+        flooder.wait(10)
+    paused = 0
+    for call in _waits(timeline):
+        burst, dropped = 0, -math.inf
+        for number, (woke, start, bytes_read, done) in enumerate(call):
+            back_to_back = woke - dropped < FLOOD_GAP
+            # Not the last read of a wait: its pause may be cut short by the deadline.
+            if back_to_back and burst >= FLOOD_BURST and number < len(call) - 1:
+                paused += 1
+                assert start - woke >= FLOOD_PAUSE, (start - woke, burst)
+            burst = (burst if back_to_back else 0) + bytes_read
+            dropped = done
+    assert paused >= 50, f"the flood was read after a pause {paused} times only"
+
+
+def _waits(timeline: list[tuple[Any, ...]]) -> list[list[tuple[float, float, int, float]]]:
+    """Each wait's reads: (when it woke, when the read began, the bytes it read, the
+    clock after it)."""
+    waits: list[list[tuple[float, float, int, float]]] = []
+    woke = None
+    for number, (kind, *fields) in enumerate(timeline):
+        if kind == "wait":
+            waits.append([])
+        elif kind == "clock":
+            woke = fields[0]
+        elif waits:
+            start, _, bytes_read, _ = fields
+            after = next(f[1] for f in timeline[number:] if f[0] == "clock")
+            assert woke is not None
+            waits[-1].append((woke, start, bytes_read, after))
+    return waits
