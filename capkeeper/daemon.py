@@ -6,7 +6,8 @@ descriptor, the mount table and a signal wake-up pipe, with a timeout that is
 the nearest of: the next periodic rescan, the next watchdog ping, a write that
 is settling, a refused or failed entry's next retry, a due status file write.
 Nothing else wakes it: events on names no route goes through are read and dropped
-without the loop's bookkeeping, and a change after a quiet moment writes the status
+without the loop's bookkeeping (a flood of them in batches a millisecond apart), and a
+change after a quiet moment writes the status
 file in the same wake-up (only a burst leaves one write for later). What happens on a wake-up is the
 :class:`~capkeeper.keeper.Keeper`'s; when things are due,
 :mod:`capkeeper.schedule`'s; what is shown (the status file, the metrics, the
@@ -40,13 +41,7 @@ from capkeeper.kernel import cap_last_cap, effective_capabilities
 from capkeeper.log import get_logger
 from capkeeper.mounts import MountWatch
 from capkeeper.notify import Notifier
-from capkeeper.schedule import (
-    FLOOD_BURST,
-    FLOOD_GAP,
-    FLOOD_PAUSE,
-    StatusFileTimer,
-    poll_timeout_ms,
-)
+from capkeeper.schedule import FLOOD_BURST, FLOOD_PAUSE, StatusFileTimer, poll_timeout_ms
 from capkeeper.settings import Settings, confirm_settings
 from capkeeper.state import State, load_state
 from capkeeper.status import StatusBook, status_line, write_metrics, write_status
@@ -291,23 +286,22 @@ class Daemon:
         A batch with nothing but events on names no route goes through (anyone who can
         write to a watched directory can raise them as fast as the kernel queues them) is
         read and dropped here, without the loop's bookkeeping, until the deadline. Once
-        such batches come back to back (a flood: a few events per wake-up), the next one
-        is left to gather for :data:`~capkeeper.schedule.FLOOD_PAUSE` and read at once:
-        a relevant event in a flood waits that much longer, and the flood costs a
-        fraction of the wake-ups. Signals and the mount table still wake it meanwhile.
+        such batches add up to :data:`~capkeeper.schedule.FLOOD_BURST` bytes in one wait
+        (a flood, or much churn beside the declared names), each next one is left to
+        gather for :data:`~capkeeper.schedule.FLOOD_PAUSE` and read at once: an event
+        that matters waits that much longer then, and a flood is read in a fraction of
+        the wake-ups. Signals and the mount table still wake it meanwhile.
         """
         inotify_fd = keeper.watcher.fileno()
         deadline = self._clock() + timeout_ms / 1000
-        dropped = -math.inf  # when the last batch of nothing but other names was read
-        burst = 0  # bytes of such batches read back to back
+        dropped = 0  # bytes of the batches of nothing but other names this wait read
         while True:
             ready = {fd for fd, _ in poller.poll(timeout_ms)}
             woke = self._clock()
             if ready != {inotify_fd}:
                 return ready, None, woke
-            back_to_back = woke - dropped < FLOOD_GAP
             pause = min(FLOOD_PAUSE, deadline - woke)
-            if back_to_back and burst >= FLOOD_BURST and pause > 0:
+            if dropped >= FLOOD_BURST and pause > 0:
                 poller.modify(inotify_fd, 0)
                 try:
                     other = {fd for fd, _ in poller.poll(math.ceil(pause * 1000))}
@@ -319,8 +313,7 @@ class Daemon:
             now = self._clock()
             if events or now >= deadline:
                 return ready, events, woke
-            burst = (burst if back_to_back else 0) + keeper.watcher.bytes_read
-            dropped = now
+            dropped += keeper.watcher.bytes_read
             timeout_ms = max(0, math.ceil((deadline - now) * 1000))
 
     def _tick(self) -> None:

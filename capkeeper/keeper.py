@@ -582,15 +582,17 @@ class Keeper:
         todo = self._watch_parents(self.entries)
         mark = self.watcher.mark()
         helper = Helper.fork(len(entries), look, export_elf_facts)
-        if begun is not None:
-            begun()
         if helper is None:
+            if begun is not None:
+                begun()
             self._plan(todo)
             self._deferred.clear()
             with self._batch_pins() as pins:
                 self._check_all(entries, cause, since, pins, counts)
             return {}
         try:
+            if begun is not None:
+                begun()
             self._plan(todo)
             late.update(self._entries_through(entries, self.watcher.added_since(mark)))
             self._deferred.clear()  # every entry is checked now; failed ones re-queue
@@ -608,18 +610,14 @@ class Keeper:
                 report(helper, helper.rest(self._stopping, self._tick))
         finally:
             helper.close()
-        # The re-checks below count instead of what the helper found.
-        for counted in late_theirs.values():
-            if counted is not None:
-                counts[str(counted)] -= 1
-        for status in [status for status, count in counts.items() if count <= 0]:
-            del counts[status]
+        fields: dict[str, Any] = {"helper_entries": theirs}
         if self._stopping():
-            return {"helper_entries": theirs}
+            _drop_zero(counts)
+            return fields
         # Neither took these: where they met (each saw the other's mark first), all the
         # helper did not send when it failed, and what it sent that does not read.
         again = [index for index in helper.lost if index >= len(here)]
-        todo_here = {*range(len(here), helper.lowest), *again, *late_theirs}
+        todo_here = {*range(len(here), helper.lowest), *again} - late_theirs.keys()
         if helper.failure is None:
             self._helper_facts = helper.facts  # taken after READY=1: absorb_helper_facts()
         if helper.failure is not None or helper.trouble:
@@ -631,7 +629,17 @@ class Keeper:
             )
         with self._batch_pins() as pins:
             self._check_all([entries[i] for i in sorted(todo_here)], cause, since, pins, counts)
-        fields: dict[str, Any] = {"helper_entries": theirs}
+            for index, found in sorted(late_theirs.items()):
+                if self._stopping():
+                    break
+                outcome = self._check_entry(entries[index].path, cause, since, pins, debug=debug)
+                if outcome is not None and outcome.status in _CHANGES:
+                    # Changed since the helper's look, unseen then: that counts instead.
+                    if found is not None:
+                        counts[str(found)] -= 1
+                    self._count(outcome, counts)
+                self._tick()
+        _drop_zero(counts)
         if late_theirs:
             fields["helper_rechecked"] = len(late_theirs)
         return fields
@@ -784,6 +792,12 @@ class Keeper:
             # EROFS, ENOSPC, EIO: the fix (a remount, freed space) raises no event.
             self._deferred.setdefault(path, "retry")
         self.book.record(outcome, cause=cause)
+
+
+def _drop_zero(counts: dict[str, int]) -> None:
+    """Forget the statuses no entry has in ``counts`` (after some were counted again)."""
+    for status in [status for status, count in counts.items() if count <= 0]:
+        del counts[status]
 
 
 def _stat_identity(path: str) -> Identity | None:

@@ -37,11 +37,10 @@ FIGHT_ROUNDS = 3  # rounds in a row before the brake engages (4 restores)
 BRAKE = 1.0  # seconds between restores of a path while it is fought over
 ALERT_EVERY = 60.0  # restore_flapping at most this often per path
 FIGHT_PACE = 0.1  # seconds inotify is left unread after a batch that only deferred
-# A flood of events on names no route goes through (Daemon._wait): once batches of only
-# such events, FLOOD_GAP seconds or less apart, add up to FLOOD_BURST bytes (about a
-# hundred events; one deploy raises a few dozen at most), each next batch is left to
-# gather FLOOD_PAUSE seconds and read at once.
-FLOOD_GAP = 0.001
+# A flood of events on names no route goes through (Daemon._wait): once one wait read
+# FLOOD_BURST bytes of batches of only such events (about a hundred events; one deploy
+# of a declared binary raises a few), each next batch is left to gather FLOOD_PAUSE
+# seconds and read at once.
 FLOOD_BURST = 4096
 FLOOD_PAUSE = 0.001
 # Refusals that a file caught in the middle of a write would also get, and how long

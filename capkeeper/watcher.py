@@ -959,6 +959,7 @@ class Watcher:
                 for directory in directories:
                     self._where.pop(directory, None)
                     self._identity.pop(directory, None)
+                    self._added.pop(directory, None)
             elif name and relevant is not None and not any(relevant(d, name) for d in directories):
                 continue
             events.extend(

@@ -39,7 +39,7 @@ from capkeeper.model import Entry
 from capkeeper.reconcile import Outcome, Status
 from capkeeper.schedule import Identity
 from capkeeper.settings import Settings
-from tests.conftest import elf_source, make_binary, setcap
+from tests.conftest import elf_source, make_binary, require_root, setcap
 from tests.test_daemon import DaemonProcess, caps_of, in_process, new_build, write_state
 
 DECLARED = "cap_net_bind_service=+ep"
@@ -247,15 +247,18 @@ def test_elf_facts_are_absorbed_beside_those_known() -> None:
     assert ours.known(mine)[0]
 
 
+@pytest.mark.parametrize(("before", "during"), [(False, True), (True, False), (True, True)])
 def test_the_helper_checks_while_the_daemon_plans_and_late_watches_are_checked_again(
-    tree: Path, monkeypatch: pytest.MonkeyPatch
+    tree: Path, monkeypatch: pytest.MonkeyPatch, before: bool, during: bool
 ) -> None:
     """The helper starts once the entries' parent directories are watched, before the
     daemon plans the routes. The last entry is a symlink to a file in a directory that
     only the plan watches (as a release flip leaves it): the plan waits until the
-    helper has found that entry in sync, then its capabilities are removed (no watch
-    sees that yet). The daemon checks it again once every watch is in place, so it is
-    restored before READY=1, alerted about once, and counted once."""
+    helper has checked that entry (restoring it if it was stripped ``before``), and
+    its capabilities are removed then if ``during`` (no watch sees that yet). The
+    daemon checks it again once every watch is in place, so it carries them at
+    READY=1; every restore is alerted about once, and the entry is counted once, as
+    restored."""
     monkeypatch.setattr(keeper_module, "helper_worth", lambda entries: True)
     (tree / "d").mkdir(mode=0o755)
     paths = [make_binary(tree / "d" / f"b{n:02}") for n in range(40)]
@@ -263,7 +266,7 @@ def test_the_helper_checks_while_the_daemon_plans_and_late_watches_are_checked_a
     late = make_binary(tree / "elsewhere" / "app")
     (tree / "d" / "app").symlink_to("../elsewhere/app")
     declared = [*paths, tree / "d" / "app"]  # the helper takes the last one first
-    for path in [*paths, late]:
+    for path in paths if before else [*paths, late]:
         setcap(DECLARED, path)
     state = write_state(tree.parent / "state.toml", dict.fromkeys(declared, DECLARED))
     forked: list[Helper] = []
@@ -282,23 +285,22 @@ def test_the_helper_checks_while_the_daemon_plans_and_late_watches_are_checked_a
         while helper._marks[1] > len(declared) - 2:  # it has not looked at the last one
             assert time.monotonic() < deadline
             time.sleep(0.001)
-        os.removexattr(late, "security.capability")
+        if during:
+            os.removexattr(late, "security.capability")
         return real_plan(self, todo)
 
     monkeypatch.setattr(Helper, "fork", fork)
     monkeypatch.setattr(keeper_module.Keeper, "_plan", plan)
+    restores = before + during
     with capture_logs() as logs, in_process(state, logs) as daemon:
         assert caps_of(late) == parse(DECLARED)
-        record = daemon._book.entries[str(tree / "d" / "app")]
-        assert record.restores == 1
+        assert daemon._book.entries[str(tree / "d" / "app")].restores == restores
     rescan = _rescan(logs)
     assert rescan["helper_rechecked"] == 1
-    assert {k: v for k, v in rescan.items() if k in {"in_sync", "restored"}} == {
-        "in_sync": len(paths),
-        "restored": 1,
-    }
+    counts = {k: v for k, v in rescan.items() if k.replace("_", "-") in _STATUSES}
+    assert counts == {"in_sync": len(paths), "restored": 1}
     restored = [e["path"] for e in logs if e["event"] == "capability_restored"]
-    assert restored == [str(tree / "d" / "app")]
+    assert restored == [str(tree / "d" / "app")] * restores
 
 
 def test_a_start_logs_its_first_event_once_the_helper_is_forked(
@@ -336,15 +338,51 @@ def test_a_start_logs_its_first_event_once_the_helper_is_forked(
         assert seen == expected
 
 
+def test_a_failure_right_after_the_fork_ends_the_helper(
+    tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What runs in the daemon right after the fork (the first event of a start) fails,
+    say on a closed stderr: the start-up fails with that error, and the helper is
+    killed and reaped, not left restoring files whose outcomes nobody reads."""
+    monkeypatch.setattr(keeper_module, "helper_worth", lambda entries: True)
+    paths = [make_binary(tree / f"b{n:02}") for n in range(40)]
+    state = write_state(tree.parent / "state.toml", dict.fromkeys(paths, DECLARED))
+    forked: list[Helper] = []
+    real_fork, real_full = Helper.fork, keeper_module.Keeper.full_reconcile
+
+    def fork(*args: Any) -> Helper | None:
+        helper = real_fork(*args)
+        assert helper is not None
+        forked.append(helper)
+        return helper
+
+    def broken_pipe() -> None:
+        raise BrokenPipeError(errno.EPIPE, "stderr is gone")
+
+    def full_reconcile(self: keeper_module.Keeper, cause: str, **options: Any) -> None:
+        real_full(self, cause, **{**options, "begun": broken_pipe})
+
+    monkeypatch.setattr(Helper, "fork", fork)
+    monkeypatch.setattr(keeper_module.Keeper, "full_reconcile", full_reconcile)
+    settings = Settings(state=state, status_file=tree.parent / "status.json")
+    daemon = Daemon(settings, logger=structlog.get_logger(), install_signals=False)
+    with pytest.raises(BrokenPipeError):
+        daemon.run()
+    (helper,) = forked
+    with pytest.raises(ChildProcessError):  # reaped
+        os.waitpid(helper.pid, os.WNOHANG)
+
+
 def test_the_helpers_pipe_holds_its_outcomes_while_the_daemon_plans() -> None:
     """The daemon reads nothing from the helper while it plans the routes: the pipe has
-    room for a thousand outcomes or more (the system's most for a pipe, 1 MiB by
-    default), not the 64 KiB a pipe starts with."""
-    limit = int(Path("/proc/sys/fs/pipe-max-size").read_text())
+    room for a thousand outcomes or more (1 MiB: the most a process without
+    CAP_SYS_RESOURCE gets by default, as root here), not the 64 KiB a pipe starts
+    with."""
+    require_root()
     helper = Helper.fork(1, lambda index: (False, None), lambda: None)
     assert helper is not None
     try:
-        assert fcntl.fcntl(helper._fd, fcntl.F_GETPIPE_SZ) == min(limit, 1 << 20)
+        assert fcntl.fcntl(helper._fd, fcntl.F_GETPIPE_SZ) == 1 << 20
     finally:
         helper.close()
 

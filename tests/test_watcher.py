@@ -370,7 +370,8 @@ def test_watcher_watches_directories_once_and_syncs(tmp_path: Path) -> None:
 
 def test_added_since_names_the_watches_added_after_a_mark(tmp_path: Path) -> None:
     """added_since(mark): the directories whose watch came after the mark, a watch dropped
-    and added again included (a look before then was not watched), none dropped since."""
+    and added again included (a look before then was not watched), none dropped since,
+    by capkeeper or by the kernel."""
     for name in ("a", "b", "c"):
         (tmp_path / name).mkdir()
     a, b, c = (str(tmp_path / name) for name in ("a", "b", "c"))
@@ -387,6 +388,13 @@ def test_added_since_names_the_watches_added_after_a_mark(tmp_path: Path) -> Non
         watcher.sync([b])
         assert watcher.added_since(mark) == set()
         assert watcher.added_since(watcher.mark()) == set()
+        watcher.sync([b, c])
+        os.rmdir(c)  # the kernel ends its watch (IN_IGNORED)
+        events = _read_until(watcher, "")
+        while not any(e.is_watch_ended for e in events):
+            events += _read_until(watcher, "")
+        assert watcher.directories == {b}
+        assert watcher.added_since(mark) == set()
 
 
 def test_watcher_decodes_real_events(tmp_path: Path) -> None:
