@@ -7,8 +7,8 @@ the nearest of: the next periodic rescan, the next watchdog ping, a write that
 is settling, a refused or failed entry's next retry, a due status file write.
 Nothing else wakes it: events on names no route goes through are read and dropped
 without the loop's bookkeeping (a flood of them in batches a millisecond apart), and a
-change after a quiet moment writes the status
-file in the same wake-up (only a burst leaves one write for later). What happens on a wake-up is the
+change after a quiet moment writes the status file in the same wake-up (only a burst
+leaves one write for later). What happens on a wake-up is the
 :class:`~capkeeper.keeper.Keeper`'s; when things are due,
 :mod:`capkeeper.schedule`'s; what is shown (the status file, the metrics, the
 ``STATUS=`` text), the :class:`~capkeeper.status.StatusBook`'s.
