@@ -23,11 +23,12 @@ import statistics
 import subprocess
 import termios
 import time
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from capkeeper.capabilities import encode, parse
 from capkeeper.daemon import Daemon
@@ -240,8 +241,7 @@ def test_a_flood_is_read_in_batches_and_changes_in_it_are_still_handled(
 
     monkeypatch.setattr(Watcher, "read", read)
     monkeypatch.setattr(Daemon, "_wait", wait)
-    logs: list[MutableMapping[str, Any]] = []
-    with in_process(state, logs, clock=clock):
+    with capture_logs() as logs, in_process(state, logs, clock=clock):
         flooder = flooders(public)
         time.sleep(0.4)
         for binary in (trusted, exposed):
