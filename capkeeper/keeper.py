@@ -485,12 +485,8 @@ class Keeper:
         if cause == "startup" and helper_worth(len(entries)):
             shared = self._check_shared(entries, cause, since, counts, begun)
         else:
-            if begun is not None:
-                begun()
-            self._replan(self.entries)
-            self._deferred.clear()  # every entry is checked now; failed ones re-queue
-            with self._batch_pins() as pins:
-                self._check_all(entries, cause, since, pins, counts)
+            todo = self._watch_parents(self.entries)
+            self._check_alone(todo, entries, cause, since, counts, begun=begun)
         self.book.rescans += 1
         self.book.dirty = True
         quiet = cause == "periodic" and set(counts) <= {str(Status.IN_SYNC)}
@@ -518,6 +514,25 @@ class Keeper:
                 break
             self._count(self._check_entry(entry.path, cause, since, pins, debug=debug), counts)
             self._tick()
+
+    def _check_alone(
+        self,
+        todo: set[str],
+        entries: Sequence[Entry],
+        cause: str,
+        since: float | None,
+        counts: dict[str, int],
+        *,
+        begun: Callable[[], None] | None,
+    ) -> None:
+        """The rest of :meth:`full_reconcile` without a helper, once the parents of
+        ``todo`` are watched: ``begun``, the plan, then every check here."""
+        if begun is not None:
+            begun()
+        self._plan(todo)
+        self._deferred.clear()  # every entry is checked now; failed ones re-queue
+        with self._batch_pins() as pins:
+            self._check_all(entries, cause, since, pins, counts)
 
     @staticmethod
     def _count(outcome: Outcome | None, counts: dict[str, int]) -> None:
@@ -583,12 +598,7 @@ class Keeper:
         mark = self.watcher.mark()
         helper = Helper.fork(len(entries), look, export_elf_facts)
         if helper is None:
-            if begun is not None:
-                begun()
-            self._plan(todo)
-            self._deferred.clear()
-            with self._batch_pins() as pins:
-                self._check_all(entries, cause, since, pins, counts)
+            self._check_alone(todo, entries, cause, since, counts, begun=begun)
             return {}
         try:
             if begun is not None:
