@@ -129,6 +129,21 @@ def _slowed(monkeypatch: pytest.MonkeyPatch, slow: Callable[[], bool]) -> None:
     monkeypatch.setattr(daemon_module, "reconcile", check)
 
 
+def _forks(monkeypatch: pytest.MonkeyPatch) -> list[Helper]:
+    """The helpers forked from now on (each fork must succeed), in order."""
+    forked: list[Helper] = []
+    real_fork = Helper.fork
+
+    def fork(*args: Any) -> Helper | None:
+        helper = real_fork(*args)
+        assert helper is not None
+        forked.append(helper)
+        return helper
+
+    monkeypatch.setattr(Helper, "fork", fork)
+    return forked
+
+
 @pytest.mark.parametrize("slow", ["daemon", "helper"])
 def test_shared_start_up_reports_as_the_daemon_alone(
     tree: Path, monkeypatch: pytest.MonkeyPatch, slow: str
@@ -269,14 +284,8 @@ def test_the_helper_checks_while_the_daemon_plans_and_late_watches_are_checked_a
     for path in paths if before else [*paths, late]:
         setcap(DECLARED, path)
     state = write_state(tree.parent / "state.toml", dict.fromkeys(declared, DECLARED))
-    forked: list[Helper] = []
-    real_fork, real_plan = Helper.fork, keeper_module.Keeper._plan
-
-    def fork(*args: Any) -> Helper | None:
-        helper = real_fork(*args)
-        assert helper is not None
-        forked.append(helper)
-        return helper
+    forked = _forks(monkeypatch)
+    real_plan = keeper_module.Keeper._plan
 
     def plan(self: keeper_module.Keeper, todo: set[str]) -> bool:
         assert str(tree / "elsewhere") not in self.watcher.directories
@@ -289,7 +298,6 @@ def test_the_helper_checks_while_the_daemon_plans_and_late_watches_are_checked_a
             os.removexattr(late, "security.capability")
         return real_plan(self, todo)
 
-    monkeypatch.setattr(Helper, "fork", fork)
     monkeypatch.setattr(keeper_module.Keeper, "_plan", plan)
     restores = before + during
     with capture_logs() as logs, in_process(state, logs) as daemon:
@@ -347,14 +355,8 @@ def test_a_failure_right_after_the_fork_ends_the_helper(
     monkeypatch.setattr(keeper_module, "helper_worth", lambda entries: True)
     paths = [make_binary(tree / f"b{n:02}") for n in range(40)]
     state = write_state(tree.parent / "state.toml", dict.fromkeys(paths, DECLARED))
-    forked: list[Helper] = []
-    real_fork, real_full = Helper.fork, keeper_module.Keeper.full_reconcile
-
-    def fork(*args: Any) -> Helper | None:
-        helper = real_fork(*args)
-        assert helper is not None
-        forked.append(helper)
-        return helper
+    forked = _forks(monkeypatch)
+    real_full = keeper_module.Keeper.full_reconcile
 
     def broken_pipe() -> None:
         raise BrokenPipeError(errno.EPIPE, "stderr is gone")
@@ -362,7 +364,6 @@ def test_a_failure_right_after_the_fork_ends_the_helper(
     def full_reconcile(self: keeper_module.Keeper, cause: str, **options: Any) -> None:
         real_full(self, cause, **{**options, "begun": broken_pipe})
 
-    monkeypatch.setattr(Helper, "fork", fork)
     monkeypatch.setattr(keeper_module.Keeper, "full_reconcile", full_reconcile)
     settings = Settings(state=state, status_file=tree.parent / "status.json")
     daemon = Daemon(settings, logger=structlog.get_logger(), install_signals=False)
@@ -462,16 +463,7 @@ def test_stopping_during_a_shared_start_up_ends_the_helper(
     monkeypatch.setattr(keeper_module, "helper_worth", lambda entries: True)
     daemon = os.getpid()
     _slowed(monkeypatch, lambda: True)  # both: 40 ms at least to check everything
-    forked: list[Helper] = []
-    real_fork = Helper.fork
-
-    def fork(*args: Any) -> Helper | None:
-        helper = real_fork(*args)
-        assert helper is not None
-        forked.append(helper)
-        return helper
-
-    monkeypatch.setattr(Helper, "fork", fork)
+    forked = _forks(monkeypatch)
     descriptors = len(os.listdir("/proc/self/fd"))
     settings = Settings(state=state, status_file=tree.parent / "status.json", rescan_interval=3600)
     with capture_logs():
