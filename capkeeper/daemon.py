@@ -41,7 +41,13 @@ from capkeeper.kernel import cap_last_cap, effective_capabilities
 from capkeeper.log import get_logger
 from capkeeper.mounts import MountWatch
 from capkeeper.notify import Notifier
-from capkeeper.schedule import FLOOD_BURST, FLOOD_PAUSE, StatusFileTimer, poll_timeout_ms
+from capkeeper.schedule import (
+    FLOOD_BURST,
+    FLOOD_PAUSE,
+    StatusFileTimer,
+    flood_pause,
+    poll_timeout_ms,
+)
 from capkeeper.settings import Settings, confirm_settings
 from capkeeper.state import State, load_state
 from capkeeper.status import StatusBook, status_line, write_metrics, write_status
@@ -288,20 +294,25 @@ class Daemon:
         read and dropped here, without the loop's bookkeeping, until the deadline. Once
         such batches add up to :data:`~capkeeper.schedule.FLOOD_BURST` bytes in one wait
         (a flood, or much churn beside the declared names), each next one is left to
-        gather for :data:`~capkeeper.schedule.FLOOD_PAUSE` and read at once: an event
-        that matters waits that much longer then, and a flood is read in a fraction of
-        the wake-ups. Signals and the mount table still wake it meanwhile.
+        gather for :data:`~capkeeper.schedule.FLOOD_PAUSE` and read at once, a pause
+        that grows while a slow flood gathers little in it (up to
+        :data:`~capkeeper.schedule.FLOOD_PAUSE_MAX`, see
+        :func:`~capkeeper.schedule.flood_pause`): an event that matters waits that much
+        longer then, and a flood is read in a fraction of the wake-ups. Signals and the
+        mount table still wake it meanwhile.
         """
         inotify_fd = keeper.watcher.fileno()
         deadline = self._clock() + timeout_ms / 1000
         dropped = 0  # bytes of the batches of nothing but other names this wait read
+        pause_for = FLOOD_PAUSE
         while True:
             ready = {fd for fd, _ in poller.poll(timeout_ms)}
             woke = self._clock()
             if ready != {inotify_fd}:
                 return ready, None, woke
-            pause = min(FLOOD_PAUSE, deadline - woke)
-            if dropped >= FLOOD_BURST and pause > 0:
+            pause = min(pause_for, deadline - woke)
+            paused = dropped >= FLOOD_BURST and pause > 0
+            if paused:
                 poller.modify(inotify_fd, 0)
                 try:
                     other = {fd for fd, _ in poller.poll(math.ceil(pause * 1000))}
@@ -314,6 +325,8 @@ class Daemon:
             if events or now >= deadline:
                 return ready, events, woke
             dropped += keeper.watcher.bytes_read
+            if paused:
+                pause_for = flood_pause(pause_for, keeper.watcher.bytes_read)
             timeout_ms = max(0, math.ceil((deadline - now) * 1000))
 
     def _tick(self) -> None:

@@ -40,9 +40,26 @@ FIGHT_PACE = 0.1  # seconds inotify is left unread after a batch that only defer
 # A flood of events on names no route goes through (Daemon._wait): once one wait read
 # FLOOD_BURST bytes of batches of only such events (about a hundred events; one deploy
 # of a declared binary raises a few), each next batch is left to gather FLOOD_PAUSE
-# seconds and read at once.
+# seconds and read at once. A slow flood gathers little in that time: while a batch
+# read after a pause holds less than FLOOD_GATHER bytes (about thirty events), the
+# next pause is twice as long, up to FLOOD_PAUSE_MAX; one holding four times that
+# halves it again.
 FLOOD_BURST = 4096
 FLOOD_PAUSE = 0.001
+FLOOD_PAUSE_MAX = 0.008
+FLOOD_GATHER = 1024
+
+
+def flood_pause(pause: float, gathered: int) -> float:
+    """The next pause of a flood, after one of ``pause`` seconds gathered ``gathered``
+    bytes: doubled while too little gathers, halved when much more than enough does."""
+    if gathered < FLOOD_GATHER:
+        return min(2 * pause, FLOOD_PAUSE_MAX)
+    if gathered >= 4 * FLOOD_GATHER:
+        return max(pause / 2, FLOOD_PAUSE)
+    return pause
+
+
 # Refusals that a file caught in the middle of a write would also get, and how long
 # such a refusal must persist, without write events, before it is reported.
 CONTENT_RULES = frozenset({"elf", "sha256", "interpreter"})

@@ -32,7 +32,7 @@ from structlog.testing import capture_logs
 
 from capkeeper.capabilities import encode, parse
 from capkeeper.daemon import Daemon
-from capkeeper.schedule import FLOOD_BURST, FLOOD_PAUSE
+from capkeeper.schedule import FLOOD_BURST, FLOOD_PAUSE, FLOOD_PAUSE_MAX, flood_pause
 from capkeeper.watcher import Watcher
 from tests.conftest import make_binary, require_root, require_tool
 from tests.test_daemon import (
@@ -51,32 +51,36 @@ CAPS = "cap_net_bind_service=+ep"
 ATTACKER = 4242
 
 # Runs as the attacker with only a descriptor of the directory (the test's temp tree
-# above it is root-only): create, close, unlink, forever.
+# above it is root-only): create, close, unlink, forever; with a pause after each round
+# (seconds, the second argument), a slow flood.
 FLOOD = """
-import os, sys
-where = int(sys.argv[1])
+import os, sys, time
+where, pause = int(sys.argv[1]), float(sys.argv[2])
 i = 0
 while True:
     name = f"flood{os.getpid()}-{i % 64}"
     os.close(os.open(name, os.O_CREAT | os.O_WRONLY, 0o600, dir_fd=where))
     os.unlink(name, dir_fd=where)
     i += 1
+    if pause:
+        time.sleep(pause)
 """
 
 
 @pytest.fixture
-def flooders() -> Iterator[Callable[[Path], subprocess.Popen[bytes]]]:
-    """Start attacker processes flooding a directory; they are killed (by pid) at the end."""
+def flooders() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    """Start attacker processes flooding a directory (``pause``: seconds after each
+    round); they are killed (by pid) at the end."""
     require_root()
     setpriv = require_tool("setpriv")
     started: list[subprocess.Popen[bytes]] = []
     fds: list[int] = []
 
-    def start(directory: Path) -> subprocess.Popen[bytes]:
+    def start(directory: Path, pause: float = 0.0) -> subprocess.Popen[bytes]:
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         fds.append(fd)
         argv = [setpriv, f"--reuid={ATTACKER}", f"--regid={ATTACKER}", "--clear-groups"]
-        argv += ["/usr/bin/python3", "-c", FLOOD, str(fd)]
+        argv += ["/usr/bin/python3", "-c", FLOOD, str(fd), str(pause)]
         started.append(subprocess.Popen(argv, pass_fds=(fd,)))
         return started[-1]
 
@@ -152,7 +156,7 @@ def _build(tree: Path) -> tuple[Path, list[Path]]:
 def test_flood_in_a_world_writable_directory_rescans_only_what_it_exposes(
     tree: Path,
     spawn: Callable[..., DaemonProcess],
-    flooders: Callable[[Path], subprocess.Popen[bytes]],
+    flooders: Callable[..., subprocess.Popen[bytes]],
 ) -> None:
     """Overflows caused by an unprivileged flood reconcile only the exposed binary; trusted
     deploys and the exposed binary itself are still restored during the flood."""
@@ -197,18 +201,22 @@ def test_flood_in_a_world_writable_directory_rescans_only_what_it_exposes(
     assert str(exposed.parent) in warnings[0]["directories"]
 
 
+@pytest.mark.parametrize("rest", [0.0, 0.002], ids=["fast", "slow"])
 def test_a_flood_is_read_in_batches_and_changes_in_it_are_still_handled(
     tree: Path,
-    flooders: Callable[[Path], subprocess.Popen[bytes]],
+    flooders: Callable[..., subprocess.Popen[bytes]],
     monkeypatch: pytest.MonkeyPatch,
+    rest: float,
 ) -> None:
     """One attacker floods the sticky directory of a declared binary for most of a
-    second. The daemon (in this process: its clock, its waits and its reads are timed)
-    reads each batch as it wakes until one wait has read FLOOD_BURST bytes of other
-    names; from then on it leaves each next batch to gather FLOOD_PAUSE (a real poll
-    that long, inotify left out) before reading it: at least that long, whatever the
-    load, and about that long, not many times more. Meanwhile both binaries, stripped
-    during the flood, are restored."""
+    second, as fast as it can or resting 2 ms after every three events. The daemon (in
+    this process: its clock, its waits and its reads are timed) reads each batch as it
+    wakes until one wait has read FLOOD_BURST bytes of other names; from then on it
+    leaves each next batch to gather (a real poll, inotify left out) before reading it,
+    for FLOOD_PAUSE at first, then as long as flood_pause() makes it after the bytes
+    each pause gathered: at least that long, whatever the load, and about that long,
+    not many times more. The slow flood gathers little: its pauses reach
+    FLOOD_PAUSE_MAX. Meanwhile both binaries, stripped during the flood, are restored."""
     public = tree / "public"
     public.mkdir()
     public.chmod(0o1777)
@@ -242,7 +250,7 @@ def test_a_flood_is_read_in_batches_and_changes_in_it_are_still_handled(
     monkeypatch.setattr(Watcher, "read", read)
     monkeypatch.setattr(Daemon, "_wait", wait)
     with capture_logs() as logs, in_process(state, logs, clock=clock):
-        flooder = flooders(public)
+        flooder = flooders(public, rest)
         time.sleep(0.4)
         for binary in (trusted, exposed):
             os.removexattr(binary, XATTR)
@@ -250,17 +258,21 @@ def test_a_flood_is_read_in_batches_and_changes_in_it_are_still_handled(
         time.sleep(0.4)
         flooder.kill()
         flooder.wait(10)
-    pauses = []
+    pauses = []  # (how long it was, how long it should be)
     for reads in _waits(timeline):
-        dropped = 0
+        dropped, pause = 0, FLOOD_PAUSE
         # Not the last read of a wait: its pause may be cut short by the wait's deadline.
         for woke, start, bytes_read in reads[:-1]:
             if dropped >= FLOOD_BURST:
-                pauses.append(start - woke)
+                pauses.append((start - woke, pause))
+                pause = flood_pause(pause, bytes_read)
             dropped += bytes_read
     assert len(pauses) >= 20, f"the flood was read after a pause {len(pauses)} times only"
-    assert min(pauses) >= FLOOD_PAUSE
-    assert statistics.median(pauses) < 3 * FLOOD_PAUSE
+    assert all(took >= due for took, due in pauses)
+    assert statistics.median(took / due for took, due in pauses) < 3
+    if rest:
+        longest = [took for took, _ in pauses if took >= FLOOD_PAUSE_MAX]
+        assert len(longest) >= 10, f"{len(longest)} pauses of FLOOD_PAUSE_MAX or more"
 
 
 def _waits(timeline: list[tuple[Any, ...]]) -> list[list[tuple[float, float, int]]]:

@@ -10,6 +10,9 @@ from capkeeper.schedule import (
     BRAKE,
     CONFIRM_REFUSAL,
     FIGHT_ROUNDS,
+    FLOOD_GATHER,
+    FLOOD_PAUSE,
+    FLOOD_PAUSE_MAX,
     MAX_POLL_MS,
     RETRY_FIRST,
     RETRY_MAX,
@@ -23,6 +26,7 @@ from capkeeper.schedule import (
     StatusFileTimer,
     Throttle,
     announced,
+    flood_pause,
     may_be_mid_write,
     poll_timeout_ms,
     retry_delay,
@@ -320,3 +324,18 @@ def test_poll_timeout_is_the_nearest_deadline_rounded_up_and_bounded() -> None:
     assert poll_timeout_ms([float("inf")], 0.0) == MAX_POLL_MS
     assert poll_timeout_ms([], 0.0) == MAX_POLL_MS
     assert poll_timeout_ms([1e9], 0.0) == MAX_POLL_MS
+
+
+def test_a_flood_pause_grows_while_little_gathers_and_shrinks_when_much_does() -> None:
+    """Doubled while a pause gathers less than FLOOD_GATHER bytes, up to the cap; kept
+    from that up to four times it; halved from there, never below FLOOD_PAUSE."""
+    pause, seen = FLOOD_PAUSE, []
+    for _ in range(6):
+        pause = flood_pause(pause, FLOOD_GATHER - 1)
+        seen.append(pause)
+    assert seen[:3] == [2 * FLOOD_PAUSE, 4 * FLOOD_PAUSE, 8 * FLOOD_PAUSE]
+    assert seen[3:] == [FLOOD_PAUSE_MAX] * 3 == [8 * FLOOD_PAUSE] * 3
+    assert flood_pause(FLOOD_PAUSE_MAX, FLOOD_GATHER) == FLOOD_PAUSE_MAX
+    assert flood_pause(FLOOD_PAUSE_MAX, 4 * FLOOD_GATHER - 1) == FLOOD_PAUSE_MAX
+    assert flood_pause(FLOOD_PAUSE_MAX, 4 * FLOOD_GATHER) == FLOOD_PAUSE_MAX / 2
+    assert flood_pause(FLOOD_PAUSE, 1 << 20) == FLOOD_PAUSE
