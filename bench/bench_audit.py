@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-CAPKEEPER = Path(sys.executable).with_name("capkeeper")
+from benchlib import capkeeper_argv
 
 
 def _run(argv: list[str]) -> tuple[float, str]:
@@ -50,7 +50,7 @@ def main() -> int:
     if getcap is None:
         raise SystemExit("needs getcap (Debian package libcap2-bin)")
     # A state that does not exist: every finding is unmanaged, nothing to load.
-    ours = [str(CAPKEEPER), "--log-format", "json", "--state", "/nonexistent/state.toml"]
+    ours = [*capkeeper_argv(), "--log-format", "json", "--state", "/nonexistent/state.toml"]
     ours += ["audit", "--format", "getcap", args.root]
     if args.jobs is not None:
         ours += ["--jobs", str(args.jobs)]

@@ -4,8 +4,8 @@ Declares ``--entries`` copies of ``true`` (root-owned, 0755, already carrying
 their capabilities: the in-sync case every service start meets) under a fresh
 ``/var/tmp/capkeeper-bench-oneshot-*``. Each round runs, in this order:
 
-1. ``capkeeper apply --state S PATH`` (the console script next to this
-   interpreter, as systemd would run it);
+1. ``capkeeper apply --state S PATH``, run as ``/usr/bin/capkeeper`` runs it
+   (``python -I -m capkeeper``, with this interpreter);
 2. ``python -I -c pass`` with the same interpreter: the floor any Python
    command pays;
 3. ``setcap -v CAPS PATH``: what the C tool needs to verify the same thing;

@@ -59,9 +59,9 @@ _HEADER = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len
 
 
 def capkeeper_argv() -> list[str]:
-    """How a user runs capkeeper from this venv: its console script, else ``-m``."""
-    script = Path(sys.executable).with_name("capkeeper")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "capkeeper"]
+    """How ``/usr/bin/capkeeper`` runs capkeeper (``packaging/install-tree.sh``), with
+    this interpreter: ``python -I -m capkeeper``."""
+    return [sys.executable, "-I", "-m", "capkeeper"]
 
 
 class Inotify:

@@ -9,6 +9,14 @@ The table is also written to ``OUT/table.md``.
     sudo .venv/bin/python bench/run_all.py [--out build/bench] [--only scale,storm]
     .venv/bin/python bench/run_all.py --reuse DIR    # only render DIR/*.json
 
+Each benchmark runs under an interpreter laid out as capkeeper is installed
+(:func:`installed_python`), not under this one: a development venv imports
+capkeeper through the editable install's import hook, which costs every
+Python process of it 25 ms or more on a slow host (``pathlib`` and
+``urllib.parse`` among it). No installed capkeeper pays that, and it would
+inflate every baseline measured with the same interpreter (``python -I -c
+pass`` above all) as much as capkeeper's own figures.
+
 Exits 0 when every benchmark produced its figures (whether or not the goals are
 met: the table says that), 1 otherwise.
 """
@@ -21,6 +29,7 @@ import os
 import platform
 import subprocess
 import sys
+import sysconfig
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +51,22 @@ BENCHMARKS: dict[str, list[str]] = {
 X = "\N{MULTIPLICATION SIGN}"
 Figures = dict[str, dict[str, Any]]
 Row = tuple[str, str, str, str, str, str]
+
+
+def installed_python(where: Path) -> Path:
+    """A venv at ``where`` (made again) whose interpreter imports capkeeper and its
+    dependencies as an installed capkeeper's does (``packaging/install-tree.sh``: a
+    venv with everything in its site-packages), with nothing else at start-up: a
+    ``.pth`` file of plain paths, this checkout and this interpreter's site-packages
+    (whose own ``.pth`` hooks, the editable install's, are not run then)."""
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", "--clear", str(where)], check=True
+    )
+    paths = {str(REPO), sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}
+    scheme = {"base": str(where), "platbase": str(where)}
+    site = Path(sysconfig.get_path("purelib", vars=scheme))
+    (site / "capkeeper-bench.pth").write_text("".join(f"{path}\n" for path in sorted(paths)))
+    return where / "bin" / "python"
 
 
 def _ms(seconds: float) -> str:
@@ -298,10 +323,11 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     before = machine()
     print(f"machine: {before}", flush=True)
+    python = installed_python(args.out / "python")
     for name in names:
         output = args.out / f"{name}.json"
         output.unlink(missing_ok=True)
-        argv = [sys.executable, str(HERE / f"bench_{name}.py"), *BENCHMARKS[name]]
+        argv = [str(python), str(HERE / f"bench_{name}.py"), *BENCHMARKS[name]]
         argv += ["--json", str(output)]
         started = time.perf_counter()
         with open(args.out / f"{name}.log", "w") as log:
