@@ -10,7 +10,8 @@ inotify watch on the same directory with the daemon's mask and a plain
 declared names: the floor of what any Python watcher must do per event.
 
 Then one process creates, closes and unlinks other files in that directory as
-fast as it can, ``--events`` / 3 times (three events each: ``IN_CREATE``,
+fast as it can (or at ``--rate`` events a second: a slow flood, whatever the
+host's speed), ``--events`` / 3 times (three events each: ``IN_CREATE``,
 ``IN_CLOSE_WRITE``, ``IN_DELETE``), and a last file tells the consumer to
 stop. Both consumers read the same storm at the same time. Figures:
 
@@ -23,7 +24,7 @@ stop. Both consumers read the same storm at the same time. Figures:
   reader on this machine at this moment);
 - every declared binary still carries its capabilities afterwards.
 
-    .venv/bin/python bench/bench_storm.py [--events 150000] [--json OUT]
+    .venv/bin/python bench/bench_storm.py [--events 150000] [--rate N] [--json OUT]
 """
 
 from __future__ import annotations
@@ -83,9 +84,15 @@ cpu = time.process_time() - start
 print(json.dumps({"events": events, "overflows": overflows, "relevant": relevant, "cpu_s": cpu}))
 """
 STORM = r"""
-import os, sys
+import os, sys, time
 where = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+rate = float(sys.argv[3]) / 3  # rounds a second (0: as fast as it can)
+start = time.monotonic()
 for i in range(int(sys.argv[2])):
+    if rate:
+        ahead = i / rate - (time.monotonic() - start)
+        if ahead > 0.0005:
+            time.sleep(ahead)
     name = f"storm{i % 64}"
     os.close(os.open(name, os.O_CREAT | os.O_WRONLY, 0o600, dir_fd=where))
     os.unlink(name, dir_fd=where)
@@ -95,6 +102,9 @@ for i in range(int(sys.argv[2])):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=150_000, help="events the storm raises")
+    parser.add_argument(
+        "--rate", type=float, default=0, help="events a second (0: as fast as it can)"
+    )
     parser.add_argument("--binaries", type=int, default=20)
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = parser.parse_args()
@@ -130,7 +140,8 @@ def main() -> int:
         cpu0 = cpu_seconds(daemon.pid)
         started = time.perf_counter()
         subprocess.run(
-            [sys.executable, "-I", "-c", STORM, str(directory), str(iterations)], check=True
+            [sys.executable, "-I", "-c", STORM, str(directory), str(iterations), str(args.rate)],
+            check=True,
         )
         storm_s = time.perf_counter() - started
         (directory / END).touch()
@@ -162,6 +173,7 @@ def main() -> int:
         print(f"ratio daemon/reader: {ours / theirs:.3f}; {carrying} of {len(binaries)} in sync")
         results = {
             "events": raised,
+            "rate": args.rate,
             "storm_s": round(storm_s, 3),
             "queue_limit": limit,
             "ready_s": round(ready, 3),

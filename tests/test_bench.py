@@ -92,9 +92,15 @@ def test_scale_figures(tmp_path: Path) -> None:
 
 
 @pytest.mark.usefixtures("root")
-def test_storm_figures(tmp_path: Path) -> None:
-    figures = _run("storm", tmp_path, "--events", "3000", "--binaries", "5")
+@pytest.mark.parametrize("rate", [0, 6000])
+def test_storm_figures(tmp_path: Path, rate: int) -> None:
+    """As fast as the host lets it, or at a fixed rate (3,000 events: half a second)."""
+    args = ("--events", "3000", "--binaries", "5", "--rate", str(rate))
+    figures = _run("storm", tmp_path, *args)
     assert figures["events"] == 3000
+    assert figures["rate"] == rate
+    if rate:
+        assert figures["storm_s"] >= 3000 / rate * 0.9
     # The reader sees the whole storm, then the events of the file that ends it (its
     # IN_CREATE, and whatever else of that file the same read() returned).
     assert 3001 <= figures["baseline_events"] <= 3004 or figures["baseline_overflows"] > 0
@@ -129,6 +135,7 @@ def test_run_all_renders_every_row(tmp_path: Path) -> None:
     assert overflow.endswith("| **no** |")
     for name in ("scale", "restore", "audit", "flood"):
         assert f"| `bench_{name}.py` | — | not run |" in table
+    assert "| `bench_storm.py --events 30000 --rate 5000` | — | not run |" in table
 
 
 def test_scale_refuses_fewer_than_one_start() -> None:
