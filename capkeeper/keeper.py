@@ -64,6 +64,7 @@ _EXPOSED_OVERFLOW_WARN_EVERY = 60.0
 # A helper's verdicts that say it changed the file (or found it changed), reported even
 # where the daemon checked the same entry (see Keeper._check_shared).
 _CHANGES = frozenset({Status.RESTORED, Status.REFUSED})
+_OK = frozenset(status for status in Status if status.ok)
 _STATUSES = {str(status): status for status in Status}  # Status(text), without its lookup
 _IDENTITY_SIZE = len(Identity.__match_args__)  # the fields of an Identity a helper sends
 _HELPER_POLL = 64  # the daemon's own checks between two looks for a start-up helper's outcomes
@@ -537,7 +538,8 @@ class Keeper:
     @staticmethod
     def _count(outcome: Outcome | None, counts: dict[str, int]) -> None:
         if outcome is not None:
-            counts[str(outcome.status)] = counts.get(str(outcome.status), 0) + 1
+            status = str(outcome.status)
+            counts[status] = counts.get(status, 0) + 1
 
     def _check_shared(
         self,
@@ -739,10 +741,11 @@ class Keeper:
         """Report what :meth:`_look` found (None: held as mid-write, nothing reported)."""
         outcome, identity, crash = looked
         path = outcome.entry.path
-        if isinstance(crash, BaseException):
-            self._log.error("reconcile_crashed", path=path, cause=cause, exc_info=crash)
-        elif crash is not None:  # a helper's: its traceback as text
-            self._log.error("reconcile_crashed", path=path, cause=cause, exception=crash)
+        if crash is not None:
+            if isinstance(crash, BaseException):
+                self._log.error("reconcile_crashed", path=path, cause=cause, exc_info=crash)
+            else:  # a helper's: its traceback as text
+                self._log.error("reconcile_crashed", path=path, cause=cause, exception=crash)
         self._deferred.pop(path, None)
         if outcome.held:
             wait = settle_wait(outcome.status, self._settle_time)
@@ -765,24 +768,23 @@ class Keeper:
         ``debug`` as for :meth:`_check_entry`."""
         now = self._clock()
         path = outcome.entry.path
-        record = self._state_of(path)
-        last, last_detail = record.verdict, record.reason or record.found
+        record = self.book.entries[path]
+        last = record.verdict
         verdict = outcome.status
-        fields: dict[str, Any] = {"cause": cause}
-        if since is not None and verdict is Status.RESTORED:
-            fields["latency_ms"] = round((now - since) * 1000, 3)
-        if verdict is Status.IN_SYNC and (last is None or last.ok):
-            if keeps(self._log, "debug") if debug is None else debug:  # not built when dropped
-                log_outcome(self._log, outcome, **fields)
+        if verdict is Status.IN_SYNC and (last is None or last in _OK):
+            # Nearly every check: nothing is built for the event unless it is kept.
+            if keeps(self._log, "debug") if debug is None else debug:
+                log_outcome(self._log, outcome, cause=cause)
         elif verdict is Status.RESTORED:
-            log_outcome(self._log, outcome, **fields)
-        elif verdict is Status.IN_SYNC and last is not None and not last.ok:
-            self._log.info("capability_in_sync", **outcome.fields(), **fields)
-        elif verdict is Status.IN_SYNC or (verdict, outcome.reason or outcome.found) != (
-            last,
-            last_detail,
-        ):
-            log_outcome(self._log, outcome, **fields)
+            if since is None:
+                log_outcome(self._log, outcome, cause=cause)
+            else:
+                latency = round((now - since) * 1000, 3)
+                log_outcome(self._log, outcome, cause=cause, latency_ms=latency)
+        elif verdict is Status.IN_SYNC:  # after a verdict that was not ok
+            self._log.info("capability_in_sync", **outcome.fields(), cause=cause)
+        elif (verdict, outcome.reason or outcome.found) != (last, record.reason or record.found):
+            log_outcome(self._log, outcome, cause=cause)
         else:
             self._log.debug("verdict_unchanged", path=path, status=str(verdict), cause=cause)
         braked = record.pacing.checked(verdict, identity, now, transient=outcome.transient)

@@ -150,14 +150,18 @@ class StatusBook:
 
     def record(self, outcome: Outcome, *, cause: str, now: float | None = None) -> bool:
         """Fold one outcome in; return True when the entry's status changed."""
-        stamp = time.time() if now is None else now
         path = outcome.entry.path
         record = self.entries.get(path)
         if record is None:
             record = self.entries[path] = EntryState(path, outcome.expected)
-        status = str(outcome.status)
-        changed = record.status != status or record.found != outcome.found
-        if outcome.status is Status.RESTORED:
+        verdict, last = outcome.status, record.verdict
+        # Whether the status file's line changes (it shows a restored entry as in sync):
+        # the clock is read only then, or for a restore.
+        shown = Status.IN_SYNC if last is Status.RESTORED else last
+        changed = shown is not verdict or record.found != outcome.found
+        stamped = changed or verdict is Status.RESTORED
+        stamp = (time.time() if now is None else now) if stamped else 0.0
+        if verdict is Status.RESTORED:
             record.restores += 1
             self.restores += 1
             record.last_drift = stamp
@@ -169,22 +173,22 @@ class StatusBook:
                 "time": stamp,
             }
             self.last_drift_kind = (
-                "tampering" if tampering(outcome.status, outcome.extra) else status
+                "tampering" if tampering(verdict, outcome.extra) else str(verdict)
             )
             changed = True
-        elif outcome.status is Status.REFUSED and changed:
+        elif verdict is Status.REFUSED and changed:
             record.refusals += 1
             self.refusals += 1
-        elif outcome.status is Status.FAILED and changed:
+        elif verdict is Status.FAILED and changed:
             record.failures += 1
             self.failures += 1
-        if record.verdict is not outcome.status:
-            if record.verdict is not None:
-                self.verdicts[record.verdict] -= 1
-            self.verdicts[outcome.status] += 1
-        record.verdict = outcome.status
+        if last is not verdict:
+            if last is not None:
+                self.verdicts[last] -= 1
+            self.verdicts[verdict] += 1
+        record.verdict = verdict
         # After a restore the file is in sync: show that, but keep the found value.
-        record.found = outcome.expected if outcome.status is Status.RESTORED else outcome.found
+        record.found = outcome.expected if verdict is Status.RESTORED else outcome.found
         record.reason = outcome.reason
         if changed:
             record.last_change = stamp

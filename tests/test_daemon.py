@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,7 +29,7 @@ from structlog.testing import capture_logs
 
 import capkeeper.daemon as daemon_module
 import capkeeper.enforce
-from capkeeper.capabilities import CapSet, decode, format_text, parse
+from capkeeper.capabilities import CapSet, decode, encode, format_text, parse
 from capkeeper.daemon import Daemon, require_setfcap
 from capkeeper.errors import CapkeeperError
 from capkeeper.kernel import effective_capabilities
@@ -761,6 +763,17 @@ def in_process(
     assert not thread.is_alive()
 
 
+@contextlib.contextmanager
+def debug_logs() -> Iterator[None]:
+    """Let debug events through (an earlier test may have configured structlog at info)."""
+    previous = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
+    try:
+        yield
+    finally:
+        structlog.configure(**previous)
+
+
 def _wait_logged(logs: list[MutableMapping[str, Any]], event: str) -> MutableMapping[str, Any]:
     deadline = time.monotonic() + 5
     while True:
@@ -888,3 +901,69 @@ def test_rescan_interval_out_of_bounds_is_a_usage_error(interval: str) -> None:
     """Item 10: ``inf``/``1e308`` die later with ``internal error: OverflowError`` and
     ``1e-9`` is accepted (a rescan loop burning a core); exit 64 at once is asked for."""
     assert _watch("--rescan-interval", interval) == 64  # None: still running after 20 s
+
+
+def test_each_verdict_is_reported_with_its_cause(tree: Path) -> None:
+    """What the daemon logs for one binary from check to check: a restore says how long
+    after its event it came; a refusal is said again only when what it found changed,
+    else only noted (debug); in sync after a verdict that was not (missing), that is
+    said (info), where a check in sync after one in sync says nothing above debug."""
+    directory = tree / "bin"
+    directory.mkdir(mode=0o755)
+    binary = make_binary(directory / "tool")
+    os.setxattr(binary, XATTR, encode(parse("cap_net_raw=+ep")))
+    state = write_state(tree.parent / "state.toml", {binary: "cap_net_raw=+ep"})
+    with debug_logs(), capture_logs() as logs, in_process(state, logs):
+
+        def about(event: str, since: int) -> list[MutableMapping[str, Any]]:
+            return [e for e in logs[since:] if e["event"] == event and e["path"] == str(binary)]
+
+        start = len(logs)
+        assert not [e for e in about("capability_in_sync", 0) if e["log_level"] != "debug"]
+        os.removexattr(binary, XATTR)
+        restored = _wait_for(logs, lambda: about("capability_restored", start))
+        assert restored[0]["cause"] == "IN_ATTRIB"
+        assert 0 <= restored[0]["latency_ms"] < 5000
+        # Writable by its group: refused, and its capabilities removed.
+        mark = len(logs)
+        binary.chmod(0o775)
+        refused = _wait_for(logs, lambda: about("restore_refused", mark))
+        assert (refused[0]["log_level"], refused[0]["found"]) == ("critical", "cap_net_raw=ep")
+        # Checked again (once a touch has settled): found without them now, said again.
+        os.utime(binary)
+        again = _wait_for(logs, lambda: about("restore_refused", mark)[1:])
+        assert again[0]["found"] == "none"
+        # And again: nothing changed, only noted.
+        os.utime(binary)
+        unchanged = _wait_for(logs, lambda: about("verdict_unchanged", mark))
+        assert unchanged[0]["status"] == "refused"
+        assert len(about("restore_refused", mark)) == 2
+        # Trusted again: restored once its back-off ends (an attribute change waits).
+        mark = len(logs)
+        binary.chmod(0o755)
+        _wait_for(logs, lambda: about("capability_restored", mark))
+        # Missing, then back in sync without a restore (a new build renamed in place,
+        # carrying its capabilities already): that is said.
+        staged = directory / ".tool.new"
+        shutil.copy2(binary, staged)
+        mark = len(logs)
+        binary.unlink()
+        _wait_for(logs, lambda: about("binary_missing", mark))
+        staged.rename(binary)
+        back = _wait_for(
+            logs, lambda: [e for e in about("capability_in_sync", mark) if e["log_level"] == "info"]
+        )
+        assert (back[0]["cause"], back[0]["found"]) == ("IN_MOVED_TO", "cap_net_raw=ep")
+        assert "latency_ms" not in back[0]
+        assert not about("capability_restored", mark)
+
+
+def _wait_for(
+    logs: list[MutableMapping[str, Any]], found: Callable[[], list[MutableMapping[str, Any]]]
+) -> list[MutableMapping[str, Any]]:
+    """What ``found()`` returns once it is not empty (10 s at most; ``logs`` then shown)."""
+    deadline = time.monotonic() + 10
+    while not (events := found()):
+        assert time.monotonic() < deadline, [(e["event"], e.get("cause")) for e in logs]
+        time.sleep(0.01)
+    return events

@@ -10,17 +10,15 @@ on its own back-off.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import itertools
-import logging
 import os
 import shutil
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -40,6 +38,7 @@ from tests.test_daemon import (
     XATTR,
     DaemonProcess,
     caps_of,
+    debug_logs,
     new_build,
     spawn,
     wait_caps,
@@ -325,17 +324,6 @@ def test_check_racing_a_write_waits_for_its_close(
     assert [e["cause"] for e in restores] == ["IN_CLOSE_WRITE"], events
     assert not [e for e in events if e["event"] == "restore_refused"], events
     assert [e for e in events if e["event"] == "write_in_progress"]
-
-
-@contextlib.contextmanager
-def debug_logs() -> Iterator[None]:
-    """Let debug events through (an earlier test may have configured structlog at info)."""
-    previous = structlog.get_config()
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
-    try:
-        yield
-    finally:
-        structlog.configure(**previous)
 
 
 def _echo_seen(logs: list[MutableMapping[str, Any]], binary: Path) -> bool:
