@@ -924,6 +924,12 @@ def test_each_verdict_is_reported_with_its_cause(tree: Path) -> None:
         restored = _wait_for(logs, lambda: about("capability_restored", start))
         assert restored[0]["cause"] == "IN_ATTRIB"
         assert 0 <= restored[0]["latency_ms"] < 5000
+        # In sync after a restore (its own echo, then a chmod to the same mode): said at
+        # debug only.
+        mark = len(logs)
+        binary.chmod(0o755)
+        _wait_for(logs, lambda: about("capability_in_sync", mark))
+        assert {e["log_level"] for e in about("capability_in_sync", start)} == {"debug"}
         # Writable by its group: refused, and its capabilities removed.
         mark = len(logs)
         binary.chmod(0o775)
@@ -956,6 +962,12 @@ def test_each_verdict_is_reported_with_its_cause(tree: Path) -> None:
         assert (back[0]["cause"], back[0]["found"]) == ("IN_MOVED_TO", "cap_net_raw=ep")
         assert "latency_ms" not in back[0]
         assert not about("capability_restored", mark)
+    # The status book kept count: two restores, two refusals (each a change), in sync.
+    status = json.loads((state.parent / "status.json").read_text())
+    (entry,) = status["entries"]
+    assert (entry["status"], entry["restores"], entry["refusals"]) == ("in-sync", 2, 2)
+    assert (status["restores"], status["refusals"]) == (2, 2)
+    assert entry["last_drift"] <= entry["last_change"]
 
 
 def _wait_for(

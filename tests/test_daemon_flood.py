@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import array
 import fcntl
+import math
 import os
+import select
 import signal
 import statistics
 import subprocess
@@ -25,11 +27,13 @@ import termios
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
+import capkeeper.daemon as daemon_module
 from capkeeper.capabilities import encode, parse
 from capkeeper.daemon import Daemon
 from capkeeper.schedule import FLOOD_BURST, FLOOD_PAUSE, FLOOD_PAUSE_MAX, flood_pause
@@ -215,8 +219,10 @@ def test_a_flood_is_read_in_batches_and_changes_in_it_are_still_handled(
     leaves each next batch to gather (a real poll, inotify left out) before reading it,
     for FLOOD_PAUSE at first, then as long as flood_pause() makes it after the bytes
     each pause gathered: at least that long, whatever the load, and about that long,
-    not many times more. The slow flood gathers little: its pauses reach
-    FLOOD_PAUSE_MAX. Meanwhile both binaries, stripped during the flood, are restored."""
+    not many times more. Each pause asks poll() for exactly that long, or for what is
+    left until the wait's deadline if less. The slow flood gathers little: its pauses
+    reach FLOOD_PAUSE_MAX. Meanwhile both binaries, stripped during the flood, are
+    restored."""
     public = tree / "public"
     public.mkdir()
     public.chmod(0o1777)
@@ -226,11 +232,31 @@ def test_a_flood_is_read_in_batches_and_changes_in_it_are_still_handled(
     for binary in (exposed, trusted):
         os.setxattr(binary, XATTR, encode(parse(CAPS)))
     state = write_state(tree.parent / "state.toml", dict.fromkeys([exposed, trusted], CAPS))
-    # What the daemon's thread did, in order: ("wait",), ("clock", t), ("read", start,
-    # bytes). In a wait, the clock is read when it wakes (then comes the pause, if any,
-    # and the read) and right after each read.
+    # What the daemon's thread did, in order: ("wait", timeout_ms), ("clock", t),
+    # ("pause", ms asked of poll()), ("read", start, bytes). A wait reads the clock first
+    # (its deadline), then when it wakes (then come the pause, if any, and the read) and
+    # right after each read.
     timeline: list[tuple[Any, ...]] = []
     real_read, real_wait = Watcher.read, Daemon._wait
+
+    class Poll:
+        """The daemon's select.poll(), which notes how long each pause asks for (a poll
+        with a descriptor left out: only the pause does that here)."""
+
+        def __init__(self) -> None:
+            self._poll, self._out = select.poll(), set[int]()
+
+        def register(self, fd: int, events: int) -> None:
+            self._poll.register(fd, events)
+
+        def modify(self, fd: int, events: int) -> None:
+            (self._out.add if events == 0 else self._out.discard)(fd)
+            self._poll.modify(fd, events)
+
+        def poll(self, timeout: int) -> list[tuple[int, int]]:
+            if self._out:
+                timeline.append(("pause", timeout))
+            return self._poll.poll(timeout)
 
     def read(self: Watcher, *args: Any) -> Any:
         start = time.monotonic()
@@ -238,9 +264,9 @@ def test_a_flood_is_read_in_batches_and_changes_in_it_are_still_handled(
         timeline.append(("read", start, self.bytes_read))
         return events
 
-    def wait(self: Daemon, *args: Any) -> Any:
-        timeline.append(("wait",))
-        return real_wait(self, *args)
+    def wait(self: Daemon, poller: Any, keeper: Any, timeout_ms: int) -> Any:
+        timeline.append(("wait", timeout_ms))
+        return real_wait(self, poller, keeper, timeout_ms)
 
     def clock() -> float:
         now = time.monotonic()
@@ -249,22 +275,36 @@ def test_a_flood_is_read_in_batches_and_changes_in_it_are_still_handled(
 
     monkeypatch.setattr(Watcher, "read", read)
     monkeypatch.setattr(Daemon, "_wait", wait)
+    monkeypatch.setattr(daemon_module, "select", SimpleNamespace(poll=Poll, **_POLL_BITS))
+    # A watchdog ping due every half second (to no manager): waits that end at a deadline
+    # in the middle of a flood, whose last pause is cut short to meet it.
+    monkeypatch.setenv("WATCHDOG_USEC", "1000000")
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     with capture_logs() as logs, in_process(state, logs, clock=clock):
         flooder = flooders(public, rest)
         time.sleep(0.4)
         for binary in (trusted, exposed):
             os.removexattr(binary, XATTR)
             wait_caps(binary, CAPS, timeout=10)
-        time.sleep(0.4)
+        time.sleep(1.2)
         flooder.kill()
         flooder.wait(10)
     pauses = []  # (how long it was, how long it should be)
-    for reads in _waits(timeline):
+    cut = 0  # pauses cut short to meet a deadline
+    for deadline, reads in _waits(timeline):
         dropped, pause = 0, FLOOD_PAUSE
-        # Not the last read of a wait: its pause may be cut short by the wait's deadline.
-        for woke, start, bytes_read in reads[:-1]:
-            if dropped >= FLOOD_BURST:
-                pauses.append((start - woke, pause))
+        for woke, asked, start, bytes_read in reads:
+            due = min(pause, deadline - woke)
+            if dropped < FLOOD_BURST or due <= 0:
+                assert asked is None, "a pause before a flood, or past the deadline"
+            else:
+                assert asked == math.ceil(due * 1000), (asked, due)
+                # Not one cut short by the deadline: it may end the wait without a read.
+                if due == pause:
+                    pauses.append((start - woke, pause))
+                else:
+                    cut += 1
                 pause = flood_pause(pause, bytes_read)
             dropped += bytes_read
     assert len(pauses) >= 20, f"the flood was read after a pause {len(pauses)} times only"
@@ -273,18 +313,30 @@ def test_a_flood_is_read_in_batches_and_changes_in_it_are_still_handled(
     if rest:
         longest = [took for took, _ in pauses if took >= FLOOD_PAUSE_MAX]
         assert len(longest) >= 10, f"{len(longest)} pauses of FLOOD_PAUSE_MAX or more"
+        assert cut, "no pause met a deadline"
 
 
-def _waits(timeline: list[tuple[Any, ...]]) -> list[list[tuple[float, float, int]]]:
-    """Each wait's reads: (when it woke, when the read began, the bytes it read)."""
-    waits: list[list[tuple[float, float, int]]] = []
-    woke = 0.0
+_POLL_BITS = {"POLLIN": select.POLLIN, "POLLPRI": select.POLLPRI}
+_Read = tuple[float, int | None, float, int]
+
+
+def _waits(timeline: list[tuple[Any, ...]]) -> list[tuple[float, list[_Read]]]:
+    """Each wait's deadline and reads: (when it woke, the ms its pause asked for or None,
+    when the read began, the bytes it read). A wait's first clock reading makes its
+    deadline; a pause that a signal or the mount table ended has no read."""
+    waits: list[tuple[float, list[_Read]]] = []
+    woke, asked, timeout = 0.0, None, None
     for kind, *fields in timeline:
         if kind == "wait":
-            waits.append([])
+            timeout = fields[0]
+        elif kind == "clock" and timeout is not None:
+            waits.append((fields[0] + timeout / 1000, []))
+            timeout = None
         elif kind == "clock":
-            woke = fields[0]
+            woke, asked = fields[0], None
+        elif kind == "pause":
+            asked = fields[0]
         elif waits:
             start, bytes_read = fields
-            waits[-1].append((woke, start, bytes_read))
+            waits[-1][1].append((woke, asked, start, bytes_read))
     return waits
