@@ -768,7 +768,7 @@ class Keeper:
         ``debug`` as for :meth:`_check_entry`."""
         now = self._clock()
         path = outcome.entry.path
-        record = self.book.entries[path]
+        record = self._state_of(path)
         last = record.verdict
         verdict = outcome.status
         if verdict is Status.IN_SYNC and (last is None or last in _OK):
@@ -776,11 +776,8 @@ class Keeper:
             if keeps(self._log, "debug") if debug is None else debug:
                 log_outcome(self._log, outcome, cause=cause)
         elif verdict is Status.RESTORED:
-            if since is None:
-                log_outcome(self._log, outcome, cause=cause)
-            else:
-                latency = round((now - since) * 1000, 3)
-                log_outcome(self._log, outcome, cause=cause, latency_ms=latency)
+            latency = {} if since is None else {"latency_ms": round((now - since) * 1000, 3)}
+            log_outcome(self._log, outcome, cause=cause, **latency)
         elif verdict is Status.IN_SYNC:  # after a verdict that was not ok
             self._log.info("capability_in_sync", **outcome.fields(), cause=cause)
         elif (verdict, outcome.reason or outcome.found) != (last, record.reason or record.found):

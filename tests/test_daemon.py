@@ -775,13 +775,8 @@ def debug_logs() -> Iterator[None]:
 
 
 def _wait_logged(logs: list[MutableMapping[str, Any]], event: str) -> MutableMapping[str, Any]:
-    deadline = time.monotonic() + 5
-    while True:
-        found = [e for e in logs if e["event"] == event]
-        if found:
-            return found[0]
-        assert time.monotonic() < deadline, logs
-        time.sleep(0.01)
+    """The first ``event`` logged, once it is (5 s at most)."""
+    return _wait_for(logs, lambda: [e for e in logs if e["event"] == event], timeout=5)[0]
 
 
 def test_failed_watch_is_reported_and_everything_reconciled(
@@ -971,10 +966,14 @@ def test_each_verdict_is_reported_with_its_cause(tree: Path) -> None:
 
 
 def _wait_for(
-    logs: list[MutableMapping[str, Any]], found: Callable[[], list[MutableMapping[str, Any]]]
+    logs: list[MutableMapping[str, Any]],
+    found: Callable[[], list[MutableMapping[str, Any]]],
+    *,
+    timeout: float = 10,
 ) -> list[MutableMapping[str, Any]]:
-    """What ``found()`` returns once it is not empty (10 s at most; ``logs`` then shown)."""
-    deadline = time.monotonic() + 10
+    """What ``found()`` returns once it is not empty (``timeout`` seconds at most; the
+    events of ``logs`` are shown then)."""
+    deadline = time.monotonic() + timeout
     while not (events := found()):
         assert time.monotonic() < deadline, [(e["event"], e.get("cause")) for e in logs]
         time.sleep(0.01)
