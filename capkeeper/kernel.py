@@ -9,7 +9,7 @@ messages when a limit is reached.
 from __future__ import annotations
 
 import functools
-from pathlib import Path
+import os
 from typing import NamedTuple
 
 from capkeeper.capabilities import CAP_LAST_CAP
@@ -54,18 +54,18 @@ class InotifyLimits(NamedTuple):
     max_queued_events: int | None
 
 
-def _read_int(path: Path) -> int | None:
+def _read_int(path: str) -> int | None:
     try:
-        return int(path.read_text(encoding="ascii").strip())
+        with open(path, encoding="ascii") as file:
+            return int(file.read().strip())
     except (OSError, ValueError):
         return None
 
 
 def inotify_limits(root: str = INOTIFY_SYSCTL) -> InotifyLimits:
     """Read ``max_user_watches``, ``max_user_instances`` and ``max_queued_events``."""
-    base = Path(root)
     return InotifyLimits(
-        max_user_watches=_read_int(base / "max_user_watches"),
-        max_user_instances=_read_int(base / "max_user_instances"),
-        max_queued_events=_read_int(base / "max_queued_events"),
+        max_user_watches=_read_int(os.path.join(root, "max_user_watches")),
+        max_user_instances=_read_int(os.path.join(root, "max_user_instances")),
+        max_queued_events=_read_int(os.path.join(root, "max_queued_events")),
     )

@@ -31,7 +31,6 @@ import contextlib
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
 from typing import Any, ClassVar, NamedTuple, Self
 
 from capkeeper.errors import SettingsError, StateError
@@ -40,39 +39,50 @@ from capkeeper.state import DEFAULT_STATE, read_trusted_file
 
 RESCAN_INTERVAL = (1.0, 86_400.0)  # seconds: bounds of --rescan-interval
 SETTLE_TIME = (0.0, 60.0)  # seconds: bounds of --settle-time
-SETTINGS_FILE = Path("/etc/capkeeper/settings.toml")
-DEFAULT_CACHE_DIRECTORY = Path("/var/cache/capkeeper")  # the unit's CacheDirectory=capkeeper
+SETTINGS_FILE = "/etc/capkeeper/settings.toml"
+DEFAULT_CACHE_DIRECTORY = "/var/cache/capkeeper"  # the unit's CacheDirectory=capkeeper
 SETTINGS_FILE_VARIABLE = "CAPKEEPER_SETTINGS_FILE"
 ENV_PREFIX = "CAPKEEPER_"
 _WHY = "whoever can edit the settings can point capkeeper at another state"
 
 
-def _path(empty: str) -> Callable[[object], Path]:
+def pure_path(text: str) -> str:
+    """``text`` spelt as ``str(pathlib.PurePosixPath(text))`` (``a//b/./`` is ``a/b``).
+
+    Paths are kept as text: pathlib, with the modules it imports, is a tenth of what a
+    one-shot ``capkeeper apply`` costs an ``ExecStartPre=``.
+    """
+    leading = len(text) - len(text.lstrip("/"))
+    root = "/" * leading if leading < 3 else "/"  # POSIX leaves a leading "//" alone
+    return root + "/".join(part for part in text.split("/") if part not in ("", ".")) or "."
+
+
+def _path(empty: str) -> Callable[[object], str]:
     """The rule of a path setting; ``empty`` is the hint for an empty one."""
 
-    def check(value: object) -> Path:
+    def check(value: object) -> str:
         if not isinstance(value, str | os.PathLike):
             raise ValueError(f"must be a path, got {value!r}")
         text = os.fspath(value)
         if not isinstance(text, str):
             raise ValueError(f"must be a path, got {value!r}")
-        # Path("") is ".", the working directory: an empty value (an unset variable
-        # in a unit file) must not quietly name some other file.
+        # An empty value (an unset variable in a unit file) must not quietly name the
+        # working directory, which is what "" is as a path.
         if not text:
             raise ValueError(f"must not be empty ({empty})")
         if "\0" in text:
             raise ValueError("must not contain a NUL character")
-        return Path(text)
+        return pure_path(text)
 
     return check
 
 
-def _cache_directory(value: object) -> Path | None:
+def _cache_directory(value: object) -> str | None:
     """The rule of ``cache_directory``: an absolute path, or empty (None) for no cache."""
     if value is None or value == "":
         return None
     path = _path("")(value)
-    if not path.is_absolute():
+    if not path.startswith("/"):
         raise ValueError(f"must be an absolute path, or empty to disable caching, got {value!r}")
     return path
 
@@ -110,6 +120,9 @@ def _optional(rule: Callable[[object], object]) -> Callable[[object], object]:
     return lambda value: None if value is None else rule(value)
 
 
+StrPath = str | os.PathLike[str]
+"""A path setting as given (a ``pathlib.Path`` too); kept as the text of :func:`pure_path`."""
+
 Rule = Callable[[object], object]
 """A setting's rule: the value as kept, or ValueError saying what is wrong."""
 
@@ -129,14 +142,14 @@ RULES: dict[str, Rule] = {
 
 
 class _SettingsFields(NamedTuple):
-    state: Path = DEFAULT_STATE
+    state: str = DEFAULT_STATE
     rescan_interval: float = 300.0
     settle_time: float = 0.25
     log_format: LogFormat = "auto"
     log_level: str | None = None
-    status_file: Path = Path("/run/capkeeper/status.json")
-    metrics_file: Path | None = None
-    cache_directory: Path | None = DEFAULT_CACHE_DIRECTORY
+    status_file: str = "/run/capkeeper/status.json"
+    metrics_file: str | None = None
+    cache_directory: str | None = DEFAULT_CACHE_DIRECTORY
 
 
 _DEFAULTS = _SettingsFields()
@@ -157,16 +170,16 @@ class Settings(_SettingsFields):
     def __new__(
         cls,
         *,
-        state: Path = _DEFAULTS.state,
+        state: StrPath = _DEFAULTS.state,
         rescan_interval: float = _DEFAULTS.rescan_interval,
         settle_time: float = _DEFAULTS.settle_time,
         log_format: LogFormat = _DEFAULTS.log_format,
         log_level: str | None = _DEFAULTS.log_level,
-        status_file: Path = _DEFAULTS.status_file,
-        metrics_file: Path | None = _DEFAULTS.metrics_file,
-        cache_directory: Path | None = _DEFAULTS.cache_directory,
+        status_file: StrPath = _DEFAULTS.status_file,
+        metrics_file: StrPath | None = _DEFAULTS.metrics_file,
+        cache_directory: StrPath | None = _DEFAULTS.cache_directory,
     ) -> Settings:
-        given = _SettingsFields(
+        given = (
             state,
             rescan_interval,
             settle_time,
@@ -271,7 +284,7 @@ def load_settings(
             f"invalid setting: {SETTINGS_FILE_VARIABLE}: must not be empty (name the "
             "settings file, or unset it)"
         )
-    values, sources = _from_file(path or str(SETTINGS_FILE))
+    values, sources = _from_file(path or SETTINGS_FILE)
     from_env: dict[str, object] = {}
     for name in RULES:
         variable = ENV_PREFIX + name.upper()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -29,14 +30,14 @@ def _no_constant(name: str) -> float:
     raise StatusFileError(f"{name} is not a number JSON allows")
 
 
-def read_status(path: Path) -> dict[str, Any]:
+def read_status(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The JSON object in the status file at ``path``.
 
     Raises :class:`OSError` when it cannot be read (``FileNotFoundError`` when
     absent) and :class:`StatusFileError` when it is not JSON without
     NaN/Infinity, or too deeply nested to be one of ours.
     """
-    text = path.read_text(errors="surrogateescape")
+    text = Path(path).read_text(errors="surrogateescape")
     try:
         data = json.loads(text, parse_float=_finite, parse_constant=_no_constant)
     except StatusFileError:

@@ -31,7 +31,6 @@ import pwd
 import re
 import stat
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from capkeeper.capabilities import CapSet, format_text, parse
@@ -53,7 +52,7 @@ from capkeeper.trust import declaration_refusals, file_refusals, route_refusals
 if TYPE_CHECKING:
     from capkeeper.cache import Cache
 
-DEFAULT_STATE = Path("/etc/capkeeper/state.toml")
+DEFAULT_STATE = "/etc/capkeeper/state.toml"
 MAX_STATE_BYTES = 16 << 20
 """The most a state file may hold: far beyond any real state (a [[binary]] table is
 about 100 bytes), small enough that reading and parsing one stays cheap."""
@@ -142,7 +141,7 @@ class State(NamedTuple):
     """The whole declared state, in declaration order."""
 
     entries: tuple[Entry, ...]
-    files: tuple[Path, ...]
+    files: tuple[str, ...]  # absolute, in the order read
 
     def by_path(self) -> dict[str, Entry]:
         return {entry.path: entry for entry in self.entries}
@@ -227,7 +226,7 @@ class _Reader:
 
     def __init__(
         self,
-        main: Path,  # absolute
+        main: str,  # absolute
         why: str = _WHY,  # what whoever can change the file could do
         names: str = "--state / CAPKEEPER_STATE",  # how to point capkeeper at another file
     ) -> None:
@@ -235,11 +234,11 @@ class _Reader:
         self.why = why
         self.names = names
         self.problems: list[str] = []
-        self.documents: list[tuple[Path, str, bytes]] = []
+        self.documents: list[tuple[str, str, bytes]] = []
 
     def _shown(self, path: str) -> str:
         """How problems and entry sources name ``path`` (a file name may hold anything)."""
-        return printable(_display(Path(path), self.main))
+        return printable(_display(path, self.main))
 
     def _route(self, hops: list[Hop], declared: str, resolved: str, st: os.stat_result) -> bool:
         """Report every route rule the walk to ``declared`` breaks; True when none does."""
@@ -291,7 +290,7 @@ class _Reader:
         if content is None:
             self.problems.append(printable(too_big))
             return
-        self.documents.append((Path(declared), shown, content))
+        self.documents.append((declared, shown, content))
 
     def _checked_read(
         self, fd: int, hops: list[Hop], declared: str, resolved: str, st: os.stat_result
@@ -305,7 +304,7 @@ class _Reader:
 
     def main_file(self) -> None:
         """Read the main file; a missing or non-regular one is the only problem reported."""
-        declared = str(self.main)
+        declared = self.main
         try:
             with open_declared(declared) as (fd, hops, resolved):
                 st = os.fstat(fd)
@@ -333,7 +332,7 @@ class _Reader:
         Hidden names (``.#web.toml``, an editor's lock) are skipped; anything
         else named ``*.toml`` that cannot be read as a state file is a problem.
         """
-        declared = posixpath.join(posixpath.dirname(str(self.main)), "state.d")
+        declared = posixpath.join(posixpath.dirname(self.main), "state.d")
         try:
             with open_declared(declared, directory=True) as (dir_fd, hops, resolved):
                 st = os.fstat(dir_fd)
@@ -435,12 +434,13 @@ class _Reader:
             self.problems.append(printable(f"{shown}: {exc.message}"))
 
 
-def _display(path: Path, main: Path) -> str:
-    try:
-        shown = str(path.relative_to(main.parent))
-    except ValueError:
-        shown = str(path)
-    return shown if shown != "." else str(path)
+def _display(path: str, main: str) -> str:
+    """``path`` below the main file's directory, relative to it; any other, whole.
+
+    Both are absolute and normal (``os.path.abspath``, then joined with plain names).
+    """
+    base = posixpath.join(posixpath.dirname(main), "")
+    return path[len(base) :] if path.startswith(base) and path != base else path
 
 
 def read_trusted_file(path: str, *, why: str, names: str) -> bytes | None:
@@ -452,7 +452,7 @@ def read_trusted_file(path: str, *, why: str, names: str) -> bytes | None:
     do, ``names`` how to point capkeeper at another file. Raises
     :class:`StateError` listing every rule broken; a dangling symlink is one.
     """
-    reader = _Reader(Path(os.path.abspath(path)), why=why, names=names)
+    reader = _Reader(os.path.abspath(path), why=why, names=names)
     try:
         reader.main_file()
     except StateNotFound:
@@ -468,7 +468,7 @@ def read_trusted_file(path: str, *, why: str, names: str) -> bytes | None:
 
 
 def load_state(
-    main: Path = DEFAULT_STATE,
+    main: str | os.PathLike[str] = DEFAULT_STATE,
     *,
     last_cap: int | None = None,
     uid_of: Callable[[str], int] = _uid_of,
@@ -503,7 +503,7 @@ def load_state(
     uid_of = functools.lru_cache(maxsize=None)(uid_of)
     # And one parse per distinct capability text: 10,000 entries mostly share a few.
     caps_of = functools.lru_cache(maxsize=None)(_caps)
-    reader = _Reader(Path(absolute))
+    reader = _Reader(absolute)
     reader.main_file()
     reader.dropins()
     problems = list(dict.fromkeys(reader.problems))  # a shared ancestor is reported once
@@ -583,7 +583,7 @@ CACHE_WORTH = 64 << 10
 it, parsing costs less than hashing the files and reading the cache (~600 entries)."""
 
 
-def _state_key(main: str, documents: Sequence[tuple[Path, str, bytes]], last_cap: int) -> str:
+def _state_key(main: str, documents: Sequence[tuple[str, str, bytes]], last_cap: int) -> str:
     """What every validated entry depends on but owner names: the main file's path, the
     name, shown name and bytes of every state file in the order read (so adding,
     removing or renaming a drop-in changes it too) and the kernel's last capability.
@@ -817,7 +817,7 @@ def _caps(
     return caps, format_text(caps, last_cap=last_cap), ()
 
 
-def load_state_or_empty(path: Path) -> tuple[State, str | None]:
+def load_state_or_empty(path: str | os.PathLike[str]) -> tuple[State, str | None]:
     """The state, or an empty one with a note when the file does not exist.
 
     An audit is how an unmanaged host is first looked at, so a missing state

@@ -232,9 +232,9 @@ def status_line(book: StatusBook, *, directories: int) -> str:
     return text
 
 
-def write_status(path: Path, book: StatusBook) -> None:
+def write_status(path: str | os.PathLike[str], book: StatusBook) -> None:
     """Atomically replace the status file with the book's snapshot."""
-    write_atomically(path, status_text(book))
+    write_atomically(Path(path), status_text(book))
     book.dirty = False
 
 
@@ -335,5 +335,7 @@ def metrics_text(book: StatusBook, *, now: float | None = None) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_metrics(path: Path, book: StatusBook, *, now: float | None = None) -> None:
-    write_atomically(path, metrics_text(book, now=now))
+def write_metrics(
+    path: str | os.PathLike[str], book: StatusBook, *, now: float | None = None
+) -> None:
+    write_atomically(Path(path), metrics_text(book, now=now))

@@ -803,11 +803,9 @@ def test_elf_cache_is_bounded_and_checked(cache_dir: Path, new_process: None) ->
 def test_cache_directory_setting() -> None:
     """Default /var/cache/capkeeper; empty disables (None); relative is refused."""
 
-    assert Settings().cache_directory == DEFAULT_CACHE_DIRECTORY == Path("/var/cache/capkeeper")
+    assert Settings().cache_directory == DEFAULT_CACHE_DIRECTORY == "/var/cache/capkeeper"
     assert load_settings({}, environ={"CAPKEEPER_CACHE_DIRECTORY": ""}).cache_directory is None
-    assert load_settings({}, environ={"CAPKEEPER_CACHE_DIRECTORY": "/x"}).cache_directory == Path(
-        "/x"
-    )
+    assert load_settings({}, environ={"CAPKEEPER_CACHE_DIRECTORY": "/x"}).cache_directory == "/x"
     with pytest.raises(SettingsError, match="CAPKEEPER_CACHE_DIRECTORY: must be an absolute path"):
         load_settings({}, environ={"CAPKEEPER_CACHE_DIRECTORY": "rel"})
 

@@ -16,6 +16,7 @@ import pytest
 
 from tests.conftest import getcap, make_binary, setcap
 
+BENCH = Path(__file__).resolve().parent.parent / "bench"
 HEAVY = ("pydantic", "pydantic_core", "pydantic_settings", "structlog")
 
 
@@ -30,11 +31,15 @@ def in_sync(tree: Path) -> tuple[Path, Path]:
 
 
 def _apply(
-    argv: list[str], env: dict[str, str] | None = None, *, stderr: int | None = None
+    argv: list[str],
+    env: dict[str, str] | None = None,
+    *,
+    stderr: int | None = None,
+    python: tuple[str, ...] = (sys.executable,),
 ) -> tuple[subprocess.CompletedProcess[str], set[str]]:
     """Run ``python -X importtime -m capkeeper apply ARGV``; the modules it imported."""
     result = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "capkeeper", "apply", *argv],
+        [*python, "-X", "importtime", "-m", "capkeeper", "apply", *argv],
         capture_output=stderr is None,
         stdout=subprocess.PIPE if stderr is not None else None,
         stderr=stderr,
@@ -61,6 +66,39 @@ def test_in_sync_apply_imports_no_heavy_module(in_sync: tuple[Path, Path]) -> No
     assert result.stdout == f"in-sync   {tool}  cap_net_raw=ep\n1 declared: 1 in-sync\n"
     assert "capkeeper.state" in imported  # the run was observed at all
     assert _heavy(imported) == []
+
+
+# Standard modules an in-sync one-shot has no use for, each a few ms of every service
+# start (bench/bench_oneshot.py): paths are kept as text.
+STDLIB_NOT_FOR_APPLY = ("pathlib",)
+
+
+@pytest.fixture(scope="module")
+def installed_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An interpreter laid out as an installed capkeeper's (bench/run_all.py): this
+    venv's own start-up hooks (the editable install's imports pathlib) do not run."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import run_all  # bench/ is no package
+
+        return Path(run_all.installed_python(tmp_path_factory.mktemp("python")))
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+@pytest.mark.parametrize("argv", [["--state", "{state}", "{tool}"], ["{tool}", "--state={state}"]])
+def test_in_sync_apply_imports_no_standard_module_it_does_not_use(
+    in_sync: tuple[Path, Path], installed_python: Path, argv: list[str]
+) -> None:
+    """The standard modules the one-shot used to pay for stay out of it, run as
+    ``/usr/bin/capkeeper`` runs it (``python -I -m capkeeper``)."""
+    state, tool = in_sync
+    words = [word.format(state=state, tool=tool) for word in argv]
+    result, imported = _apply(words, python=(str(installed_python), "-I"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"in-sync   {tool}  cap_net_raw=ep\n1 declared: 1 in-sync\n"
+    assert "capkeeper.state" in imported
+    assert [name for name in STDLIB_NOT_FOR_APPLY if name in imported] == []
 
 
 def test_with_settings_file_and_variables(in_sync: tuple[Path, Path]) -> None:

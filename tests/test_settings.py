@@ -7,13 +7,15 @@ import io
 import os
 import subprocess
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from capkeeper.cli import ExitStatus, main
 from capkeeper.errors import SettingsError
-from capkeeper.settings import RULES, SETTINGS_FILE_VARIABLE, Settings, load_settings
+from capkeeper.settings import RULES, SETTINGS_FILE_VARIABLE, Settings, load_settings, pure_path
 from tests.conftest import make_binary, setcap
 
 OTHER = 4242  # a uid that is not root (no passwd entry needed)
@@ -52,7 +54,7 @@ def test_defaults_without_a_settings_file(tmp_path: Path) -> None:
     assert settings == Settings()
     assert list(Settings._fields) == list(RULES)
     assert all(getattr(settings, name) == Settings._field_defaults[name] for name in RULES)
-    assert settings.state == Path("/etc/capkeeper/state.toml")
+    assert settings.state == "/etc/capkeeper/state.toml"
     assert settings.log_level is None
 
 
@@ -61,14 +63,14 @@ def test_file_then_environment_then_options(tmp_path: Path) -> None:
     path = _file(tmp_path / "settings.toml", FILE_TEXT)
     from_file = _load(path)
     assert (from_file.state, from_file.log_level, from_file.rescan_interval) == (
-        Path("/from/file.toml"),
+        "/from/file.toml",
         "warning",
         60.0,
     )
     assert (from_file.settle_time, from_file.log_format) == (1.5, "json")
     from_env = _load(path, CAPKEEPER_STATE="/from/env.toml", CAPKEEPER_LOG_LEVEL="ERROR")
     assert (from_env.state, from_env.log_level, from_env.rescan_interval) == (
-        Path("/from/env.toml"),
+        "/from/env.toml",
         "error",
         60.0,
     )
@@ -79,7 +81,7 @@ def test_file_then_environment_then_options(tmp_path: Path) -> None:
         CAPKEEPER_LOG_LEVEL="error",
     )
     assert (from_cli.state, from_cli.log_level, from_cli.rescan_interval) == (
-        Path("/from/cli.toml"),
+        "/from/cli.toml",
         "error",  # an option not given (None) leaves the variable's value
         5.0,
     )
@@ -360,3 +362,25 @@ def test_replace_and_make_check_like_the_constructor() -> None:
     assert Settings._make(Settings()) == Settings()
     with pytest.raises(SettingsError, match="log_format"):
         Settings._make([*Settings()[:3], "bogus", *Settings()[4:]])
+
+
+@given(st.text(alphabet="/.a\\ ", max_size=12))
+def test_a_path_setting_is_spelt_as_pathlib_spells_it(text: str) -> None:
+    """Path settings are kept as text, normalised as ``pathlib.PurePosixPath`` does: a
+    value, and every message naming it, reads as it did when the settings held Paths."""
+    assert pure_path(text) == str(PurePosixPath(text))
+
+
+@pytest.mark.parametrize(
+    ("name", "given", "kept"),
+    [
+        ("state", "/etc//capkeeper/./state.toml/", "/etc/capkeeper/state.toml"),
+        ("status_file", Path("/run/x/../status.json"), "/run/x/../status.json"),
+        ("cache_directory", "//var/cache/", "//var/cache"),
+        ("metrics_file", "m.prom", "m.prom"),
+    ],
+)
+def test_a_path_setting_is_kept_as_text(name: str, given: object, kept: str) -> None:
+    """A path setting, given as text or as a Path, is kept as text (type and spelling)."""
+    value = getattr(Settings()._replace(**{name: given}), name)
+    assert (type(value), value) == (str, kept)

@@ -352,7 +352,7 @@ def test_symlink_owned_by_another_user_is_refused(tmp_path: Path) -> None:
     link.symlink_to("real")
     state = load_state(link / "state.toml", last_cap=40)
     assert [e.path for e in state.entries] == ["/x", "/y"]
-    assert state.files == (link / "state.toml", link / "state.d" / "10-y.toml")
+    assert state.files == (str(link / "state.toml"), str(link / "state.d" / "10-y.toml"))
     os.lchown(link, OTHER, OTHER)
     assert _problems(link / "state.toml") == [
         f"symlink {link} -> real is owned by uid {OTHER}, not by root: whoever can edit the "
@@ -450,7 +450,7 @@ def test_relative_state_path_is_walked_from_the_working_directory(
     monkeypatch.chdir(tmp_path)
     state = load_state(Path("state.toml"), last_cap=40)
     assert [e.path for e in state.entries] == ["/x"]
-    assert state.files == (tmp_path / "state.toml",)
+    assert state.files == (str(tmp_path / "state.toml"),)
 
 
 def test_dropin_names_are_escaped(tmp_path: Path) -> None:
