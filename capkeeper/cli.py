@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import signal
 import sys
 from collections.abc import Iterable, Sequence
 from types import ModuleType
@@ -198,8 +197,12 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
     stderr = sys.stderr
     debug = False
     try:
-        args = parse_args(sys.argv[1:] if argv is None else argv)
-        if args.command != "watch":  # capkeeper.__main__ held them back for the daemon
+        words = sys.argv[1:] if argv is None else argv
+        args = parse_args(words)
+        if args.command != "watch" and "watch" in words:
+            # capkeeper.__main__ held them back for the daemon: not for this command.
+            import signal  # noqa: PLC0415 - only then
+
             signal.pthread_sigmask(
                 signal.SIG_UNBLOCK, (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
             )

@@ -635,3 +635,29 @@ def test_watch_takes_its_cache_directory_as_an_option(given: str, expected: str 
 def test_watch_refuses_a_relative_cache_directory(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["watch", "--cache-directory", "cache"]) == ExitStatus.USAGE
     assert "--cache-directory: must be an absolute path" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["show", "watch"],  # "watch" is a file name here: held, then let go
+        ["--state", "watch", "validate"],
+        ["show", "/nonexistent"],
+    ],
+)
+def test_a_one_shot_does_not_keep_the_daemons_signals_blocked(argv: list[str]) -> None:
+    """``capkeeper.__main__`` blocks SIGHUP, SIGTERM and SIGINT for a command line that
+    names ``watch``, before the imports; a command other than ``watch`` unblocks them,
+    so an interrupt still stops it. The script's own mask is empty at the start."""
+    script = (
+        "import signal, sys\n"
+        "from capkeeper.__main__ import entry\n"
+        "assert not signal.pthread_sigmask(signal.SIG_BLOCK, [])\n"
+        "entry()\n"
+        "print(sorted(s.name for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, *argv], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "[]\n"
