@@ -1,22 +1,21 @@
-"""The ``capkeeper`` command line: parse, dispatch, and turn errors into exit statuses.
+"""The ``capkeeper`` command line: read, dispatch, and turn errors into exit statuses.
 
 The commands live in :mod:`capkeeper.commands`; this module imports only the one
-that runs (found in argv before parsing), so a one-shot ``apply`` does not pay
-for ``audit``, ``doctor`` or the daemon. :func:`main` is the only place that maps
-an exception to an :class:`ExitStatus`.
+that runs, so a one-shot ``apply`` does not pay for ``audit``, ``doctor`` or the
+daemon. A plain command line of a command that declares its arguments (``apply``,
+``check``: what ``ExecStartPre=`` runs) is read here without argparse
+(:func:`quick_args`); any other goes to argparse (:mod:`capkeeper.parser`).
+:func:`main` is the only place that maps an exception to an :class:`ExitStatus`.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import os
 import sys
 from collections.abc import Iterable, Sequence
-from types import ModuleType
-from typing import Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from capkeeper.commands import COMMANDS
+from capkeeper.commands import COMMANDS, GLOBAL_ARGUMENTS, Argument, Arguments, command_module
 from capkeeper.errors import (
     CapkeeperError,
     SettingsError,
@@ -25,12 +24,21 @@ from capkeeper.errors import (
     printable,
 )
 from capkeeper.exit_codes import ExitStatus
-from capkeeper.log import LEVELS, configure
+from capkeeper.log import configure
 
-__all__ = ["COMMANDS", "ExitStatus", "build_parser", "main", "parse_args"]
+if TYPE_CHECKING:
+    import argparse
 
-# The global options that take a value: skipped when looking for the command name.
-_VALUED = ("--state", "--log-format", "--log-level")
+__all__ = [
+    "COMMANDS",
+    "ExitStatus",
+    "build_parser",
+    "command_module",
+    "main",
+    "parse_args",
+    "quick_args",
+]
+
 # The settings an option may override (Settings field names; argparse dests).
 _OVERRIDES = (
     "log_format",
@@ -47,131 +55,101 @@ _USER_ERRORS: tuple[tuple[type[CapkeeperError], ExitStatus], ...] = (
     (StateError, ExitStatus.CONFIG),
     (SettingsError, ExitStatus.CONFIG),
 )
-
-
-class _Version(argparse.Action):
-    """``--version``: reads the installed version only when asked (it costs an import)."""
-
-    def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None) -> None:
-        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
-
-    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
-        import capkeeper  # noqa: PLC0415
-
-        sys.stdout.write(f"capkeeper {capkeeper.__version__}\n")
-        parser.exit()
-
-
-def _columns() -> int:
-    """``shutil.get_terminal_size().columns``: ``$COLUMNS`` when a positive number, else
-    the width of the terminal on stdout, else 80."""
-    try:
-        columns = int(os.environ["COLUMNS"])
-    except (KeyError, ValueError):
-        columns = 0
-    if columns > 0:
-        return columns
-    try:
-        return os.get_terminal_size(sys.__stdout__.fileno()).columns or 80  # type: ignore[union-attr]
-    except (AttributeError, ValueError, OSError):  # stdout None, closed, or not a terminal
-        return 80
-
-
-class _Formatter(argparse.HelpFormatter):
-    """argparse's help layout, with the width found without importing shutil.
-
-    argparse builds a formatter for every option it adds (to check its metavar)
-    and, given no width, imports shutil (and with it bz2, lzma) to ask for the
-    terminal's: a few ms of every one-shot run for no output.
-    """
-
-    def __init__(
-        self,
-        prog: str,
-        indent_increment: int = 2,
-        max_help_position: int = 24,
-        width: int | None = None,
-    ) -> None:
-        width = _columns() - 2 if width is None else width  # as argparse computes it
-        super().__init__(prog, indent_increment, max_help_position, width)
-
-
-class _Parser(argparse.ArgumentParser):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("formatter_class", _Formatter)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message} (see '{self.prog} --help')")
-
-
-def _common(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
-    default = argparse.SUPPRESS if suppress else None
-    parser.add_argument("--state", metavar="FILE", default=default, help="main state file")
-    parser.add_argument(
-        "--log-format", choices=("auto", "console", "json", "journal"), default=default
-    )
-    parser.add_argument("--log-level", choices=LEVELS, default=default)
-    parser.add_argument(
-        "--debug", action="store_true", default=default, help="show tracebacks and debug logs"
-    )
-
-
-def command_module(name: str) -> ModuleType:
-    """The module of command ``name`` (imported now: only the command that runs pays)."""
-    return importlib.import_module(COMMANDS[name].module)
+_GLOBAL = {argument.name: argument for argument in GLOBAL_ARGUMENTS}
+_GLOBAL_DESTS = tuple(argument.dest for argument in GLOBAL_ARGUMENTS)
 
 
 def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:
-    """The parser of every command; with ``commands``, only those get their options
-    (the others are listed by name and summary, and their modules are not imported)."""
-    full = set(COMMANDS if commands is None else commands)
-    parser = _Parser(
-        prog="capkeeper",
-        description="Keep declared file capabilities on binaries across deploys.",
-    )
-    parser.add_argument("--version", action=_Version, help="show the version and exit")
-    _common(parser, suppress=False)
-    common = _Parser(add_help=False)
-    _common(common, suppress=True)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    sub.required = True
-    for name, info in COMMANDS.items():
-        if name not in full:
-            sub.add_parser(name, parents=[common], help=info.help)
-            continue
-        module = command_module(name)
-        description = module.DESCRIPTION or None  # "" would print an empty paragraph
-        module.add_arguments(
-            sub.add_parser(name, parents=[common], help=info.help, description=description)
-        )
-    return parser
+    """argparse's parser of every command, or of ``commands`` (:mod:`capkeeper.parser`)."""
+    from capkeeper.parser import build_parser as build  # noqa: PLC0415 - argparse
+
+    return build(commands)
 
 
-def _command_name(argv: Sequence[str]) -> str | None:
-    """The first word of ``argv`` that is neither a global option nor its value."""
-    words = iter(argv)
-    for word in words:
-        if not word.startswith("-") or word == "-":
-            return word
-        if "=" not in word and any(len(word) > 2 and o.startswith(word) for o in _VALUED):
-            next(words, None)  # its value (argparse accepts unambiguous abbreviations)
-    return None
+def _option(
+    argv: Sequence[str], at: int, known: dict[str, Argument], values: dict[str, object]
+) -> int:
+    """Take the option at ``argv[at]`` into ``values``; the index after it, or -1 when
+    argparse must read this command line (an unknown option, a value that is missing,
+    not one of its choices, or one argparse could take for an option). The last of
+    a repeated option counts, as with argparse."""
+    name, equals, value = argv[at].partition("=")
+    argument = known.get(name)
+    if argument is None:
+        return -1
+    if argument.kind == "flag":
+        values[argument.dest] = True
+        return -1 if equals else at + 1
+    if not equals:
+        at += 1
+        if at == len(argv) or argv[at].startswith("-"):
+            return -1
+        value = argv[at]
+    if argument.choices is not None and value not in argument.choices:
+        return -1
+    values[argument.dest] = value
+    return at + 1
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    """Parse ``argv``, importing only the module of the command it names."""
-    name = _command_name(argv)
-    parser = build_parser([name] if name in COMMANDS else [])
-    args, unknown = parser.parse_known_args(argv)
-    if args.command != name:  # argv fooled the scan: let the full parser decide
-        return build_parser().parse_args(argv)
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    return args
+def quick_args(argv: Sequence[str]) -> Arguments | None:
+    """``argv`` read as argparse reads it, when it is a plain command line of a command
+    that declares its arguments (``ARGUMENTS``, at most one of them positional); None
+    for any other, which argparse reads (and explains, when it is a mistake).
+
+    Plain: global options (:data:`GLOBAL_ARGUMENTS`) before the command, its own and
+    the global ones after it, each spelt whole, each value one that argparse cannot
+    take for an option; the positionals in one run; no ``-h``, ``--version`` or ``--``.
+    argparse is about a tenth of what an in-sync one-shot costs an ``ExecStartPre=``.
+    ``tests/test_cli.py`` compares the two readers.
+    """
+    given: dict[str, object] = {}
+    at = 0
+    while at < len(argv) and argv[at].startswith("-"):
+        at = _option(argv, at, _GLOBAL, given)
+        if at < 0:
+            return None
+    if at == len(argv) or argv[at] not in COMMANDS:
+        return None
+    command = argv[at]
+    arguments: tuple[Argument, ...] | None = getattr(command_module(command), "ARGUMENTS", None)
+    if arguments is None:
+        return None
+    known = _GLOBAL | {a.name: a for a in arguments if a.kind != "words"}
+    words = next((a for a in arguments if a.kind == "words"), None)
+    positionals: list[str] = []
+    run = "before"  # argparse takes the positionals in the first run of them only
+    at += 1
+    while at < len(argv):
+        if argv[at].startswith("-"):
+            at = _option(argv, at, known, given)
+            if at < 0:
+                return None
+            run = "after" if run == "in" else run
+        elif words is None or run == "after":
+            return None
+        else:
+            run = "in"
+            positionals.append(argv[at])
+            at += 1
+    # argparse's defaults: None for a global option (and a value), False for a flag.
+    values: dict[str, object] = dict.fromkeys(_GLOBAL_DESTS)
+    for argument in arguments:
+        values[argument.dest] = {"flag": False, "words": positionals}.get(argument.kind)
+    return Arguments(command=command, **(values | given))
 
 
-def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+def parse_args(argv: Sequence[str]) -> Arguments:
+    """Read ``argv``: quickly when it is plain (:func:`quick_args`), else with argparse,
+    importing only the module of the command it names."""
+    quick = quick_args(argv)
+    if quick is not None:
+        return quick
+    from capkeeper.parser import parse  # noqa: PLC0415 - argparse, only when needed
+
+    return parse(argv)
+
+
+def _overrides(args: Arguments) -> dict[str, Any]:
     """The settings given on the command line, by Settings field name."""
     state = getattr(args, "state", None)
     if state == "":  # not "the default": an unset variable in a unit file expands to ""

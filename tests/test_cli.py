@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import io
 import json
 import os
 import subprocess
 import sys
+from itertools import chain
 from pathlib import Path
 
 import pytest
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
 
-from capkeeper.cli import COMMANDS, ExitStatus, build_parser, main, parse_args
+from capkeeper.cli import COMMANDS, ExitStatus, build_parser, main, parse_args, quick_args
+from capkeeper.commands import Arguments
+from capkeeper.errors import UsageError
+from capkeeper.parser import parse
 from tests.conftest import getcap, make_binary, setcap
 from tests.test_mounts import private_mount_namespace
 from tests.test_mounts import run as mount_command
@@ -661,3 +668,104 @@ def test_a_one_shot_does_not_keep_the_daemons_signals_blocked(argv: list[str]) -
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == "[]\n"
+
+
+def _argparse(argv: list[str]) -> Arguments | None:
+    """What argparse reads from ``argv``; None when it refuses it (or prints help)."""
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return parse(argv)
+    except (UsageError, SystemExit):
+        return None
+
+
+# Command lines an ExecStartPre= or a deploy hook writes: read without argparse.
+PLAIN = [
+    ["apply"],
+    ["apply", "--state", "/etc/capkeeper/state.toml", "/usr/local/bin/app"],
+    ["--state", "/s.toml", "apply", "/a", "/b"],
+    ["--state=apply", "apply", "--unit", "app.service"],
+    ["apply", "/a", "--unit=app.service", "--state=/s.toml", "--json"],
+    ["--debug", "--log-format", "journal", "apply", "--log-level=warning"],
+    ["check", "--json", "/a", "/b"],
+    ["check", "/a", "--state", "/s.toml", "--debug"],
+    ["apply", ""],
+    ["apply", "--json", "--json"],  # the last of a repeated option counts, as in argparse
+    ["--state", "s", "apply", "--state", "t", "--state=u"],
+    ["--state=", "apply"],  # read as argparse reads it: the CLI then refuses the empty path
+]
+
+
+@pytest.mark.parametrize("argv", PLAIN)
+def test_a_plain_one_shot_command_line_is_read_without_argparse(argv: list[str]) -> None:
+    """The quick reader takes these, and reads what argparse reads."""
+    quick = quick_args(argv)
+    assert quick is not None
+    assert vars(quick) == vars(_argparse(argv) or Arguments())
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["apply", "--help"],
+        ["--version"],
+        ["apply", "--js"],  # argparse takes an abbreviation: the quick reader does not
+        ["apply", "a", "--json", "b"],  # argparse refuses a second run of positionals
+        ["apply", "--state", "-s"],
+        ["apply", "--log-level", "loud"],
+        ["apply", "--json=yes"],
+        ["apply", "--", "-x"],
+        ["apply", "-"],
+        ["show", "/a"],  # a command that declares no ARGUMENTS
+        ["bogus"],
+        [],
+    ],
+)
+def test_any_other_command_line_goes_to_argparse(argv: list[str]) -> None:
+    """Help, abbreviations, repeats and mistakes are argparse's to read and explain."""
+    assert quick_args(argv) is None
+
+
+_WORDS = [
+    *("apply", "check", "show", "watch", "bogus"),
+    *("--state", "--state=s", "--state=", "--state=-x", "s", "p", "", "-", "--", "-1"),
+    *("--json", "--json=1", "--js", "--unit", "--unit=u", "u", "-h", "--help", "--version"),
+    *("--debug", "--log-format", "json", "--log-format=bogus", "--log-level=debug"),
+    *("--log-level", "info", "--sta", "-v", "--settle-time", "1"),
+]
+# Pieces of command lines, mostly plain ones, so that many reach the end of both readers.
+_BEFORE = [["--state", "s"], ["--state=s"], ["--debug"], ["--log-format", "json"]]
+_BEFORE += [["--sta", "s"]]
+_PLAIN = [["p"], ["q"], [""], ["--json"], ["--unit", "u"], ["--unit=--x"], ["--debug"]]
+_PLAIN += [["--state", "t"], ["--state=-x"], ["--log-level", "info"]]
+_ODD = [["--log-format=bogus"], ["--json=1"], ["-"], ["--"], ["--js"], ["--state", "-x"]]
+_ODD += [["-1"], ["--unit"], ["-h"], ["--unit", "--json"]]
+_LINES = st.builds(
+    lambda before, command, after: [*chain(*before), command, *chain(*after)],
+    st.lists(st.sampled_from(_BEFORE), max_size=2),
+    st.sampled_from(["apply", "check", "show", "apply"]),
+    st.lists(st.sampled_from(_PLAIN * 4 + _ODD), max_size=5),
+)
+
+
+@st.composite
+def _plain_lines(draw: st.DrawFn) -> list[str]:
+    """A plain command line by construction: whole options, one run of positionals."""
+    before = draw(st.lists(st.sampled_from(_BEFORE[:-1]), max_size=2))  # no abbreviation
+    after = draw(st.lists(st.sampled_from([p for p in _PLAIN if p[0][:1] == "-"]), max_size=4))
+    paths = draw(st.lists(st.sampled_from(["p", "q", ""]), max_size=3))
+    at = draw(st.integers(0, len(after)))
+    command = draw(st.sampled_from(["apply", "check"]))
+    return [*chain(*before), command, *chain(*after[:at]), *paths, *chain(*after[at:])]
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(st.sampled_from(_WORDS), max_size=7) | _LINES | _plain_lines())
+def test_the_quick_reader_reads_what_argparse_reads(argv: list[str]) -> None:
+    """Whatever the quick reader takes, argparse takes too, with the same result."""
+    quick = quick_args(argv)
+    event("quick" if quick is not None else "argparse")
+    if quick is not None:
+        full = _argparse(argv)
+        assert full is not None, argv
+        assert vars(quick) == vars(full), argv

@@ -58,6 +58,7 @@ LAYERS: dict[str, int] = {
     "diagnose": ADAPTER,
     "daemon": SHELL,
     "cli": SHELL,
+    "parser": SHELL,
     "__main__": SHELL,
     "__init__": LEAF,
     "_version": LEAF,

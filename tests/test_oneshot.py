@@ -69,8 +69,9 @@ def test_in_sync_apply_imports_no_heavy_module(in_sync: tuple[Path, Path]) -> No
 
 
 # Standard modules an in-sync one-shot has no use for, each a few ms of every service
-# start (bench/bench_oneshot.py): paths are kept as text, and signal is for watch.
-STDLIB_NOT_FOR_APPLY = ("pathlib", "signal")
+# start (bench/bench_oneshot.py): paths are kept as text, signal is for watch, and a
+# plain command line is read without argparse.
+STDLIB_NOT_FOR_APPLY = ("pathlib", "signal", "argparse", "gettext")
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from typing import TextIO
 
+from capkeeper.commands import Arguments
 from capkeeper.commands._output import emit
 from capkeeper.enforce import reconcile
 from capkeeper.exit_codes import ExitStatus
@@ -36,7 +36,7 @@ def summary(outcomes: Sequence[Outcome]) -> str:
     return f"{len(outcomes)} declared: " + (", ".join(parts) if parts else "nothing to do")
 
 
-def run_entries(args: argparse.Namespace, state: State, out: TextIO, *, write: bool) -> ExitStatus:
+def run_entries(args: Arguments, state: State, out: TextIO, *, write: bool) -> ExitStatus:
     """Reconcile the declared binaries (those in ``args.paths``, or all), one line each.
 
     FAILED when any was refused, missing or could not be written; else DRIFT when

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TextIO
 
+from capkeeper.commands import Arguments
 from capkeeper.errors import printable
 from capkeeper.scan import WalkOptions, WalkResult, default_jobs
 
@@ -38,7 +39,7 @@ def add_walk_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def walk_options(args: argparse.Namespace) -> WalkOptions:
+def walk_options(args: Arguments) -> WalkOptions:
     """The walk options of the ``audit`` and ``adopt --from-audit`` command lines."""
     include = frozenset(
         part.strip() for value in (args.include_fs or ()) for part in value.split(",") if part

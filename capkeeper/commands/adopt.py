@@ -19,7 +19,7 @@ import sys
 from typing import TYPE_CHECKING, TextIO
 
 from capkeeper.classify import Adoption, StateIndex, Verdict, adopt_observation, render
-from capkeeper.commands import COMMANDS
+from capkeeper.commands import COMMANDS, Arguments
 from capkeeper.commands._walk import add_walk_arguments, report_walk_problems, walk_options
 from capkeeper.errors import CapkeeperError, UsageError, printable
 from capkeeper.exit_codes import ExitStatus
@@ -71,7 +71,7 @@ def _declared(observation: Observation, index: StateIndex) -> Entry | None:
     )
 
 
-def run(args: argparse.Namespace, settings: Settings, out: TextIO) -> ExitStatus:
+def run(args: Arguments, settings: Settings, out: TextIO) -> ExitStatus:
     """``capkeeper adopt PATH... | --from-audit ROOT``."""
     if not args.paths and not args.from_audit:
         raise UsageError("name the files to adopt, or use --from-audit ROOT")

@@ -6,16 +6,17 @@ The one-shot of ``ExecStartPre=``: it imports only what reconciling needs
 
 from __future__ import annotations
 
-import argparse
 from typing import TYPE_CHECKING, TextIO
 
 from capkeeper.cache import Cache
-from capkeeper.commands import COMMANDS
+from capkeeper.commands import COMMANDS, Argument, Arguments, add_all
 from capkeeper.commands._entries import run_entries
 from capkeeper.exit_codes import ExitStatus
 from capkeeper.state import load_state
 
 if TYPE_CHECKING:
+    import argparse
+
     from capkeeper.settings import Settings
 
 HELP = COMMANDS["apply"].help
@@ -27,13 +28,20 @@ UNIT_HELP = (
 )
 
 
+# Declared, not only added to argparse: a plain 'capkeeper apply' command line is read
+# without it (capkeeper.cli.quick_args), a few ms of every ExecStartPre=.
+ARGUMENTS = (
+    Argument("paths", "only these declared binaries", metavar="PATH", kind="words"),
+    Argument("--json", "JSON lines on stdout", kind="flag"),
+    Argument("--unit", UNIT_HELP, metavar="UNIT"),
+)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("paths", nargs="*", metavar="PATH", help="only these declared binaries")
-    parser.add_argument("--json", action="store_true", help="JSON lines on stdout")
-    parser.add_argument("--unit", metavar="UNIT", help=UNIT_HELP)
+    add_all(parser, ARGUMENTS)
 
 
-def run(args: argparse.Namespace, settings: Settings, out: TextIO) -> ExitStatus:
+def run(args: Arguments, settings: Settings, out: TextIO) -> ExitStatus:
     """Restore what drifted; exit FAILED when any binary was refused, missing or not written."""
     state = load_state(settings.state, cache=Cache(settings.cache_directory))
     if args.unit:  # ExecStartPre= mode: warnings only, the exit status stays apply's

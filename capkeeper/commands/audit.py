@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from capkeeper.capabilities import format_text
 from capkeeper.classify import Verdict
-from capkeeper.commands import COMMANDS
+from capkeeper.commands import COMMANDS, Arguments
 from capkeeper.commands._walk import add_walk_arguments, report_walk_problems, walk_options
 from capkeeper.errors import printable
 from capkeeper.exit_codes import ExitStatus
@@ -63,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_walk_arguments(parser)
 
 
-def run(args: argparse.Namespace, settings: Settings, out: TextIO) -> ExitStatus:
+def run(args: Arguments, settings: Settings, out: TextIO) -> ExitStatus:
     """``capkeeper audit [ROOT...]``."""
     err = sys.stderr
     state, note = load_state_or_empty(settings.state)

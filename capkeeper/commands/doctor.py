@@ -11,7 +11,7 @@ import json
 import sys
 from typing import TYPE_CHECKING, TextIO
 
-from capkeeper.commands import COMMANDS
+from capkeeper.commands import COMMANDS, Arguments
 from capkeeper.diagnose import Severity, run_checks, targets, unit_properties
 from capkeeper.errors import printable
 from capkeeper.exit_codes import ExitStatus
@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="JSON lines on stdout")
 
 
-def run(args: argparse.Namespace, settings: Settings, out: TextIO) -> ExitStatus:
+def run(args: Arguments, settings: Settings, out: TextIO) -> ExitStatus:
     """``capkeeper doctor [PATH...] [--unit UNIT]``."""
     failures: list[str] = []
     unit = unit_properties(args.unit, failures)

@@ -7,7 +7,7 @@ import sys
 from typing import TYPE_CHECKING, TextIO
 
 from capkeeper.capabilities import decode_revision, format_text
-from capkeeper.commands import COMMANDS
+from capkeeper.commands import COMMANDS, Arguments
 from capkeeper.commands._output import emit
 from capkeeper.errors import CapkeeperError, printable
 from capkeeper.exit_codes import ExitStatus
@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="JSON lines on stdout")
 
 
-def run(args: argparse.Namespace, settings: Settings, out: TextIO) -> ExitStatus:
+def run(args: Arguments, settings: Settings, out: TextIO) -> ExitStatus:
     """One line per file with capabilities; FAILED when some file could not be read."""
     status = ExitStatus.OK
     for path in args.paths:

@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import TYPE_CHECKING, TextIO
 
-from capkeeper.commands import COMMANDS
+from capkeeper.commands import COMMANDS, Arguments
 from capkeeper.errors import CapkeeperError, StatusFileError
 from capkeeper.exit_codes import ExitStatus
 from capkeeper.snapshot import parse_status, read_status
@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the raw JSON snapshot")
 
 
-def run(args: argparse.Namespace, settings: Settings, out: TextIO) -> ExitStatus:
+def run(args: Arguments, settings: Settings, out: TextIO) -> ExitStatus:
     """Print the daemon's snapshot; FAILED when it reports itself unhealthy."""
     path = settings.status_file
     try:

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from capkeeper.commands import COMMANDS
+from capkeeper.commands import COMMANDS, Arguments
 from capkeeper.errors import printable
 from capkeeper.exit_codes import ExitStatus
 from capkeeper.state import load_state
@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace, settings: Settings, out: TextIO) -> ExitStatus:
+def run(args: Arguments, settings: Settings, out: TextIO) -> ExitStatus:
     """Write the drop-in (or with ``--check`` compare it: DRIFT when out of date)."""
     state = load_state(settings.state)
     refusals = dropin_refusals(state)

@@ -6,7 +6,7 @@ import argparse
 import errno
 from typing import TYPE_CHECKING, TextIO
 
-from capkeeper.commands import COMMANDS
+from capkeeper.commands import COMMANDS, Arguments
 from capkeeper.commands._output import emit
 from capkeeper.errors import FileAccessError, printable
 from capkeeper.exit_codes import ExitStatus
@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="JSON lines on stdout")
 
 
-def run(args: argparse.Namespace, settings: Settings, out: TextIO) -> ExitStatus:
+def run(args: Arguments, settings: Settings, out: TextIO) -> ExitStatus:
     """One line per problem, warning or note; FAILED when there is a problem."""
     state = load_state(settings.state)
     problems = 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, TextIO
 
-from capkeeper.commands import COMMANDS
+from capkeeper.commands import COMMANDS, Arguments
 from capkeeper.exit_codes import ExitStatus
 from capkeeper.settings import option_type
 
@@ -53,7 +53,7 @@ def _cache_directory(text: str) -> str:
     return text
 
 
-def run(args: argparse.Namespace, settings: Settings, out: TextIO) -> ExitStatus:
+def run(args: Arguments, settings: Settings, out: TextIO) -> ExitStatus:
     """Run the daemon until it is stopped; its exit status."""
     from capkeeper.daemon import watch  # noqa: PLC0415 - only the daemon needs pyinotify
 
