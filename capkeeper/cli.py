@@ -80,6 +80,8 @@ def _option(
     if argument.kind == "flag":
         values[argument.dest] = True
         return -1 if equals else at + 1
+    if equals and value == "--":  # argparse 3.11 reads "--opt=--" as an empty list
+        return -1
     if not equals:
         at += 1
         if at == len(argv) or argv[at].startswith("-"):

@@ -714,6 +714,9 @@ def test_a_plain_one_shot_command_line_is_read_without_argparse(argv: list[str])
         ["apply", "--state", "-s"],
         ["apply", "--log-level", "loud"],
         ["apply", "--json=yes"],
+        ["check", "--state=--"],  # argparse takes "--" out even there: a list, refused
+        ["apply", "--unit=--"],
+        ["--json", "apply"],  # a command's own option before its name
         ["apply", "--", "-x"],
         ["apply", "-"],
         ["show", "/a"],  # a command that declares no ARGUMENTS
@@ -729,6 +732,7 @@ def test_any_other_command_line_goes_to_argparse(argv: list[str]) -> None:
 _WORDS = [
     *("apply", "check", "show", "watch", "bogus"),
     *("--state", "--state=s", "--state=", "--state=-x", "s", "p", "", "-", "--", "-1"),
+    *("--state=--", "--unit=--", "--state=a b", "-1.5", "a b", "-x y"),
     *("--json", "--json=1", "--js", "--unit", "--unit=u", "u", "-h", "--help", "--version"),
     *("--debug", "--log-format", "json", "--log-format=bogus", "--log-level=debug"),
     *("--log-level", "info", "--sta", "-v", "--settle-time", "1"),
@@ -769,3 +773,35 @@ def test_the_quick_reader_reads_what_argparse_reads(argv: list[str]) -> None:
         full = _argparse(argv)
         assert full is not None, argv
         assert vars(quick) == vars(full), argv
+
+
+@pytest.mark.parametrize(
+    ("argv", "blocked"),
+    [
+        (["watch"], ["SIGHUP", "SIGINT", "SIGTERM"]),
+        (["--state", "/s.toml", "watch", "--debug"], ["SIGHUP", "SIGINT", "SIGTERM"]),
+        (["apply", "--state", "/s.toml"], []),
+    ],
+)
+def test_the_daemons_signals_are_held_before_capkeeper_is_imported(
+    argv: list[str], blocked: list[str]
+) -> None:
+    """``capkeeper.__main__`` holds SIGHUP, SIGTERM and SIGINT back for any command line
+    that names ``watch``, wherever the word is, before it imports the CLI (whose
+    ``main`` here only reports the mask it is called with)."""
+    script = (
+        "import signal, sys\n"
+        "import capkeeper.cli\n"
+        "def report(*args, **kwargs):\n"
+        "    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])\n"
+        "    print(sorted(s.name for s in mask))\n"
+        "    return 0\n"
+        "capkeeper.cli.main = report\n"
+        "from capkeeper.__main__ import entry\n"
+        "entry()\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, *argv], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{blocked}\n"
