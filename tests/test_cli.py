@@ -17,7 +17,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from capkeeper.cli import COMMANDS, ExitStatus, build_parser, main, parse_args, quick_args
-from capkeeper.commands import Arguments
+from capkeeper.commands import GLOBAL_ARGUMENTS, Arguments, command_module
 from capkeeper.errors import UsageError
 from capkeeper.parser import parse
 from tests.conftest import getcap, make_binary, setcap
@@ -805,3 +805,15 @@ def test_the_daemons_signals_are_held_before_capkeeper_is_imported(
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"{blocked}\n"
+
+
+def test_no_declared_option_abbreviates_a_global_one() -> None:
+    """argparse's top-level parser looks at the words after the command too, and takes
+    one that abbreviates two of its options for an ambiguous option: a command's own
+    option must not be such a prefix, or argparse would refuse a line the quick reader
+    takes."""
+    for name in COMMANDS:
+        declared = getattr(command_module(name), "ARGUMENTS", ())
+        for argument in declared:
+            clashes = [g.name for g in GLOBAL_ARGUMENTS if g.name.startswith(argument.name)]
+            assert clashes in ([], [argument.name]), (name, argument.name, clashes)
