@@ -87,6 +87,12 @@ def main() -> int:
     parser.add_argument("--importtime", action="store_true", help="print the top 15 imports")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     parser.add_argument("--source", action="store_true", help="do not byte-compile capkeeper first")
+    parser.add_argument(
+        "--against",
+        metavar="PYTHON",
+        help="also time 'PYTHON -I -m capkeeper apply' in the same rounds: an interpreter "
+        "that imports another tree (run_all.installed_python), for an A/B of two trees",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench_oneshot.py needs root (setcap, root-owned declared files)")
@@ -109,6 +115,15 @@ def main() -> int:
             "setcap": ["setcap", "-v", CAPS, target],
             "check": [*capkeeper, "check", "--state", str(state), target],
         }
+        if args.against:
+            commands["against"] = [
+                args.against,
+                *capkeeper[1:],
+                "apply",
+                "--state",
+                str(state),
+                target,
+            ]
         for _ in range(args.warmup):
             for argv in commands.values():
                 _time(argv)
@@ -139,6 +154,12 @@ def main() -> int:
             "median_ratio": round(statistics.median(ratios), 3),
             "check_ratio": round(median["check"] / median["python"], 3),
         }
+        if args.against:
+            results["against_ratio"] = round(median["against"] / median["python"], 3)
+            print(
+                f"against / python -I -c pass: ratio of medians {results['against_ratio']:.2f}; "
+                f"apply / against {median['apply'] / median['against']:.2f}"
+            )
         if args.importtime:
             top = importtime(commands["apply"])
             print("top imports of apply by cumulative time (-X importtime):")

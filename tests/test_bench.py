@@ -66,6 +66,18 @@ def test_oneshot_figures(tmp_path: Path) -> None:
 
 
 @pytest.mark.usefixtures("root")
+def test_oneshot_against_another_interpreter(tmp_path: Path) -> None:
+    """``--against PYTHON`` times that interpreter's apply in the same rounds (an A/B of
+    two trees); here the same interpreter, so both run the same code."""
+    require_tool("setcap")
+    figures = _run(
+        "oneshot", tmp_path, "--rounds", "2", "--warmup", "0", "--against", sys.executable
+    )
+    assert figures["against_median_s"] > 0
+    assert figures["against_ratio"] > 0
+
+
+@pytest.mark.usefixtures("root")
 def test_scale_figures(tmp_path: Path) -> None:
     require_tool("getcap")
     figures = _run(
