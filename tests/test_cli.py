@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import importlib
 import io
@@ -644,6 +645,44 @@ def test_watch_refuses_a_relative_cache_directory(capsys: pytest.CaptureFixture[
     assert "--cache-directory: must be an absolute path" in capsys.readouterr().err
 
 
+def _blocked(argv: list[str], *, when: str) -> list[str]:
+    """The signals blocked in a fresh interpreter that runs ``capkeeper.__main__.entry()``
+    on ``argv``, whose mask is empty at the start: ``when`` "main" is called (here it
+    only looks), or "after" entry() returned."""
+    report = "print(sorted(s.name for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])))"
+    script = (
+        "import signal, sys\n"
+        "import capkeeper.cli\n"
+        "assert not signal.pthread_sigmask(signal.SIG_BLOCK, [])\n"
+        f"def look(*args, **kwargs):\n    {report}\n    return 0\n"
+        f"{'capkeeper.cli.main = look' if when == 'main' else ''}\n"
+        "from capkeeper.__main__ import entry\n"
+        "entry()\n"
+        f"{report if when == 'after' else ''}\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, *argv], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    return list(ast.literal_eval(result.stdout))
+
+
+@pytest.mark.parametrize(
+    ("argv", "blocked"),
+    [
+        (["watch"], ["SIGHUP", "SIGINT", "SIGTERM"]),
+        (["--state", "/s.toml", "watch", "--debug"], ["SIGHUP", "SIGINT", "SIGTERM"]),
+        (["apply", "--state", "/s.toml"], []),
+    ],
+)
+def test_the_daemons_signals_are_held_before_capkeeper_is_imported(
+    argv: list[str], blocked: list[str]
+) -> None:
+    """``capkeeper.__main__`` holds SIGHUP, SIGTERM and SIGINT back for any command line
+    that names ``watch``, wherever the word is, before it imports the CLI."""
+    assert _blocked(argv, when="main") == blocked
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -653,21 +692,8 @@ def test_watch_refuses_a_relative_cache_directory(capsys: pytest.CaptureFixture[
     ],
 )
 def test_a_one_shot_does_not_keep_the_daemons_signals_blocked(argv: list[str]) -> None:
-    """``capkeeper.__main__`` blocks SIGHUP, SIGTERM and SIGINT for a command line that
-    names ``watch``, before the imports; a command other than ``watch`` unblocks them,
-    so an interrupt still stops it. The script's own mask is empty at the start."""
-    script = (
-        "import signal, sys\n"
-        "from capkeeper.__main__ import entry\n"
-        "assert not signal.pthread_sigmask(signal.SIG_BLOCK, [])\n"
-        "entry()\n"
-        "print(sorted(s.name for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])))\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", script, *argv], capture_output=True, text=True, check=False
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout == "[]\n"
+    """A command other than ``watch`` lets them go again, so an interrupt still stops it."""
+    assert _blocked(argv, when="after") == []
 
 
 def _argparse(argv: list[str]) -> Arguments | None:
@@ -773,38 +799,6 @@ def test_the_quick_reader_reads_what_argparse_reads(argv: list[str]) -> None:
         full = _argparse(argv)
         assert full is not None, argv
         assert vars(quick) == vars(full), argv
-
-
-@pytest.mark.parametrize(
-    ("argv", "blocked"),
-    [
-        (["watch"], ["SIGHUP", "SIGINT", "SIGTERM"]),
-        (["--state", "/s.toml", "watch", "--debug"], ["SIGHUP", "SIGINT", "SIGTERM"]),
-        (["apply", "--state", "/s.toml"], []),
-    ],
-)
-def test_the_daemons_signals_are_held_before_capkeeper_is_imported(
-    argv: list[str], blocked: list[str]
-) -> None:
-    """``capkeeper.__main__`` holds SIGHUP, SIGTERM and SIGINT back for any command line
-    that names ``watch``, wherever the word is, before it imports the CLI (whose
-    ``main`` here only reports the mask it is called with)."""
-    script = (
-        "import signal, sys\n"
-        "import capkeeper.cli\n"
-        "def report(*args, **kwargs):\n"
-        "    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])\n"
-        "    print(sorted(s.name for s in mask))\n"
-        "    return 0\n"
-        "capkeeper.cli.main = report\n"
-        "from capkeeper.__main__ import entry\n"
-        "entry()\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", script, *argv], capture_output=True, text=True, check=False
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout == f"{blocked}\n"
 
 
 def test_no_declared_option_abbreviates_a_global_one() -> None:
