@@ -31,11 +31,14 @@ import contextlib
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, ClassVar, NamedTuple, Self
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Self
 
 from capkeeper.errors import SettingsError, StateError
 from capkeeper.log import FORMATS, LEVELS, LogFormat
 from capkeeper.state import DEFAULT_STATE, read_trusted_file
+
+if TYPE_CHECKING:
+    from _typeshed import StrPath  # a path as text or os.PathLike (pathlib.Path)
 
 RESCAN_INTERVAL = (1.0, 86_400.0)  # seconds: bounds of --rescan-interval
 SETTLE_TIME = (0.0, 60.0)  # seconds: bounds of --settle-time
@@ -119,9 +122,6 @@ def _optional(rule: Callable[[object], object]) -> Callable[[object], object]:
     """``rule``, or None (the default: unset)."""
     return lambda value: None if value is None else rule(value)
 
-
-StrPath = str | os.PathLike[str]
-"""A path setting as given (a ``pathlib.Path`` too); kept as the text of :func:`pure_path`."""
 
 Rule = Callable[[object], object]
 """A setting's rule: the value as kept, or ValueError saying what is wrong."""

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
-from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from capkeeper.errors import StatusFileError, printable
+
+if TYPE_CHECKING:
+    from _typeshed import StrPath
 
 
 def _finite(text: str) -> float:
@@ -30,14 +31,15 @@ def _no_constant(name: str) -> float:
     raise StatusFileError(f"{name} is not a number JSON allows")
 
 
-def read_status(path: str | os.PathLike[str]) -> dict[str, Any]:
+def read_status(path: StrPath) -> dict[str, Any]:
     """The JSON object in the status file at ``path``.
 
     Raises :class:`OSError` when it cannot be read (``FileNotFoundError`` when
     absent) and :class:`StatusFileError` when it is not JSON without
     NaN/Infinity, or too deeply nested to be one of ours.
     """
-    text = Path(path).read_text(errors="surrogateescape")
+    with open(path, errors="surrogateescape") as file:
+        text = file.read()
     try:
         data = json.loads(text, parse_float=_finite, parse_constant=_no_constant)
     except StatusFileError:

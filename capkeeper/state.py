@@ -50,6 +50,8 @@ from capkeeper.plaintoml import read_plain
 from capkeeper.trust import declaration_refusals, file_refusals, route_refusals
 
 if TYPE_CHECKING:
+    from _typeshed import StrPath
+
     from capkeeper.cache import Cache
 
 DEFAULT_STATE = "/etc/capkeeper/state.toml"
@@ -468,7 +470,7 @@ def read_trusted_file(path: str, *, why: str, names: str) -> bytes | None:
 
 
 def load_state(
-    main: str | os.PathLike[str] = DEFAULT_STATE,
+    main: StrPath = DEFAULT_STATE,
     *,
     last_cap: int | None = None,
     uid_of: Callable[[str], int] = _uid_of,
@@ -817,7 +819,7 @@ def _caps(
     return caps, format_text(caps, last_cap=last_cap), ()
 
 
-def load_state_or_empty(path: str | os.PathLike[str]) -> tuple[State, str | None]:
+def load_state_or_empty(path: StrPath) -> tuple[State, str | None]:
     """The state, or an empty one with a note when the file does not exist.
 
     An audit is how an unmanaged host is first looked at, so a missing state

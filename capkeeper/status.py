@@ -21,12 +21,14 @@ import os
 import time
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from capkeeper.reconcile import Outcome, Status, tampering
 from capkeeper.schedule import Pacing
 from capkeeper.systemd import write_atomically
+
+if TYPE_CHECKING:
+    from _typeshed import StrPath
 
 SCHEMA = 1
 _UNKNOWN = "unknown"  # the status of an entry not checked yet
@@ -232,9 +234,9 @@ def status_line(book: StatusBook, *, directories: int) -> str:
     return text
 
 
-def write_status(path: str | os.PathLike[str], book: StatusBook) -> None:
+def write_status(path: StrPath, book: StatusBook) -> None:
     """Atomically replace the status file with the book's snapshot."""
-    write_atomically(Path(path), status_text(book))
+    write_atomically(path, status_text(book))
     book.dirty = False
 
 
@@ -335,7 +337,5 @@ def metrics_text(book: StatusBook, *, now: float | None = None) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_metrics(
-    path: str | os.PathLike[str], book: StatusBook, *, now: float | None = None
-) -> None:
-    write_atomically(Path(path), metrics_text(book, now=now))
+def write_metrics(path: StrPath, book: StatusBook, *, now: float | None = None) -> None:
+    write_atomically(path, metrics_text(book, now=now))

@@ -14,11 +14,15 @@ import os
 import posixpath
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from capkeeper.errors import CapkeeperError
 from capkeeper.events import EVENTS
 from capkeeper.paths import Walk, posixjoin
 from capkeeper.state import State
+
+if TYPE_CHECKING:
+    from _typeshed import StrPath
 
 DROPIN = Path("/etc/systemd/system/capkeeper.service.d/50-capkeeper-paths.conf")
 # What the shipped unit's PrivateTmp=yes and ProtectHome=yes hide from the daemon
@@ -120,7 +124,7 @@ def dropin_text(state: State) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_atomically(path: Path, text: str | Iterable[str], mode: int = 0o644) -> None:
+def write_atomically(path: StrPath, text: str | Iterable[str], mode: int = 0o644) -> None:
     """Replace ``path`` with ``text`` by rename, so readers never see half a file.
 
     ``text`` may be an iterable of pieces, written as they come: a large file is
@@ -128,8 +132,9 @@ def write_atomically(path: Path, text: str | Iterable[str], mode: int = 0o644) -
     """
     import tempfile  # noqa: PLC0415 - 8 ms of imports, after the daemon's READY=1
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
     try:
         with os.fdopen(fd, "w") as handle:
             if isinstance(text, str):
@@ -139,7 +144,7 @@ def write_atomically(path: Path, text: str | Iterable[str], mode: int = 0o644) -
             handle.flush()
             os.fchmod(handle.fileno(), mode)
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
