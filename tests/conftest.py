@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,22 @@ settings.register_profile("capkeeper", deadline=None, suppress_health_check=[Hea
 settings.load_profile("capkeeper")
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+@pytest.fixture(scope="session")
+def installed_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An interpreter laid out as an installed capkeeper's (``bench/run_all.py``, which
+    ``make bench`` runs every benchmark with): this checkout and this venv's packages
+    on its plain path, none of this venv's start-up hooks (the editable install's
+    imports pathlib)."""
+    bench = str(Path(__file__).resolve().parent.parent / "bench")
+    sys.path.insert(0, bench)
+    try:
+        import run_all  # bench/ is no package
+
+        return Path(run_all.installed_python(tmp_path_factory.mktemp("python")))
+    finally:
+        sys.path.remove(bench)
 
 
 def require_root() -> None:

@@ -180,24 +180,21 @@ def test_run_all_shows_the_starts_behind_a_median(tmp_path: Path) -> None:
     assert "| 0.80 s (VmRSS 41.0 MB) |" in warm
 
 
-def test_make_bench_runs_capkeeper_as_installed(tmp_path: Path) -> None:
+def test_make_bench_runs_capkeeper_as_installed(installed_python: Path) -> None:
     """run_all.py runs every benchmark under an interpreter laid out as an installed
     capkeeper's (a venv with everything on its plain path): it imports capkeeper from
     this checkout and its dependencies, and runs no start-up hook of this venv (the
     editable install's import hook costs every process tens of milliseconds)."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        import run_all  # bench/ is no package
-
-        python = run_all.installed_python(tmp_path / "python")
-    finally:
-        sys.path.remove(str(BENCH))
     probe = (
         "import sys, capkeeper, pyinotify, structlog, xattr; "
         "print(capkeeper.__file__); print(sorted(m for m in sys.modules if 'editable' in m))"
     )
     result = subprocess.run(
-        [str(python), "-I", "-c", probe], capture_output=True, text=True, cwd="/", check=True
+        [str(installed_python), "-I", "-c", probe],
+        capture_output=True,
+        text=True,
+        cwd="/",
+        check=True,
     )
     where, hooks = result.stdout.splitlines()
     assert Path(where) == BENCH.parent / "capkeeper" / "__init__.py"

@@ -16,7 +16,6 @@ import pytest
 
 from tests.conftest import getcap, make_binary, setcap
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
 HEAVY = ("pydantic", "pydantic_core", "pydantic_settings", "structlog")
 
 
@@ -72,19 +71,6 @@ def test_in_sync_apply_imports_no_heavy_module(in_sync: tuple[Path, Path]) -> No
 # start (bench/bench_oneshot.py): paths are kept as text, signal is for watch, and a
 # plain command line is read without argparse.
 STDLIB_NOT_FOR_APPLY = ("pathlib", "signal", "argparse", "gettext")
-
-
-@pytest.fixture(scope="module")
-def installed_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An interpreter laid out as an installed capkeeper's (bench/run_all.py): this
-    venv's own start-up hooks (the editable install's imports pathlib) do not run."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        import run_all  # bench/ is no package
-
-        return Path(run_all.installed_python(tmp_path_factory.mktemp("python")))
-    finally:
-        sys.path.remove(str(BENCH))
 
 
 @pytest.mark.parametrize("argv", [["--state", "{state}", "{tool}"], ["{tool}", "--state={state}"]])
