@@ -65,11 +65,15 @@ class EntryState:
         self.pacing = Pacing()
 
     @property
-    def status(self) -> str:
+    def shown(self) -> Status | None:
         """The verdict as the status file shows it: after a restore the file is in sync."""
-        if self.verdict is None:
-            return _UNKNOWN
-        return str(Status.IN_SYNC if self.verdict is Status.RESTORED else self.verdict)
+        return Status.IN_SYNC if self.verdict is Status.RESTORED else self.verdict
+
+    @property
+    def status(self) -> str:
+        """:attr:`shown` as text."""
+        shown = self.shown
+        return _UNKNOWN if shown is None else str(shown)
 
     @status.setter
     def status(self, text: str) -> None:
@@ -157,10 +161,9 @@ class StatusBook:
         if record is None:
             record = self.entries[path] = EntryState(path, outcome.expected)
         verdict, last = outcome.status, record.verdict
-        # Whether the status file's line changes (it shows a restored entry as in sync):
-        # the clock is read only then, or for a restore.
-        shown = Status.IN_SYNC if last is Status.RESTORED else last
-        changed = shown is not verdict or record.found != outcome.found
+        # Whether the status file's line changes: the clock is read only then, or for a
+        # restore.
+        changed = record.shown is not verdict or record.found != outcome.found
         stamped = changed or verdict is Status.RESTORED
         stamp = (time.time() if now is None else now) if stamped else 0.0
         if verdict is Status.RESTORED:
