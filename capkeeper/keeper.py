@@ -14,6 +14,14 @@ missing binary is reported once, not at every rescan; refused and failed entries
 are retried with a growing delay, never in a tight loop. Our own ``setxattr``
 raises ``IN_ATTRIB``: the re-check finds the file in sync and logs at debug
 only. When to look again is :mod:`capkeeper.schedule`'s to say.
+
+The first restore that a batch of events (or of due checks) leads to gives up
+the CPU once (``sched_yield``) before it is logged: a process that waits for
+the capabilities is woken by that ``setxattr`` (its ``IN_ATTRIB``), often on the
+daemon's own CPU, and then runs before the daemon's logging, bookkeeping and
+the re-check of its own echo rather than after them. Full reconciles never
+yield: at start-up, a reload or an overflow, thousands of restores would wait
+for other processes.
 """
 
 from __future__ import annotations
@@ -109,6 +117,7 @@ class Keeper:
         self._route_problems: dict[str, str] = {}  # paths not watchable to their end
         self._exposed = Throttle(_EXPOSED_OVERFLOW_WARN_EVERY)
         self._batch = Counter[str]()  # what the current batch of events led to
+        self._yield_due = False  # the batch's first restore gives up the CPU (see above)
         self._watcher_dirty = False  # a watch was dropped: sync even if no route changed
         # The directories walked by earlier batches of events (see _batch_pins).
         self._walked = Walks()
@@ -285,10 +294,12 @@ class Keeper:
         if exposed_overflow:
             for path in self._exposed_overflow(woke):
                 ready.pop(path, None)
+        self._yield_due = True
         with self._batch_pins() as pins:
             for path, cause in ready.items():
                 self._check_or_defer(path, cause, woke, pins)
                 self._tick()
+        self._yield_due = False
         if self._batch["deferred"] and not self._batch["checked"] and not (replan or renamed):
             self.quiet_until = woke + FIGHT_PACE
 
@@ -439,6 +450,7 @@ class Keeper:
     def run_due(self) -> None:
         """Check the writes whose settle time ended and the entries whose back-off did."""
         now = self._clock()
+        self._yield_due = True
         for path, cause, deadline in self._settling.pop_due(now):
             self._check_or_defer(path, cause, deadline)
         for path, cause in list(self._deferred.items()):
@@ -446,6 +458,7 @@ class Keeper:
                 del self._deferred[path]
                 if path not in self._settling.due:  # being written: its close or settle does
                     self._check_entry(path, cause, None)
+        self._yield_due = False
 
     def _check_or_defer(
         self, path: str, cause: str, since: float | None, pins: Pins | None = None
@@ -706,7 +719,11 @@ class Keeper:
         entry = self.entries.get(path)
         if entry is None:
             return None
-        return self._conclude(self._look(entry, cause, pins), cause, since, debug=debug)
+        looked = self._look(entry, cause, pins)
+        if self._yield_due and looked.outcome.status is Status.RESTORED:
+            self._yield_due = False
+            os.sched_yield()  # whoever its IN_ATTRIB woke first (see the module's doc)
+        return self._conclude(looked, cause, since, debug=debug)
 
     def _look(self, entry: Entry, cause: str, pins: Pins | None) -> Looked:
         """Check ``entry`` now (restoring it if due) without logging or recording
