@@ -883,8 +883,11 @@ def observe(path: str, *, hash: bool = False) -> Observation:
         return observe_fd(path, fd, hops, resolved, hash=hash)
 
 
-def write_caps(fd: int, caps: CapSet, *, path: str) -> None:
-    """Write ``caps`` on ``fd`` and read them back.
+def write_caps(
+    fd: int, caps: CapSet, *, path: str, written: Callable[[], object] | None = None
+) -> None:
+    """Write ``caps`` on ``fd`` and read them back; ``written`` is called right after
+    the write, before the read-back.
 
     A file system that accepts the write but does not keep the value is
     reported as such.
@@ -892,6 +895,8 @@ def write_caps(fd: int, caps: CapSet, *, path: str) -> None:
     try:
         before = os.fstat(fd)
         _setxattr(fd, encode(caps))
+        if written is not None:
+            written()
         found, problem = read_caps(fd)
         _ELF_CACHE.carry(before, os.fstat(fd))
     except OSError as exc:

@@ -16,10 +16,10 @@ raises ``IN_ATTRIB``: the re-check finds the file in sync and logs at debug
 only. When to look again is :mod:`capkeeper.schedule`'s to say.
 
 The first restore that a batch of events (or of due checks) leads to gives up
-the CPU once (``sched_yield``) before it is logged: a process that waits for
-the capabilities is woken by that ``setxattr`` (its ``IN_ATTRIB``), often on the
-daemon's own CPU, and then runs before the daemon's logging, bookkeeping and
-the re-check of its own echo rather than after them. Full reconciles never
+the CPU once (``sched_yield``) right after its ``setxattr``: a process that
+waits for the capabilities is woken by that ``setxattr`` (its ``IN_ATTRIB``),
+often on the daemon's own CPU, and then runs before the daemon's read-back,
+logging, bookkeeping and re-check of its own echo rather than after them. Full reconciles never
 yield: at start-up, a reload or an overflow, thousands of restores would wait
 for other processes.
 """
@@ -719,11 +719,7 @@ class Keeper:
         entry = self.entries.get(path)
         if entry is None:
             return None
-        looked = self._look(entry, cause, pins)
-        if self._yield_due and looked.outcome.status is Status.RESTORED:
-            self._yield_due = False
-            os.sched_yield()  # whoever its IN_ATTRIB woke first (see the module's doc)
-        return self._conclude(looked, cause, since, debug=debug)
+        return self._conclude(self._look(entry, cause, pins), cause, since, debug=debug)
 
     def _look(self, entry: Entry, cause: str, pins: Pins | None) -> Looked:
         """Check ``entry`` now (restoring it if due) without logging or recording
@@ -737,7 +733,14 @@ class Keeper:
             return may_be_mid_write(cause, known, identity, decision)
 
         try:
-            outcome = self._check(entry, write=True, last_cap=self._last_cap, hold=hold, pins=pins)
+            outcome = self._check(
+                entry,
+                write=True,
+                last_cap=self._last_cap,
+                hold=hold,
+                pins=pins,
+                written=self._written,
+            )
         except Exception as exc:  # a bug on one file must not stop enforcing all the others
             outcome = Outcome(
                 entry, Status.FAILED, "unknown", reason=f"internal error: {exc!r} (please report)"
@@ -751,6 +754,13 @@ class Keeper:
         else:
             identity = identity_of(observed)
         return Looked(outcome, identity)
+
+    def _written(self) -> None:
+        """Right after a restore's setxattr: the first of a batch gives up the CPU (whoever
+        its IN_ATTRIB woke runs first; see the module's doc)."""
+        if self._yield_due:
+            self._yield_due = False
+            os.sched_yield()
 
     def _conclude(
         self, looked: Looked, cause: str, since: float | None, *, debug: bool | None
