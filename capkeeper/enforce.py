@@ -39,8 +39,8 @@ def reconcile(
     renaming a new build into place); after a few such races in a row the
     outcome is a transient failure that the next event or retry looks at again.
     ``pins`` shares the walk of a directory between the entries of one batch
-    (:class:`capkeeper.files.Pins`). ``written`` is called right after each
-    write of the capabilities (:func:`capkeeper.files.write_caps`).
+    (:class:`capkeeper.files.Pins`). ``written`` is called after each write of
+    the capabilities that was kept (:func:`capkeeper.files.write_caps`).
     """
     limit = cap_last_cap() if last_cap is None else last_cap
     attempt = 1

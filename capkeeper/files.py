@@ -886,17 +886,17 @@ def observe(path: str, *, hash: bool = False) -> Observation:
 def write_caps(
     fd: int, caps: CapSet, *, path: str, written: Callable[[], object] | None = None
 ) -> None:
-    """Write ``caps`` on ``fd`` and read them back; ``written`` is called right after
-    the write, before the read-back.
+    """Write ``caps`` on ``fd`` and read them back; then call ``written`` (not when the
+    write failed or was not kept).
 
     A file system that accepts the write but does not keep the value is
-    reported as such.
+    reported as such. The read-back and the fstat that carries the file's ELF
+    facts over our own ``setxattr`` (:meth:`_ElfCache.carry`) follow the write
+    at once, before ``written`` can give the CPU to anyone.
     """
     try:
         before = os.fstat(fd)
         _setxattr(fd, encode(caps))
-        if written is not None:
-            written()
         found, problem = read_caps(fd)
         _ELF_CACHE.carry(before, os.fstat(fd))
     except OSError as exc:
@@ -908,6 +908,8 @@ def write_caps(
             context=path,
             hint="use a file system with xattr support (ext4, xfs, btrfs, tmpfs)",
         )
+    if written is not None:
+        written()
 
 
 def remove_caps(fd: int, *, path: str) -> None:

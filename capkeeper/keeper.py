@@ -15,13 +15,14 @@ are retried with a growing delay, never in a tight loop. Our own ``setxattr``
 raises ``IN_ATTRIB``: the re-check finds the file in sync and logs at debug
 only. When to look again is :mod:`capkeeper.schedule`'s to say.
 
-The first restore that a batch of events (or of due checks) leads to gives up
-the CPU once (``sched_yield``) right after its ``setxattr``: a process that
-waits for the capabilities is woken by that ``setxattr`` (its ``IN_ATTRIB``),
-often on the daemon's own CPU, and then runs before the daemon's read-back,
-logging, bookkeeping and re-check of its own echo rather than after them. Full reconciles never
-yield: at start-up, a reload or an overflow, thousands of restores would wait
-for other processes.
+The first restore that a batch of events (or a round of due checks: settled
+writes, retries) leads to gives up the CPU once (``sched_yield``) once it is
+written and read back, at most every :data:`~capkeeper.schedule.YIELD_GAP`: a
+process that waits for the capabilities is woken by that ``setxattr`` (its
+``IN_ATTRIB``), often on the daemon's own CPU, and then runs before the
+daemon's logging, bookkeeping and re-check of its own echo rather than after
+them. Full reconciles (start-up, reload, overflow, rescans) never yield:
+thousands of restores would each wait for other processes.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from capkeeper.paths import posixjoin
 from capkeeper.reconcile import Decision, Outcome, Status, log_outcome
 from capkeeper.schedule import (
     FIGHT_PACE,
+    YIELD_GAP,
     Identity,
     Settling,
     Throttle,
@@ -118,6 +120,7 @@ class Keeper:
         self._exposed = Throttle(_EXPOSED_OVERFLOW_WARN_EVERY)
         self._batch = Counter[str]()  # what the current batch of events led to
         self._yield_due = False  # the batch's first restore gives up the CPU (see above)
+        self._next_yield = 0.0  # not before then (YIELD_GAP)
         self._watcher_dirty = False  # a watch was dropped: sync even if no route changed
         # The directories walked by earlier batches of events (see _batch_pins).
         self._walked = Walks()
@@ -295,11 +298,13 @@ class Keeper:
             for path in self._exposed_overflow(woke):
                 ready.pop(path, None)
         self._yield_due = True
-        with self._batch_pins() as pins:
-            for path, cause in ready.items():
-                self._check_or_defer(path, cause, woke, pins)
-                self._tick()
-        self._yield_due = False
+        try:
+            with self._batch_pins() as pins:
+                for path, cause in ready.items():
+                    self._check_or_defer(path, cause, woke, pins)
+                    self._tick()
+        finally:
+            self._yield_due = False
         if self._batch["deferred"] and not self._batch["checked"] and not (replan or renamed):
             self.quiet_until = woke + FIGHT_PACE
 
@@ -451,14 +456,16 @@ class Keeper:
         """Check the writes whose settle time ended and the entries whose back-off did."""
         now = self._clock()
         self._yield_due = True
-        for path, cause, deadline in self._settling.pop_due(now):
-            self._check_or_defer(path, cause, deadline)
-        for path, cause in list(self._deferred.items()):
-            if path not in self.entries or self._state_of(path).pacing.retry_at <= now:
-                del self._deferred[path]
-                if path not in self._settling.due:  # being written: its close or settle does
-                    self._check_entry(path, cause, None)
-        self._yield_due = False
+        try:
+            for path, cause, deadline in self._settling.pop_due(now):
+                self._check_or_defer(path, cause, deadline)
+            for path, cause in list(self._deferred.items()):
+                if path not in self.entries or self._state_of(path).pacing.retry_at <= now:
+                    del self._deferred[path]
+                    if path not in self._settling.due:  # being written: its close or settle
+                        self._check_entry(path, cause, None)
+        finally:
+            self._yield_due = False
 
     def _check_or_defer(
         self, path: str, cause: str, since: float | None, pins: Pins | None = None
@@ -756,11 +763,15 @@ class Keeper:
         return Looked(outcome, identity)
 
     def _written(self) -> None:
-        """Right after a restore's setxattr: the first of a batch gives up the CPU (whoever
-        its IN_ATTRIB woke runs first; see the module's doc)."""
+        """After a restore's setxattr and its read-back: the first of a batch gives up the
+        CPU, at most every YIELD_GAP (whoever its IN_ATTRIB woke runs first; see the
+        module's doc)."""
         if self._yield_due:
             self._yield_due = False
-            os.sched_yield()
+            now = self._clock()
+            if now >= self._next_yield:
+                self._next_yield = now + YIELD_GAP
+                os.sched_yield()
 
     def _conclude(
         self, looked: Looked, cause: str, since: float | None, *, debug: bool | None

@@ -60,6 +60,12 @@ def flood_pause(pause: float, gathered: int) -> float:
     return pause
 
 
+# After a restore the daemon gives up its CPU once (Keeper._written), at most this often
+# (seconds): a process woken by the restore runs first, and a declared file its owner
+# rewrites in a loop cannot make the daemon yield to CPU-bound processes at every restore.
+YIELD_GAP = 0.01
+
+
 # Refusals that a file caught in the middle of a write would also get, and how long
 # such a refusal must persist, without write events, before it is reported.
 CONTENT_RULES = frozenset({"elf", "sha256", "interpreter"})
