@@ -287,7 +287,11 @@ def test_a_flood_is_read_in_batches_and_changes_in_it_are_still_handled(
         for binary in (trusted, exposed):
             os.removexattr(binary, XATTR)
             wait_caps(binary, CAPS, timeout=10)
-        time.sleep(1.2)
+        # The slow flood must see a pause cut short by a deadline (the watchdog's, every
+        # 0.5 s), which happens only when the deadline falls inside a pause: it runs for
+        # more deadlines. With both cores busy, 1.2 s saw 1 or 2 pauses cut in ten runs
+        # and none in one full `make test`; 3.2 s saw 5 or 6 in six runs.
+        time.sleep(3.2 if rest else 1.2)
         flooder.kill()
         flooder.wait(10)
     pauses = []  # (how long it was, how long it should be)
