@@ -29,7 +29,6 @@ def reconcile(
     last_cap: int | None = None,
     hold: Callable[[Observation, Decision], bool] | None = None,
     pins: Pins | None = None,
-    written: Callable[[], object] | None = None,
 ) -> Outcome:
     """Observe ``entry``'s file, decide, and (when ``write``) restore its capabilities.
 
@@ -39,16 +38,13 @@ def reconcile(
     renaming a new build into place); after a few such races in a row the
     outcome is a transient failure that the next event or retry looks at again.
     ``pins`` shares the walk of a directory between the entries of one batch
-    (:class:`capkeeper.files.Pins`). ``written`` is called after each write of
-    the capabilities that was kept (:func:`capkeeper.files.write_caps`).
+    (:class:`capkeeper.files.Pins`).
     """
     limit = cap_last_cap() if last_cap is None else last_cap
     attempt = 1
     while True:
         try:
-            return _reconcile_once(
-                entry, write=write, last_cap=limit, hold=hold, pins=pins, written=written
-            )
+            return _reconcile_once(entry, write=write, last_cap=limit, hold=hold, pins=pins)
         except FileAccessError as exc:
             if exc.errno == errno.ENOENT:
                 return Outcome(entry, Status.MISSING, "none", reason="file does not exist")
@@ -66,7 +62,6 @@ def _reconcile_once(
     last_cap: int,
     hold: Callable[[Observation, Decision], bool] | None,
     pins: Pins | None,
-    written: Callable[[], object] | None,
 ) -> Outcome:
     fd, observation = observe_declared(entry.path, hash=entry.sha256 is not None, pins=pins)
     try:
@@ -103,7 +98,7 @@ def _reconcile_once(
                 observation=observation,
             )
         try:
-            write_caps(fd, entry.caps, path=entry.path, written=written)
+            write_caps(fd, entry.caps, path=entry.path)
         except CapabilitiesNotKept as exc:
             # Usually a race with whatever strips them (the daemon brakes such a fight);
             # the next event or retry looks again.

@@ -883,16 +883,11 @@ def observe(path: str, *, hash: bool = False) -> Observation:
         return observe_fd(path, fd, hops, resolved, hash=hash)
 
 
-def write_caps(
-    fd: int, caps: CapSet, *, path: str, written: Callable[[], object] | None = None
-) -> None:
-    """Write ``caps`` on ``fd`` and read them back; then call ``written`` (not when the
-    write failed or was not kept).
+def write_caps(fd: int, caps: CapSet, *, path: str) -> None:
+    """Write ``caps`` on ``fd`` and read them back.
 
     A file system that accepts the write but does not keep the value is
-    reported as such. The read-back and the fstat that carries the file's ELF
-    facts over our own ``setxattr`` (:meth:`_ElfCache.carry`) follow the write
-    at once, before ``written`` can give the CPU to anyone.
+    reported as such.
     """
     try:
         before = os.fstat(fd)
@@ -908,8 +903,6 @@ def write_caps(
             context=path,
             hint="use a file system with xattr support (ext4, xfs, btrfs, tmpfs)",
         )
-    if written is not None:
-        written()
 
 
 def remove_caps(fd: int, *, path: str) -> None:

@@ -726,7 +726,10 @@ class Keeper:
         entry = self.entries.get(path)
         if entry is None:
             return None
-        return self._conclude(self._look(entry, cause, pins), cause, since, debug=debug)
+        looked = self._look(entry, cause, pins)
+        if self._yield_due and looked.outcome.status is Status.RESTORED:
+            self._yield_once()
+        return self._conclude(looked, cause, since, debug=debug)
 
     def _look(self, entry: Entry, cause: str, pins: Pins | None) -> Looked:
         """Check ``entry`` now (restoring it if due) without logging or recording
@@ -740,14 +743,7 @@ class Keeper:
             return may_be_mid_write(cause, known, identity, decision)
 
         try:
-            outcome = self._check(
-                entry,
-                write=True,
-                last_cap=self._last_cap,
-                hold=hold,
-                pins=pins,
-                written=self._written,
-            )
+            outcome = self._check(entry, write=True, last_cap=self._last_cap, hold=hold, pins=pins)
         except Exception as exc:  # a bug on one file must not stop enforcing all the others
             outcome = Outcome(
                 entry, Status.FAILED, "unknown", reason=f"internal error: {exc!r} (please report)"
@@ -762,16 +758,15 @@ class Keeper:
             identity = identity_of(observed)
         return Looked(outcome, identity)
 
-    def _written(self) -> None:
-        """After a restore's setxattr and its read-back: the first of a batch gives up the
-        CPU, at most every YIELD_GAP (whoever its IN_ATTRIB woke runs first; see the
+    def _yield_once(self) -> None:
+        """After the batch's first restore (written, read back, its file closed): give up
+        the CPU, at most every YIELD_GAP (whoever its IN_ATTRIB woke runs first; see the
         module's doc)."""
-        if self._yield_due:
-            self._yield_due = False
-            now = self._clock()
-            if now >= self._next_yield:
-                self._next_yield = now + YIELD_GAP
-                os.sched_yield()
+        self._yield_due = False
+        now = self._clock()
+        if now >= self._next_yield:
+            self._next_yield = now + YIELD_GAP
+            os.sched_yield()
 
     def _conclude(
         self, looked: Looked, cause: str, since: float | None, *, debug: bool | None

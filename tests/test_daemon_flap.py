@@ -417,7 +417,7 @@ def test_enospc_is_retried_on_its_back_off(tree: Path, monkeypatch: pytest.Monke
     failing_until = time.monotonic() + 2.0
     attempts: list[float] = []
 
-    def write_caps(fd: int, caps: Any, *, path: str, **options: Any) -> None:
+    def write_caps(fd: int, caps: Any, *, path: str) -> None:
         attempts.append(time.monotonic())
         if time.monotonic() < failing_until:
             raise FileAccessError(
@@ -425,7 +425,7 @@ def test_enospc_is_retried_on_its_back_off(tree: Path, monkeypatch: pytest.Monke
                 context=path,
                 errno=errno.ENOSPC,
             )
-        real(fd, caps, path=path, **options)
+        real(fd, caps, path=path)
 
     monkeypatch.setattr(capkeeper.enforce, "write_caps", write_caps)
     state = write_state(tree.parent / "state.toml", {binary: CAPS})

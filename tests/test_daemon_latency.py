@@ -21,8 +21,10 @@ from structlog.testing import CapturingLogger, capture_logs
 
 import capkeeper.keeper as keeper_module
 from capkeeper.daemon import Daemon
+from capkeeper.files import observe
 from capkeeper.keeper import Keeper
 from capkeeper.kernel import cap_last_cap
+from capkeeper.model import Kind
 from capkeeper.schedule import YIELD_GAP
 from capkeeper.state import load_state
 from capkeeper.status import StatusBook
@@ -282,6 +284,31 @@ def test_a_process_woken_by_the_restore_runs_before_the_daemon_reports_it(
     assert first >= _ROUNDS * 3 // 4, f"the waiting process ran first in {first} of {_ROUNDS}"
 
 
+def _keeper(watcher: Watcher, state: Path, clock: Callable[[], float]) -> Keeper:
+    """A keeper of ``state`` on ``watcher``, driven by the test (its clock, its batches)."""
+    last_cap = cap_last_cap()
+    keeper = Keeper(
+        watcher,
+        StatusBook(),
+        logger=structlog.wrap_logger(CapturingLogger(), processors=[]),
+        settle_time=0.1,
+        last_cap=last_cap,
+        clock=clock,
+        tick=lambda: None,
+        stopping=lambda: False,
+    )
+    keeper.install(load_state(state, last_cap=last_cap))
+    return keeper
+
+
+def _strip_and_handle(keeper: Keeper, now: float, *paths: Path) -> None:
+    """Strip ``paths`` and have ``keeper`` handle the batch of events that raises."""
+    for path in paths:
+        os.removexattr(path, XATTR)  # its IN_ATTRIB is queued before this returns
+    keeper.handle(keeper.watcher.read(keeper.plan), now)
+    assert all(caps_of(path) is not None for path in paths)
+
+
 def test_the_daemon_yields_once_a_batch_at_most_every_yield_gap(
     tree: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -295,36 +322,52 @@ def test_the_daemon_yields_once_a_batch_at_most_every_yield_gap(
     directory = make_dir(tree / "bin")
     tools = [make_binary(directory / f"tool{n}") for n in range(2)]
     state = write_state(tree / "state.toml", dict.fromkeys(tools, CAPS))
-    last_cap = cap_last_cap()
     with Watcher() as watcher:
-        keeper = Keeper(
-            watcher,
-            StatusBook(),
-            logger=structlog.wrap_logger(CapturingLogger(), processors=[]),
-            settle_time=0.1,
-            last_cap=last_cap,
-            clock=lambda: now[0],
-            tick=lambda: None,
-            stopping=lambda: False,
-        )
-        keeper.install(load_state(state, last_cap=last_cap))
-
-        def strip_and_handle(*paths: Path) -> None:
-            for path in paths:
-                os.removexattr(path, XATTR)  # its IN_ATTRIB is queued before this returns
-            keeper.handle(watcher.read(keeper.plan), now[0])
-            assert all(caps_of(path) is not None for path in paths)
-
+        keeper = _keeper(watcher, state, lambda: now[0])
         keeper.full_reconcile("startup")
         assert all(caps_of(tool) is not None for tool in tools)
         assert yields == []
         keeper.handle(watcher.read(keeper.plan), now[0])  # the echoes: nothing to restore
         assert yields == []
-        strip_and_handle(*tools)
+        _strip_and_handle(keeper, now[0], *tools)
         assert yields == [1000.0]
         now[0] += YIELD_GAP / 2
-        strip_and_handle(tools[0])
+        _strip_and_handle(keeper, now[0], tools[0])
         assert yields == [1000.0]
         now[0] += YIELD_GAP
-        strip_and_handle(tools[1])
+        _strip_and_handle(keeper, now[0], tools[1])
         assert yields == [1000.0, now[0]]
+
+
+def test_a_change_while_the_daemon_gives_up_the_cpu_is_not_carried(
+    tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon yields its CPU right after a restore: content changed then under the
+    same size and mtime (by whoever the restore woke; here the yield itself does it) is
+    inspected afresh, not given the ELF facts carried over our own setxattr. Fails if the
+    yield comes between the setxattr and the fstat that carries them."""
+    tool = make_binary(make_dir(tree / "bin") / "tool")
+    state = write_state(tree / "state.toml", {tool: CAPS})
+    rewrites: list[Path] = []
+
+    def rewritten() -> None:
+        before = os.stat(tool)
+        content = bytearray(tool.read_bytes())
+        content[4] = 7  # EI_CLASS: neither ELFCLASS32 nor ELFCLASS64
+        with open(tool, "r+b") as handle:
+            handle.write(content)
+        os.utime(tool, ns=(before.st_atime_ns, before.st_mtime_ns))
+        rewrites.append(tool)
+
+    with Watcher() as watcher:
+        keeper = _keeper(watcher, state, time.monotonic)
+        keeper.full_reconcile("startup")
+        assert observe(str(tool)).elf is not None
+        keeper.handle(watcher.read(keeper.plan), time.monotonic())  # the echo
+        monkeypatch.setattr(os, "sched_yield", rewritten)
+        os.removexattr(tool, XATTR)
+        keeper.handle(watcher.read(keeper.plan), time.monotonic())  # restored, then rewritten
+    assert rewrites == [tool]
+    seen = observe(str(tool))
+    assert seen.kind is Kind.ELF
+    assert seen.elf is None

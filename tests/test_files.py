@@ -127,30 +127,6 @@ def test_observe_inspects_again_content_changed_under_the_same_size_and_mtime(
     assert seen.elf is None
 
 
-def test_a_change_while_the_writer_gives_up_the_cpu_is_not_carried(tree: Path) -> None:
-    """The daemon yields its CPU in ``written``, right after a restore: content changed
-    then under the same size and mtime (by whoever it woke) is inspected afresh, not
-    given the facts carried over our own setxattr. Fails when ``written`` runs before
-    the fstat that carries them."""
-    binary = make_binary(tree / "tool")
-    first = observe(str(binary))
-    assert first.elf is not None
-
-    def rewritten() -> None:
-        before = os.stat(binary)
-        content = bytearray(binary.read_bytes())
-        content[4] = 7  # EI_CLASS: neither ELFCLASS32 nor ELFCLASS64
-        with open(binary, "r+b") as handle:
-            handle.write(content)
-        os.utime(binary, ns=(before.st_atime_ns, before.st_mtime_ns))
-
-    with open_declared(str(binary)) as (fd, _hops, _resolved):
-        write_caps(fd, NET_RAW, path=str(binary), written=rewritten)
-    seen = observe(str(binary))
-    assert seen.kind is Kind.ELF
-    assert seen.elf is None
-
-
 # -- write, read back, remove ------------------------------------------------------------
 
 
